@@ -1,0 +1,2 @@
+//! Kiln's developer flows.
+fn main() {}
