@@ -1,2 +1,7 @@
-//! Kiln's developer flows.
-fn main() {}
+//! Kiln's developer flows: `cargo xtask <kernel|build-guest|harness|run|test|bench>`.
+
+mod harness;
+
+fn main() {
+    let _ = harness::HarnessOptions::default;
+}

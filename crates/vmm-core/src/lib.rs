@@ -1,1 +1,8 @@
-//! placeholder
+//! kiln-vmm: Kiln's virtual machine monitor.
+//!
+//! Owns guest memory, the KVM VM and its vCPU threads, x86_64 boot, the 8250 serial port,
+//! the virtio-mmio transport with the virtio-vsock device and its in-process host endpoint,
+//! the device event loop, VM state save/restore, and host detection / asset locations.
+//! It knows nothing of the host<->guest protocol.
+
+pub mod host;
