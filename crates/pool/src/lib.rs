@@ -1,1 +1,42 @@
-//! placeholder
+//! kiln-pool: a generic, thread-safe prewarm pool, vendorable on its own (it depends on no other
+//! Kiln crate: only std, thiserror, crossbeam-channel and tracing).
+//!
+//! You implement [`Manager`] (create, health check, reset, is-reusable, destroy) for your
+//! resource; [`Pool`] keeps some of them idle and hands them out as [`Pooled`] handles that
+//! return themselves on drop. Kiln's `SandboxPool` is this pool over microVM sandboxes.
+//!
+//! # Rules
+//! - **acquire**: a *hit* pops the most recently used idle resource (LIFO, for cache warmth); a
+//!   *miss* creates one in the calling thread, outside the lock. When `max_in_use` resources are
+//!   out, `acquire()` waits up to `acquire_timeout`, then fails with [`PoolError::TimedOut`].
+//!   A failed creation rolls the counters back and surfaces as [`PoolError::Create`].
+//! - **release** (dropping a [`Pooled`]): not [`Manager::is_reusable`] → destroyed; on every Nth
+//!   release of a resource (`health_check_interval`) [`Manager::health_check`] runs, and a
+//!   failure evicts and destroys it; then [`Manager::reset`] runs, and a failure destroys it
+//!   instead of pooling it; otherwise it becomes the most recently used idle resource.
+//! - **LRU eviction**: when the idle count would exceed `max_size`, the least recently used idle
+//!   resource is destroyed.
+//! - **idle TTL**: the background thread destroys idle resources beyond `min_size` that have been
+//!   idle longer than `max_idle_duration`.
+//! - **warm**: the background thread keeps `min_size` resources idle, creating them outside the
+//!   lock, so `acquire()` never waits for it; it is woken only when the idle count falls below
+//!   `min_size`. [`Pool::warm`] creates resources now, in the caller's thread.
+//! - **shutdown**: destroys all idle resources, fails later acquires with
+//!   [`PoolError::ShutDown`]; handles returned afterwards are destroyed.
+//! - **stats**: [`PoolStats`] (hit, miss, evict, idle, in use, created, create failed,
+//!   destroyed).
+//!
+//! Every `Manager` call runs outside the pool's lock; a panicking hook frees its slot and the
+//! pool carries on.
+
+mod config;
+mod error;
+mod manager;
+mod pool;
+mod stats;
+
+pub use config::{ConfigError, PoolConfig};
+pub use error::PoolError;
+pub use manager::Manager;
+pub use pool::{Pool, Pooled, MAINTENANCE_THREAD_NAME};
+pub use stats::PoolStats;
