@@ -6,3 +6,4 @@
 //! It knows nothing of the host<->guest protocol.
 
 pub mod host;
+pub mod virtio;
