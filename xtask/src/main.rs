@@ -1,7 +1,42 @@
 //! Kiln's developer flows: `cargo xtask <kernel|build-guest|harness|run|test|bench>`.
+//!
+//! This file only parses the command line and dispatches; each flow lives in its own module.
 
+mod bench;
+mod build_guest;
 mod harness;
+mod kernel;
+mod util;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "Kiln's build and test flows")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Build (or reuse from the cache) the guest kernel and print the vmlinux path.
+    Kernel,
+    /// Build the static agent and pack `<assets>/guest/initramfs.cpio`; print its path.
+    BuildGuest,
+    /// Run a benchmark.
+    Bench(bench::BenchArgs),
+}
 
 fn main() {
     let _ = harness::HarnessOptions::default;
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Kernel => kernel::cmd_kernel(),
+        Cmd::BuildGuest => build_guest::cmd_build_guest(),
+        Cmd::Bench(args) => bench::cmd_bench(&args),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
 }

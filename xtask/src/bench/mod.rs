@@ -1,0 +1,247 @@
+//! `cargo xtask bench <name> [--json]`: benchmark scaffolding shared by every benchmark.
+//!
+//! [`Stats`] summarises samples (n, min, median, p99); [`report`] prints one metric either as
+//! a human table row or, with `--json`, as one JSON object per line:
+//! `{"name","unit","n","min","median","p99"}` plus optional `"ratio_vs"`/`"peer"` for a
+//! comparison against a peer (e.g. Firecracker). The benchmarks themselves live in
+//! `bench/<name>.rs`.
+
+// The reporting helpers are for the benchmark modules, which are still placeholders.
+#![allow(dead_code)]
+
+mod exec;
+mod pool;
+mod snapshot;
+mod vmm;
+
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+
+/// Which benchmark to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchName {
+    /// VMM-level: launch to READY of the bare-metal guest, vs Firecracker.
+    Vmm,
+    /// Command execution round trips in a Linux guest.
+    Exec,
+    /// Pool acquire / release.
+    Pool,
+    /// Snapshot create / restore.
+    Snapshot,
+}
+
+/// `cargo xtask bench` arguments.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// The benchmark to run.
+    pub name: BenchName,
+    /// One JSON object per metric per line instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Output format of [`report`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Aligned human-readable rows.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Summary of one metric's samples.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Stats {
+    /// Number of samples.
+    pub n: usize,
+    /// Smallest sample.
+    pub min: f64,
+    /// Median (mean of the two middle samples when n is even).
+    pub median: f64,
+    /// 99th percentile (nearest rank).
+    pub p99: f64,
+}
+
+impl Stats {
+    /// Summarises `samples`; `None` when there are none (or any is NaN).
+    pub fn from_samples(samples: &[f64]) -> Option<Stats> {
+        if samples.is_empty() || samples.iter().any(|s| s.is_nan()) {
+            return None;
+        }
+        let mut v = samples.to_vec();
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        // Nearest-rank percentile: the smallest sample with at least 99% of samples <= it.
+        let rank = (n * 99).div_ceil(100).max(1);
+        Some(Stats {
+            n,
+            min: v[0],
+            median,
+            p99: v[rank - 1],
+        })
+    }
+
+    /// Summarises durations in milliseconds.
+    pub fn from_durations_ms(samples: &[Duration]) -> Option<Stats> {
+        let ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+        Stats::from_samples(&ms)
+    }
+}
+
+/// A comparison of our median against a peer's (e.g. Firecracker).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerRatio {
+    /// The peer's name.
+    pub peer: String,
+    /// our median / peer median.
+    pub ratio: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct JsonRow<'a> {
+    name: &'a str,
+    unit: &'a str,
+    n: usize,
+    min: f64,
+    median: f64,
+    p99: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ratio_vs: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peer: Option<&'a str>,
+}
+
+/// Formats one metric as a line (without newline).
+pub fn format_row(
+    name: &str,
+    unit: &str,
+    stats: &Stats,
+    peer: Option<&PeerRatio>,
+    format: Format,
+) -> String {
+    match format {
+        Format::Json => {
+            let row = JsonRow {
+                name,
+                unit,
+                n: stats.n,
+                min: stats.min,
+                median: stats.median,
+                p99: stats.p99,
+                ratio_vs: peer.map(|p| p.ratio),
+                peer: peer.map(|p| p.peer.as_str()),
+            };
+            // Serialising plain numbers and strings cannot fail; keep a readable fallback.
+            serde_json::to_string(&row).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+        }
+        Format::Human => {
+            let mut s = format!(
+                "{name:<36} n={:<5} min={:>10.3} median={:>10.3} p99={:>10.3} {unit}",
+                stats.n, stats.min, stats.median, stats.p99
+            );
+            if let Some(p) = peer {
+                s.push_str(&format!("  ({:.2}x {})", p.ratio, p.peer));
+            }
+            s
+        }
+    }
+}
+
+/// Prints one metric to stdout.
+pub fn report(name: &str, unit: &str, stats: &Stats, peer: Option<&PeerRatio>, format: Format) {
+    println!("{}", format_row(name, unit, stats, peer, format));
+}
+
+/// `cargo xtask bench <name>`.
+pub fn cmd_bench(args: &BenchArgs) -> Result<()> {
+    let format = if args.json {
+        Format::Json
+    } else {
+        Format::Human
+    };
+    match args.name {
+        BenchName::Vmm => vmm::run(format),
+        BenchName::Exec => exec::run(format),
+        BenchName::Pool => pool::run(format),
+        BenchName::Snapshot => snapshot::run(format),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_of_odd_and_even_samples() {
+        let s = Stats::from_samples(&[5.0, 1.0, 3.0]).unwrap();
+        assert_eq!((s.n, s.min, s.median, s.p99), (3, 1.0, 3.0, 5.0));
+        let s = Stats::from_samples(&[4.0, 1.0, 3.0, 2.0]).unwrap();
+        assert_eq!((s.n, s.min, s.median, s.p99), (4, 1.0, 2.5, 4.0));
+    }
+
+    #[test]
+    fn p99_is_nearest_rank() {
+        let samples: Vec<f64> = (1..=200).map(f64::from).collect();
+        let s = Stats::from_samples(&samples).unwrap();
+        assert_eq!(s.p99, 198.0);
+        assert_eq!(s.median, 100.5);
+        let one = Stats::from_samples(&[7.0]).unwrap();
+        assert_eq!((one.min, one.median, one.p99), (7.0, 7.0, 7.0));
+    }
+
+    #[test]
+    fn empty_or_nan_samples_have_no_stats() {
+        assert!(Stats::from_samples(&[]).is_none());
+        assert!(Stats::from_samples(&[1.0, f64::NAN]).is_none());
+    }
+
+    #[test]
+    fn durations_are_reported_in_ms() {
+        let s = Stats::from_durations_ms(&[Duration::from_micros(1500)]).unwrap();
+        assert!((s.median - 1.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn json_rows_carry_every_field() {
+        let s = Stats::from_samples(&[1.0, 2.0, 3.0]).unwrap();
+        let line = format_row("boot", "ms", &s, None, Format::Json);
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["name"], "boot");
+        assert_eq!(v["unit"], "ms");
+        assert_eq!(v["n"], 3);
+        assert_eq!(v["min"], 1.0);
+        assert_eq!(v["median"], 2.0);
+        assert_eq!(v["p99"], 3.0);
+        assert!(v.get("peer").is_none() && v.get("ratio_vs").is_none());
+
+        let peer = PeerRatio {
+            peer: "firecracker".into(),
+            ratio: 1.25,
+        };
+        let line = format_row("boot", "ms", &s, Some(&peer), Format::Json);
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["peer"], "firecracker");
+        assert_eq!(v["ratio_vs"], 1.25);
+    }
+
+    #[test]
+    fn human_rows_name_the_metric_and_peer() {
+        let s = Stats::from_samples(&[1.0]).unwrap();
+        let peer = PeerRatio {
+            peer: "firecracker".into(),
+            ratio: 0.5,
+        };
+        let line = format_row("restore", "ms", &s, Some(&peer), Format::Human);
+        assert!(line.starts_with("restore"));
+        assert!(line.contains("median="));
+        assert!(line.contains("0.50x firecracker"));
+    }
+}
