@@ -1,40 +1,140 @@
-//! kiln-agent: PID 1 in the Kiln guest.
+//! kiln-agent: PID 1 in the Kiln guest, serving kiln-proto over vsock.
 //!
-//! Minimal bootstrap: mount the pseudo filesystems, announce readiness on the console with the
-//! line `KILN-AGENT-READY`, then wait. The full agent (kiln-proto over vsock) grows from here.
+//! Modes:
+//! - no arguments (normally as PID 1 in the guest): mount the pseudo filesystems, bring `lo`
+//!   up, set the hostname, start the reaper, print `KILN-AGENT-READY` on the console, then
+//!   connect to the host over vsock (CID 2, port `AGENT_PORT`) and serve, reconnecting after
+//!   loss. With `kiln.echo=1` on the kernel command line, also run the vsock echo server.
+//! - `--listen-unix PATH` / `--connect-unix PATH`: an ordinary host process serving the same
+//!   protocol over a unix socket (tier-3 tests). No mounts; the agent becomes a child
+//!   subreaper so orphans of its execs are reaped by it, as PID 1 would.
+//!
+//! The `KILN-AGENT-READY` line is printed in every mode once the agent can serve.
 
-use std::io::Write;
+mod conn;
+mod exec;
+mod files;
+mod reaper;
+mod sys;
+mod transport;
 
-fn mount_all() {
-    use nix::mount::{mount, MsFlags};
-    let mounts: [(&str, &str, &str); 5] = [
-        ("proc", "/proc", "proc"),
-        ("sysfs", "/sys", "sysfs"),
-        ("devtmpfs", "/dev", "devtmpfs"),
-        ("tmpfs", "/tmp", "tmpfs"),
-        ("tmpfs", "/run", "tmpfs"),
-    ];
-    for (src, target, fstype) in mounts {
-        let _ = std::fs::create_dir_all(target);
-        if let Err(e) = mount(Some(src), target, Some(fstype), MsFlags::empty(), None::<&str>) {
-            eprintln!("kiln-agent: mount {target}: {e}");
+use std::sync::Arc;
+
+use conn::{Agent, Mode};
+use exec::{ExecContext, ExecTable};
+use reaper::Reaper;
+
+/// The readiness line (contract: docs/ARCHITECTURE.md).
+const READY: &str = "KILN-AGENT-READY";
+
+enum Cli {
+    Guest,
+    ListenUnix(String),
+    ConnectUnix(String),
+}
+
+fn parse_args() -> Result<Cli, String> {
+    let mut args = std::env::args().skip(1);
+    let Some(a) = args.next() else {
+        return Ok(Cli::Guest);
+    };
+    let cli = match a.as_str() {
+        "--listen-unix" => Cli::ListenUnix(args.next().ok_or("--listen-unix needs a PATH")?),
+        "--connect-unix" => Cli::ConnectUnix(args.next().ok_or("--connect-unix needs a PATH")?),
+        "--help" | "-h" => {
+            return Err("usage: kiln-agent [--listen-unix PATH | --connect-unix PATH]".into())
         }
+        other if std::process::id() == 1 => {
+            // The kernel passes unknown cmdline words to init as arguments: ignore them.
+            let _ = other;
+            Cli::Guest
+        }
+        other => return Err(format!("unknown argument {other:?} (try --help)")),
+    };
+    if let Some(extra) = args.next() {
+        return Err(format!("unexpected argument {extra:?}"));
+    }
+    Ok(cli)
+}
+
+fn start_agent(mode: Mode) -> Result<Arc<Agent>, std::io::Error> {
+    let reaper = Reaper::start()?;
+    Ok(Arc::new(Agent::new(
+        ExecContext {
+            table: Arc::new(ExecTable::default()),
+            reaper,
+        },
+        mode,
+    )))
+}
+
+fn guest_main() -> ! {
+    let pid1 = std::process::id() == 1;
+    sys::ensure_std_fds();
+    if pid1 {
+        for e in sys::mount_all() {
+            eprintln!("kiln-agent: {e}");
+        }
+        sys::open_console();
+        if let Err(e) = sys::set_hostname() {
+            eprintln!("kiln-agent: {e}");
+        }
+        if let Err(e) = sys::loopback_up() {
+            eprintln!("kiln-agent: {e}");
+        }
+        std::env::set_var("PATH", exec::DEFAULT_PATH);
+    }
+    let agent = loop {
+        match start_agent(Mode::Guest) {
+            Ok(a) => break a,
+            Err(e) => {
+                eprintln!("kiln-agent: starting the reaper: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+    };
+    if sys::cmdline_has("kiln.echo", "1") {
+        if let Err(e) = transport::start_vsock_echo() {
+            eprintln!("kiln-agent: echo server: {e}");
+        }
+    }
+    sys::console(READY);
+    transport::vsock_client_loop(&agent)
+}
+
+fn host_main(cli: Cli) -> Result<(), String> {
+    sys::ensure_std_fds();
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) only changes this process's attributes.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let agent = start_agent(Mode::Host).map_err(|e| format!("starting the reaper: {e}"))?;
+    match cli {
+        Cli::ListenUnix(path) => {
+            let accept = transport::unix_listen(&agent, &path).map_err(|e| e.to_string())?;
+            sys::console(READY);
+            accept
+                .join()
+                .map_err(|_| "the accept loop panicked".to_owned())
+        }
+        Cli::ConnectUnix(path) => {
+            sys::console(READY);
+            transport::unix_client_loop(&agent, &path)
+        }
+        Cli::Guest => Err("guest mode is not a host mode".into()),
     }
 }
 
 fn main() {
-    let pid1 = std::process::id() == 1;
-    if pid1 {
-        mount_all();
-    }
-    let mut out = std::io::stdout();
-    let _ = writeln!(out, "KILN-AGENT-READY");
-    let _ = out.flush();
-    if pid1 {
-        // Power off: with `reboot=t` on the command line this becomes a triple fault the VMM sees.
-        let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
-        loop {
-            std::thread::park();
+    match parse_args() {
+        Ok(Cli::Guest) => guest_main(),
+        Ok(cli) => {
+            if let Err(e) = host_main(cli) {
+                eprintln!("kiln-agent: {e}");
+                std::process::exit(1);
+            }
+        }
+        Err(e) => {
+            eprintln!("kiln-agent: {e}");
+            std::process::exit(2);
         }
     }
 }
