@@ -5,5 +5,17 @@
 //! the device event loop, VM state save/restore, and host detection / asset locations.
 //! It knows nothing of the host<->guest protocol.
 
+pub mod boot;
+pub mod bus;
+pub mod cpuid;
+pub mod event_loop;
 pub mod host;
+pub mod memory;
+pub mod mptable;
+pub mod msr;
+pub mod serial;
+pub mod vcpu;
 pub mod virtio;
+pub mod vm;
+
+pub use vm::{ExitReason, Vm, VmConfig, VmError};

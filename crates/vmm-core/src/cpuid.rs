@@ -1,0 +1,121 @@
+//! Guest CPUID: KVM's supported set (read once per process) with per-vCPU fixups for APIC
+//! ids and a flat topology (one package, one core per vCPU, no SMT).
+
+use kvm_bindings::{kvm_cpuid_entry2, CpuId};
+
+const LEAF_FEATURES: u32 = 0x1;
+const LEAF_CACHE: u32 = 0x4;
+const LEAF_PMU: u32 = 0xa;
+const LEAF_TOPOLOGY: u32 = 0xb;
+const LEAF_TOPOLOGY_V2: u32 = 0x1f;
+const ECX_HYPERVISOR: u32 = 1 << 31;
+const EDX_HTT: u32 = 1 << 28;
+
+/// Bits needed to number `n` logical CPUs.
+fn id_bits(n: u8) -> u32 {
+    u32::from(n.max(1)).next_power_of_two().trailing_zeros()
+}
+
+/// Applies the fixups for vCPU `index` of `count` to one entry.
+fn fix_entry(e: &mut kvm_cpuid_entry2, index: u8, count: u8) {
+    let apic_id = u32::from(index);
+    match e.function {
+        LEAF_FEATURES => {
+            // EBX: initial APIC id [31:24], logical CPU count [23:16], CLFLUSH size 8 qwords.
+            e.ebx = (apic_id << 24) | (u32::from(count) << 16) | (8 << 8);
+            e.ecx |= ECX_HYPERVISOR;
+            if count > 1 {
+                e.edx |= EDX_HTT;
+            } else {
+                e.edx &= !EDX_HTT;
+            }
+        }
+        LEAF_CACHE if e.eax & 0x1f != 0 => {
+            // Cores per package - 1 in [31:26]; each cache shared by one thread.
+            e.eax = (e.eax & 0x3fff) | ((u32::from(count) - 1) << 26);
+        }
+        LEAF_PMU => {
+            // No virtual PMU.
+            e.eax = 0;
+            e.ebx = 0;
+            e.ecx = 0;
+            e.edx = 0;
+        }
+        LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => {
+            e.edx = apic_id;
+            match e.index {
+                0 => {
+                    // SMT level: one thread per core.
+                    e.eax = 0;
+                    e.ebx = 1;
+                    e.ecx = 1 << 8;
+                }
+                1 => {
+                    // Core level: `count` cores.
+                    e.eax = id_bits(count);
+                    e.ebx = u32::from(count);
+                    e.ecx = (2 << 8) | 1;
+                }
+                i => {
+                    e.eax = 0;
+                    e.ebx = 0;
+                    e.ecx = i;
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The CPUID for vCPU `index` of `count`, derived from KVM's supported set.
+pub fn for_vcpu(supported: &CpuId, index: u8, count: u8) -> CpuId {
+    let mut c = supported.clone();
+    for e in c.as_mut_slice() {
+        fix_entry(e, index, count);
+    }
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            eax: 0xffff_ffff,
+            ebx: 0xffff_ffff,
+            ecx: 0,
+            edx: 0,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn apic_ids_and_topology_follow_the_vcpu() {
+        let sup = CpuId::from_entries(&[
+            entry(1, 0),
+            entry(0xb, 0),
+            entry(0xb, 1),
+            entry(0xb, 2),
+            entry(0xa, 0),
+        ])
+        .unwrap();
+        let c = for_vcpu(&sup, 3, 4);
+        let s = c.as_slice();
+        assert_eq!(s[0].ebx >> 24, 3);
+        assert_eq!((s[0].ebx >> 16) & 0xff, 4);
+        assert_ne!(s[0].ecx & ECX_HYPERVISOR, 0);
+        assert_ne!(s[0].edx & EDX_HTT, 0);
+        assert!(s[1..4].iter().all(|e| e.edx == 3));
+        assert_eq!(s[2].ebx, 4);
+        assert_eq!(s[2].eax, 2);
+        assert_eq!(s[3].ecx, 2);
+        assert_eq!(s[4].eax, 0);
+        let one = for_vcpu(&sup, 0, 1);
+        assert_eq!(one.as_slice()[0].edx & EDX_HTT, 0);
+        assert_eq!(id_bits(1), 0);
+        assert_eq!(id_bits(5), 3);
+    }
+}

@@ -1,0 +1,151 @@
+//! Guest physical memory: the layout of the x86_64 guest address space and the
+//! `GuestMemoryMmap` that backs it.
+//!
+//! RAM starts at 0. Everything from [`MMIO_START`] up to 4 GiB is a hole for device MMIO
+//! (virtio-mmio slots, IOAPIC, LAPIC); RAM that does not fit below the hole continues at 4 GiB.
+//! The backing is anonymous `MAP_PRIVATE | MAP_NORESERVE` memory: nothing is zeroed or touched
+//! up front, pages appear when the guest (or the loader) first uses them.
+
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+/// Start of the MMIO hole below 4 GiB (virtio-mmio devices live here, 4 KiB apiece).
+pub const MMIO_START: u64 = 0xd000_0000;
+/// Size of one virtio-mmio device window.
+pub const MMIO_SLOT_SIZE: u64 = 0x1000;
+/// End of the MMIO window usable for devices (IOAPIC and LAPIC sit above).
+pub const MMIO_DEVICES_END: u64 = 0xfec0_0000;
+/// First address above the 32-bit hole.
+pub const FOUR_GIB: u64 = 1 << 32;
+/// GDT used at entry (the PVH and 64-bit boot protocols both need flat segments).
+pub const GDT_START: u64 = 0x500;
+/// Empty IDT at entry.
+pub const IDT_START: u64 = 0x520;
+/// PVH `hvm_start_info`.
+pub const PVH_INFO_START: u64 = 0x6000;
+/// PVH module list (the initramfs), right after `hvm_start_info`.
+pub const PVH_MODLIST_START: u64 = 0x6040;
+/// PVH memory map.
+pub const PVH_MEMMAP_START: u64 = 0x7000;
+/// Linux zero page (`boot_params`) for the 64-bit boot protocol.
+pub const ZERO_PAGE_START: u64 = 0x7000;
+/// Initial stack for the 64-bit boot protocol.
+pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
+/// PML4 of the identity map used for 64-bit entry (PDPT and PD follow, 4 KiB apart).
+pub const PML4_START: u64 = 0x9000;
+/// Kernel command line.
+pub const CMDLINE_START: u64 = 0x20000;
+/// Largest kernel command line we pass (Linux x86 COMMAND_LINE_SIZE).
+pub const CMDLINE_MAX_SIZE: usize = 2048;
+/// MP floating pointer + configuration table, at the top of base memory (EBDA).
+pub const MPTABLE_START: u64 = 0x9fc00;
+/// End of base (conventional) memory.
+pub const EBDA_START: u64 = 0x9fc00;
+/// Kernels are loaded at or above 1 MiB.
+pub const HIMEM_START: u64 = 0x10_0000;
+/// IOAPIC MMIO base.
+pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
+/// LAPIC MMIO base.
+pub const APIC_ADDR: u64 = 0xfee0_0000;
+/// KVM's TSS (needed by KVM on Intel; harmless elsewhere), in the hole above the devices.
+pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
+/// KVM's identity-map page, just below the TSS.
+pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+/// Errors building guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// mmap of the guest RAM failed.
+    #[error("cannot map {mib} MiB of guest memory: {source}")]
+    Map {
+        /// Requested size.
+        mib: u64,
+        /// Cause.
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+}
+
+/// The RAM ranges `(start, len)` for a guest of `mem_mib` MiB, avoiding the MMIO hole.
+pub fn ram_ranges(mem_mib: u64) -> Vec<(GuestAddress, usize)> {
+    let size = mem_mib << 20;
+    if size <= MMIO_START {
+        vec![(GuestAddress(0), size as usize)]
+    } else {
+        vec![
+            (GuestAddress(0), MMIO_START as usize),
+            (GuestAddress(FOUR_GIB), (size - MMIO_START) as usize),
+        ]
+    }
+}
+
+/// End (exclusive) of the RAM below the MMIO hole.
+pub fn low_ram_end(mem_mib: u64) -> u64 {
+    (mem_mib << 20).min(MMIO_START)
+}
+
+/// Maps `mem_mib` MiB of guest RAM (lazily populated).
+pub fn create_guest_memory(mem_mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    GuestMemoryMmap::from_ranges(&ram_ranges(mem_mib)).map_err(|source| MemoryError::Map {
+        mib: mem_mib,
+        source,
+    })
+}
+
+/// One e820 entry: `(start, len, type)`.
+pub type E820Entry = (u64, u64, u32);
+/// e820 type of usable RAM.
+pub const E820_RAM: u32 = 1;
+/// e820 type of reserved memory.
+pub const E820_RESERVED: u32 = 2;
+
+/// The guest's e820 memory map for `mem_mib` MiB of RAM.
+pub fn e820_map(mem_mib: u64) -> Vec<E820Entry> {
+    let size = mem_mib << 20;
+    let mut map = vec![(0, EBDA_START, E820_RAM)];
+    map.push((EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED));
+    let low_end = low_ram_end(mem_mib);
+    if low_end > HIMEM_START {
+        map.push((HIMEM_START, low_end - HIMEM_START, E820_RAM));
+    }
+    if size > MMIO_START {
+        map.push((FOUR_GIB, size - MMIO_START, E820_RAM));
+    }
+    map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemoryBackend};
+
+    #[test]
+    fn small_guest_is_one_region_below_the_hole() {
+        let mem = create_guest_memory(16).unwrap();
+        assert_eq!(mem.num_regions(), 1);
+        mem.write_obj(0xdead_beefu32, GuestAddress(0xff_fffc))
+            .unwrap();
+        assert!(mem.write_obj(1u8, GuestAddress(16 << 20)).is_err());
+        let e = e820_map(16);
+        assert_eq!(e[0], (0, EBDA_START, E820_RAM));
+        assert_eq!(e[2], (HIMEM_START, (16 << 20) - HIMEM_START, E820_RAM));
+    }
+
+    #[test]
+    fn large_guest_splits_around_the_mmio_hole() {
+        let r = ram_ranges(4096);
+        assert_eq!(r[0], (GuestAddress(0), MMIO_START as usize));
+        assert_eq!(
+            r[1],
+            (
+                GuestAddress(FOUR_GIB),
+                (4096u64 << 20) as usize - MMIO_START as usize
+            )
+        );
+        let e = e820_map(4096);
+        let total: u64 = e.iter().filter(|x| x.2 == E820_RAM).map(|x| x.1).sum();
+        assert_eq!(total, (4096u64 << 20) - (HIMEM_START - EBDA_START));
+        assert!(e
+            .iter()
+            .all(|&(s, l, _)| s + l <= MMIO_START || s >= FOUR_GIB));
+    }
+}

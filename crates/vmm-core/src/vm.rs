@@ -1,0 +1,838 @@
+//! A Kiln microVM: configuration, start-up (memory -> KVM VM -> devices -> kernel -> vCPU
+//! threads -> device loop), the running handle and its orderly teardown.
+//!
+//! Start-up follows rust-vmm's vmm-reference order. Teardown ([`Vm::stop`] and `Drop`) asks
+//! every vCPU to stop, kicks it out of `KVM_RUN`, joins every thread, then closes the KVM fds
+//! and unmaps guest memory; it never waits on a blocked ioctl.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    kvm_fpu, kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::Killable;
+
+use crate::boot::{self, BootEntry, BootError};
+use crate::bus::{Bus, BusError, SharedDevice};
+use crate::event_loop::{DeviceEventManager, EventLoop, Subscriber};
+use crate::memory::{self, MemoryError, MMIO_DEVICES_END, MMIO_SLOT_SIZE, MMIO_START};
+use crate::mptable::{self, MpTableError};
+use crate::serial::{Console, SerialDevice, WaitOutcome, COM1_IRQ, COM1_LEN, COM1_PORT};
+use crate::vcpu::{self, VcpuRunner, VcpuState, VmShared};
+
+pub use crate::vcpu::ExitReason;
+
+/// Most vCPUs a VM may have.
+pub const MAX_VCPUS: u8 = 8;
+/// Least guest memory (MiB): the kernel loads at 1 MiB.
+pub const MIN_MEM_MIB: u64 = 2;
+/// Most guest memory (MiB).
+pub const MAX_MEM_MIB: u64 = 64 * 1024;
+/// Largest serial ring buffer.
+pub const MAX_SERIAL_RING: usize = 16 << 20;
+/// Bytes of serial output quoted in errors.
+pub const ERROR_TAIL_BYTES: usize = 2048;
+/// First GSI handed to devices (0-4 are PIT, keyboard, cascade, COM2, COM1).
+pub const FIRST_DEVICE_GSI: u32 = 5;
+/// Last usable IOAPIC GSI.
+pub const LAST_DEVICE_GSI: u32 = 23;
+
+/// What to boot and how big.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Name used in thread names, logs and errors.
+    pub name: String,
+    /// vCPU count, 1..=8.
+    pub vcpus: u8,
+    /// Guest RAM in MiB.
+    pub mem_mib: u64,
+    /// Kernel image: ELF vmlinux (PVH) or bzImage.
+    pub kernel: PathBuf,
+    /// Optional initramfs (uncompressed newc cpio for Kiln guests).
+    pub initramfs: Option<PathBuf>,
+    /// Appended to the kernel command line after the base and device arguments.
+    pub cmdline_extra: String,
+    /// Guest CID for the virtio-vsock device; `None` means no vsock device.
+    pub vsock_cid: Option<u64>,
+    /// Bytes of serial output kept.
+    pub serial_ring_bytes: usize,
+    /// Also log guest serial lines through `tracing` (info level).
+    pub serial_log: bool,
+}
+
+impl VmConfig {
+    /// Defaults (1 vCPU, 128 MiB, 64 KiB serial ring, no vsock) for booting `kernel`.
+    pub fn new(name: impl Into<String>, kernel: impl Into<PathBuf>) -> Self {
+        Self {
+            name: name.into(),
+            vcpus: 1,
+            mem_mib: 128,
+            kernel: kernel.into(),
+            initramfs: None,
+            cmdline_extra: String::new(),
+            vsock_cid: None,
+            serial_ring_bytes: 64 * 1024,
+            serial_log: false,
+        }
+    }
+
+    /// Checks the configuration; the error names the VM and the offending field.
+    pub fn validate(&self) -> Result<(), VmError> {
+        let bad = |what: String| {
+            Err(VmError::Config {
+                vm: self.name.clone(),
+                what,
+            })
+        };
+        if self.name.is_empty() || self.name.len() > 64 || self.name.chars().any(char::is_control) {
+            return bad(format!(
+                "name {:?} must be 1-64 printable characters",
+                self.name
+            ));
+        }
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return bad(format!("vcpus = {} (must be 1..={MAX_VCPUS})", self.vcpus));
+        }
+        if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&self.mem_mib) {
+            return bad(format!(
+                "mem_mib = {} (must be {MIN_MEM_MIB}..={MAX_MEM_MIB})",
+                self.mem_mib
+            ));
+        }
+        if self.serial_ring_bytes == 0 || self.serial_ring_bytes > MAX_SERIAL_RING {
+            return bad(format!(
+                "serial_ring_bytes = {} (must be 1..={MAX_SERIAL_RING})",
+                self.serial_ring_bytes
+            ));
+        }
+        if let Some(cid) = self.vsock_cid {
+            if cid < 3 || cid > u64::from(u32::MAX) {
+                return bad(format!("vsock_cid = {cid} (must be 3..=2^32-1)"));
+            }
+        }
+        for (what, path) in [
+            ("kernel", Some(&self.kernel)),
+            ("initramfs", self.initramfs.as_ref()),
+        ] {
+            if let Some(p) = path {
+                if !p.is_file() {
+                    return Err(VmError::FileMissing {
+                        vm: self.name.clone(),
+                        what,
+                        path: p.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Errors creating or driving a VM. Every variant names the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// A configuration value is out of range.
+    #[error("VM {vm}: invalid config: {what}")]
+    Config {
+        /// VM name.
+        vm: String,
+        /// What is wrong.
+        what: String,
+    },
+    /// The kernel or initramfs file does not exist.
+    #[error("VM {vm}: {what} file {path} does not exist")]
+    FileMissing {
+        /// VM name.
+        vm: String,
+        /// "kernel" or "initramfs".
+        what: &'static str,
+        /// The path given.
+        path: PathBuf,
+    },
+    /// A KVM ioctl failed.
+    #[error("VM {vm}: KVM {op} failed: {source}")]
+    Kvm {
+        /// VM name.
+        vm: String,
+        /// The operation.
+        op: &'static str,
+        /// Cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory could not be set up.
+    #[error("VM {vm}: {source}")]
+    Memory {
+        /// VM name.
+        vm: String,
+        /// Cause.
+        #[source]
+        source: MemoryError,
+    },
+    /// Loading the kernel or writing boot structures failed.
+    #[error("VM {vm}: boot: {source}")]
+    Boot {
+        /// VM name.
+        vm: String,
+        /// Cause.
+        #[source]
+        source: BootError,
+    },
+    /// The MP table could not be written.
+    #[error("VM {vm}: {source}")]
+    MpTable {
+        /// VM name.
+        vm: String,
+        /// Cause.
+        #[source]
+        source: MpTableError,
+    },
+    /// A device range clashes on a bus.
+    #[error("VM {vm}: {source}")]
+    Bus {
+        /// VM name.
+        vm: String,
+        /// Cause.
+        #[source]
+        source: BusError,
+    },
+    /// An OS resource (thread, eventfd, signal) could not be created.
+    #[error("VM {vm}: {what}: {source}")]
+    Os {
+        /// VM name.
+        vm: String,
+        /// What was being created.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A device could not be attached.
+    #[error("VM {vm}: device {device}: {detail}")]
+    Device {
+        /// VM name.
+        vm: String,
+        /// Device name.
+        device: String,
+        /// What went wrong.
+        detail: String,
+    },
+    /// A wait passed its deadline.
+    #[error("VM {vm}: timed out after {waited:?} waiting for {what}; serial tail:\n{serial_tail}")]
+    Timeout {
+        /// VM name.
+        vm: String,
+        /// What was awaited.
+        what: String,
+        /// How long.
+        waited: Duration,
+        /// Last serial output.
+        serial_tail: String,
+    },
+    /// The VM ended while something was awaited.
+    #[error("VM {vm}: exited ({reason}) while waiting for {what}; serial tail:\n{serial_tail}")]
+    Exited {
+        /// VM name.
+        vm: String,
+        /// What was awaited.
+        what: String,
+        /// Why it ended.
+        reason: ExitReason,
+        /// Last serial output.
+        serial_tail: String,
+    },
+}
+
+/// A virtio-mmio window and its interrupt, handed out by [`DeviceContext::allocate_mmio_slot`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmioSlot {
+    /// Guest physical base address.
+    pub base: u64,
+    /// Window size.
+    pub len: u64,
+    /// GSI (IOAPIC pin) of the device's interrupt.
+    pub gsi: u32,
+}
+
+impl MmioSlot {
+    /// The kernel command-line fragment announcing a virtio-mmio device in this slot.
+    pub fn virtio_cmdline(&self) -> String {
+        format!(
+            "virtio_mmio.device={}K@{:#x}:{}",
+            self.len / 1024,
+            self.base,
+            self.gsi
+        )
+    }
+}
+
+/// What a device gets while the VM is being built: guest memory, the VM fd for irqfd /
+/// ioeventfd wiring, the MMIO bus, the device event loop and the command line.
+pub struct DeviceContext<'a> {
+    vm_name: &'a str,
+    vm_fd: &'a VmFd,
+    mem: &'a GuestMemoryMmap,
+    mmio: &'a mut Bus,
+    events: &'a mut DeviceEventManager,
+    cmdline: &'a mut Vec<String>,
+    next_mmio: u64,
+    next_gsi: u32,
+    subscribers: usize,
+}
+
+impl std::fmt::Debug for DeviceContext<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceContext")
+            .field("vm", &self.vm_name)
+            .field("next_mmio", &self.next_mmio)
+            .field("next_gsi", &self.next_gsi)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeviceContext<'_> {
+    /// The VM's name (for device errors and logs).
+    pub fn vm_name(&self) -> &str {
+        self.vm_name
+    }
+
+    /// Guest memory (cheap to clone; the clone keeps the mapping alive until dropped).
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        self.mem
+    }
+
+    /// The next free 4 KiB MMIO window and GSI.
+    pub fn allocate_mmio_slot(&mut self) -> Result<MmioSlot, VmError> {
+        if self.next_mmio + MMIO_SLOT_SIZE > MMIO_DEVICES_END || self.next_gsi > LAST_DEVICE_GSI {
+            return Err(self.device_err("mmio", "no free MMIO slot or GSI".into()));
+        }
+        let slot = MmioSlot {
+            base: self.next_mmio,
+            len: MMIO_SLOT_SIZE,
+            gsi: self.next_gsi,
+        };
+        self.next_mmio += MMIO_SLOT_SIZE;
+        self.next_gsi += 1;
+        Ok(slot)
+    }
+
+    /// Puts `dev` on the MMIO bus at `slot`.
+    pub fn register_mmio(&mut self, slot: MmioSlot, dev: SharedDevice) -> Result<(), VmError> {
+        self.mmio
+            .insert(slot.base, slot.len, dev)
+            .map_err(|source| VmError::Bus {
+                vm: self.vm_name.to_owned(),
+                source,
+            })
+    }
+
+    /// Allocates a slot, registers `dev` there and announces it on the kernel command line
+    /// (`virtio_mmio.device=4K@<base>:<gsi>`). Returns the slot.
+    pub fn add_virtio_mmio(&mut self, dev: SharedDevice) -> Result<MmioSlot, VmError> {
+        let slot = self.allocate_mmio_slot()?;
+        self.register_mmio(slot, dev)?;
+        self.cmdline.push(slot.virtio_cmdline());
+        Ok(slot)
+    }
+
+    /// An eventfd that injects interrupt `gsi` when written (KVM_IRQFD).
+    pub fn irqfd(&self, gsi: u32) -> Result<EventFd, VmError> {
+        let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Os {
+            vm: self.vm_name.to_owned(),
+            what: "irq eventfd",
+            source,
+        })?;
+        self.vm_fd
+            .register_irqfd(&fd, gsi)
+            .map_err(|source| VmError::Kvm {
+                vm: self.vm_name.to_owned(),
+                op: "register irqfd",
+                source,
+            })?;
+        Ok(fd)
+    }
+
+    /// An eventfd signalled (without a vCPU exit to user space) when the guest writes
+    /// `datamatch` (or anything, if `None`) as a 32-bit value to MMIO address `addr`
+    /// (KVM_IOEVENTFD) — for virtio queue notifications.
+    pub fn ioeventfd(&self, addr: u64, datamatch: Option<u32>) -> Result<EventFd, VmError> {
+        let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Os {
+            vm: self.vm_name.to_owned(),
+            what: "ioeventfd",
+            source,
+        })?;
+        let res = match datamatch {
+            Some(v) => self
+                .vm_fd
+                .register_ioevent(&fd, &IoEventAddress::Mmio(addr), v),
+            None => self.vm_fd.register_ioevent(
+                &fd,
+                &IoEventAddress::Mmio(addr),
+                kvm_ioctls::NoDatamatch,
+            ),
+        };
+        res.map_err(|source| VmError::Kvm {
+            vm: self.vm_name.to_owned(),
+            op: "register ioeventfd",
+            source,
+        })?;
+        Ok(fd)
+    }
+
+    /// Adds a subscriber to the VM's device event loop (the loop thread starts only if at
+    /// least one subscriber is added).
+    pub fn add_subscriber(&mut self, sub: Subscriber) -> event_manager::SubscriberId {
+        self.subscribers += 1;
+        event_manager::SubscriberOps::add_subscriber(self.events, sub)
+    }
+
+    /// Appends a fragment to the kernel command line.
+    pub fn add_cmdline(&mut self, fragment: impl Into<String>) {
+        self.cmdline.push(fragment.into());
+    }
+
+    fn device_err(&self, device: &str, detail: String) -> VmError {
+        VmError::Device {
+            vm: self.vm_name.to_owned(),
+            device: device.to_owned(),
+            detail,
+        }
+    }
+}
+
+/// Attaches the configured devices (besides the serial port). Each device registers its
+/// MMIO window, interrupts and event-loop subscribers through `ctx`.
+///
+/// HOOK for devices: the virtio-vsock device is attached here when `cfg.vsock_cid` is set,
+/// and its host handle is returned in [`AttachedDevices`].
+fn attach_devices(
+    _cfg: &VmConfig,
+    _ctx: &mut DeviceContext<'_>,
+) -> Result<AttachedDevices, VmError> {
+    Ok(AttachedDevices::default())
+}
+
+/// Host-side handles of the attached devices, kept by the [`Vm`].
+#[derive(Debug, Default)]
+struct AttachedDevices {}
+
+static KVM: OnceLock<Kvm> = OnceLock::new();
+static SUPPORTED_CPUID: OnceLock<CpuId> = OnceLock::new();
+
+fn kvm(vm: &str) -> Result<&'static Kvm, VmError> {
+    if let Some(k) = KVM.get() {
+        return Ok(k);
+    }
+    let k = Kvm::new().map_err(|source| VmError::Kvm {
+        vm: vm.to_owned(),
+        op: "open /dev/kvm",
+        source,
+    })?;
+    Ok(KVM.get_or_init(|| k))
+}
+
+fn supported_cpuid(kvm: &Kvm, vm: &str) -> Result<&'static CpuId, VmError> {
+    if let Some(c) = SUPPORTED_CPUID.get() {
+        return Ok(c);
+    }
+    let c = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|source| VmError::Kvm {
+            vm: vm.to_owned(),
+            op: "get supported CPUID",
+            source,
+        })?;
+    Ok(SUPPORTED_CPUID.get_or_init(|| c))
+}
+
+/// A running microVM. Dropping it stops it.
+pub struct Vm {
+    name: String,
+    shared: Arc<VmShared>,
+    threads: Vec<Option<JoinHandle<()>>>,
+    event_loop: Option<EventLoop>,
+    vm_fd: Option<VmFd>,
+    memory: Option<GuestMemoryMmap>,
+    devices: AttachedDevices,
+    cmdline: String,
+    started: Instant,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("name", &self.name)
+            .field("vcpus", &self.shared.vcpus.len())
+            .field("exit", &self.shared.exit_reason())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vm {
+    /// Validates `cfg`, builds the VM and starts its vCPUs.
+    pub fn start(cfg: VmConfig) -> Result<Vm, VmError> {
+        cfg.validate()?;
+        let name = cfg.name.clone();
+        let kvm_err = |op: &'static str| {
+            let vm = name.clone();
+            move |source| VmError::Kvm { vm, op, source }
+        };
+        let os_err = |what: &'static str| {
+            let vm = name.clone();
+            move |source| VmError::Os { vm, what, source }
+        };
+        vcpu::install_kick_handler().map_err(os_err("install vCPU kick handler"))?;
+        let kvm = kvm(&name)?;
+        let vm_fd = kvm.create_vm().map_err(kvm_err("create VM"))?;
+
+        // Memory first: on some hosts the memslot update is cheapest before the irqchip exists.
+        let mem = memory::create_guest_memory(cfg.mem_mib).map_err(|source| VmError::Memory {
+            vm: name.clone(),
+            source,
+        })?;
+        for (slot, region) in mem.iter().enumerate() {
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is a live mapping owned by `mem`, which outlives the VM fd
+            // (the Vm drops vm_fd before memory).
+            unsafe { vm_fd.set_user_memory_region(r) }.map_err(kvm_err("set memory region"))?;
+        }
+        vm_fd
+            .set_tss_address(memory::KVM_TSS_ADDRESS as usize)
+            .map_err(kvm_err("set TSS address"))?;
+        vm_fd
+            .set_identity_map_address(memory::KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(kvm_err("set identity map address"))?;
+        vm_fd.create_irq_chip().map_err(kvm_err("create irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm_fd.create_pit2(pit).map_err(kvm_err("create PIT"))?;
+
+        // Serial console on COM1, IRQ 4.
+        let console = Arc::new(Console::new(&name, cfg.serial_ring_bytes, cfg.serial_log));
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("serial eventfd"))?;
+        vm_fd
+            .register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(kvm_err("register serial irqfd"))?;
+        let mut pio = Bus::new();
+        let serial: SharedDevice =
+            Arc::new(Mutex::new(SerialDevice::new(serial_irq, console.clone())));
+        pio.insert(COM1_PORT, COM1_LEN, serial)
+            .map_err(|source| VmError::Bus {
+                vm: name.clone(),
+                source,
+            })?;
+
+        // Devices.
+        let mut mmio = Bus::new();
+        let mut events = DeviceEventManager::new().map_err(|e| VmError::Os {
+            vm: name.clone(),
+            what: "device event manager",
+            source: std::io::Error::other(format!("{e:?}")),
+        })?;
+        let mut cmdline_parts = Vec::new();
+        let mut ctx = DeviceContext {
+            vm_name: &name,
+            vm_fd: &vm_fd,
+            mem: &mem,
+            mmio: &mut mmio,
+            events: &mut events,
+            cmdline: &mut cmdline_parts,
+            next_mmio: MMIO_START,
+            next_gsi: FIRST_DEVICE_GSI,
+            subscribers: 0,
+        };
+        let devices = attach_devices(&cfg, &mut ctx)?;
+        let subscribers = ctx.subscribers;
+
+        // Kernel, initramfs, command line, MP table.
+        let boot_err = |source| VmError::Boot {
+            vm: name.clone(),
+            source,
+        };
+        let cmdline = boot::build_cmdline(&cmdline_parts, &cfg.cmdline_extra).map_err(boot_err)?;
+        let entry = boot::load(
+            &mem,
+            cfg.mem_mib,
+            &cfg.kernel,
+            cfg.initramfs.as_deref(),
+            &cmdline,
+        )
+        .map_err(boot_err)?;
+        mptable::setup(&mem, cfg.vcpus).map_err(|source| VmError::MpTable {
+            vm: name.clone(),
+            source,
+        })?;
+
+        // vCPUs.
+        let cpuid = supported_cpuid(kvm, &name)?;
+        let mut vcpu_fds = Vec::with_capacity(usize::from(cfg.vcpus));
+        for i in 0..cfg.vcpus {
+            vcpu_fds.push(configure_vcpu(
+                &vm_fd, &mem, cpuid, i, cfg.vcpus, entry, &name,
+            )?);
+        }
+
+        let shared = Arc::new(VmShared::new(&name, console, cfg.vcpus));
+        let pio = Arc::new(pio);
+        let mmio = Arc::new(mmio);
+        let cmdline_str = cmdline
+            .as_cstring()
+            .map(|c| c.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut vm = Vm {
+            name: name.clone(),
+            shared: shared.clone(),
+            threads: Vec::new(),
+            event_loop: None,
+            vm_fd: Some(vm_fd),
+            memory: Some(mem),
+            devices,
+            cmdline: cmdline_str,
+            started: Instant::now(),
+        };
+        if subscribers > 0 {
+            vm.event_loop = Some(EventLoop::spawn(&name, events).map_err(os_err("device thread"))?);
+        } else {
+            drop(events);
+        }
+        for (i, fd) in vcpu_fds.into_iter().enumerate() {
+            let runner = VcpuRunner {
+                fd,
+                index: i as u8,
+                shared: shared.clone(),
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+            };
+            // On error `vm` is dropped, which stops the threads already started.
+            let h = std::thread::Builder::new()
+                .name(format!("{name}-vcpu{i}"))
+                .spawn(move || runner.run())
+                .map_err(os_err("vCPU thread"))?;
+            shared.set_thread(i, h.pthread_handle());
+            vm.threads.push(Some(h));
+        }
+        Ok(vm)
+    }
+
+    /// The VM's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The kernel command line the guest got.
+    pub fn cmdline(&self) -> &str {
+        &self.cmdline
+    }
+
+    /// When the vCPUs were started.
+    pub fn started_at(&self) -> Instant {
+        self.started
+    }
+
+    /// The last `max_bytes` of guest serial output.
+    pub fn serial_tail(&self, max_bytes: usize) -> String {
+        self.shared.console.tail(max_bytes)
+    }
+
+    /// Waits until `needle` shows up on the serial console. Errors if the VM exits first or
+    /// `deadline` passes; the error quotes the serial tail.
+    pub fn wait_for_serial(&self, needle: &str, deadline: Instant) -> Result<(), VmError> {
+        let start = Instant::now();
+        match self.shared.console.wait_for(needle.as_bytes(), deadline) {
+            WaitOutcome::Found(_) => Ok(()),
+            WaitOutcome::TimedOut => Err(VmError::Timeout {
+                vm: self.name.clone(),
+                what: format!("{needle:?} on the serial console"),
+                waited: start.elapsed(),
+                serial_tail: self.serial_tail(ERROR_TAIL_BYTES),
+            }),
+            WaitOutcome::Closed => Err(VmError::Exited {
+                vm: self.name.clone(),
+                what: format!("{needle:?} on the serial console"),
+                reason: self.shared.exit_reason().unwrap_or(ExitReason::Stopped),
+                serial_tail: self.serial_tail(ERROR_TAIL_BYTES),
+            }),
+        }
+    }
+
+    /// The exit reason if the VM has ended.
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        self.shared.exit_reason()
+    }
+
+    /// Waits up to `timeout` for the guest to end the VM; never hangs.
+    pub fn wait_exit(&self, timeout: Duration) -> Result<ExitReason, VmError> {
+        self.shared
+            .wait_exit(Instant::now() + timeout)
+            .ok_or_else(|| VmError::Timeout {
+                vm: self.name.clone(),
+                what: "the guest to exit".into(),
+                waited: timeout,
+                serial_tail: self.serial_tail(ERROR_TAIL_BYTES),
+            })
+    }
+
+    /// Each vCPU's run state.
+    pub fn vcpu_states(&self) -> Vec<VcpuState> {
+        self.shared.vcpus.iter().map(|c| c.state()).collect()
+    }
+
+    /// Pauses every vCPU (kicking it out of the guest) and waits until all are parked.
+    pub fn pause(&self, timeout: Duration) -> Result<(), VmError> {
+        self.shared.request_all(true);
+        let deadline = Instant::now() + timeout;
+        for c in &self.shared.vcpus {
+            if !c.wait_state(deadline, |s| !matches!(s, VcpuState::Running)) {
+                return Err(VmError::Timeout {
+                    vm: self.name.clone(),
+                    what: "the vCPUs to pause".into(),
+                    waited: timeout,
+                    serial_tail: self.serial_tail(ERROR_TAIL_BYTES),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Resumes paused vCPUs.
+    pub fn resume(&self) {
+        self.shared.request_all(false);
+    }
+
+    /// Guest memory (`None` only during teardown).
+    pub fn memory(&self) -> Option<&GuestMemoryMmap> {
+        self.memory.as_ref()
+    }
+
+    /// Stops the VM: kicks and joins every vCPU thread and the device thread, closes the KVM
+    /// fds and unmaps guest memory. Returns why the VM ended (`Stopped` if it was running).
+    pub fn stop(mut self) -> ExitReason {
+        self.shutdown();
+        self.shared.exit_reason().unwrap_or(ExitReason::Stopped)
+    }
+
+    fn shutdown(&mut self) {
+        self.shared.request_stop_all();
+        for (i, t) in self.threads.iter_mut().enumerate() {
+            if let Some(h) = t.take() {
+                // Keep kicking until the thread is gone: the first kick may race with a
+                // thread that was about to check its request.
+                while !h.is_finished() {
+                    self.shared.kick_all();
+                    if h.is_finished() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                self.shared.clear_thread(i);
+                if h.join().is_err() {
+                    tracing::error!(vm = %self.name, vcpu = i, "vCPU thread panicked");
+                }
+            }
+        }
+        if let Some(mut l) = self.event_loop.take() {
+            l.stop();
+        }
+        self.shared.record_exit(ExitReason::Stopped);
+        self.devices = AttachedDevices::default();
+        // VM fd (and with it irqfds, ioeventfds, vCPU state) before the memory it maps.
+        self.vm_fd = None;
+        self.memory = None;
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+
+fn lapic_reg(regs: &mut [std::os::raw::c_char; 1024], off: usize, f: impl Fn(u32) -> u32) {
+    let mut b = [0u8; 4];
+    for (i, x) in b.iter_mut().enumerate() {
+        *x = regs[off + i] as u8;
+    }
+    let v = f(u32::from_le_bytes(b));
+    for (i, x) in v.to_le_bytes().iter().enumerate() {
+        regs[off + i] = *x as std::os::raw::c_char;
+    }
+}
+
+fn configure_vcpu(
+    vm_fd: &VmFd,
+    mem: &GuestMemoryMmap,
+    cpuid: &CpuId,
+    index: u8,
+    count: u8,
+    entry: BootEntry,
+    name: &str,
+) -> Result<VcpuFd, VmError> {
+    let kvm_err = |op: &'static str| {
+        let vm = name.to_owned();
+        move |source| VmError::Kvm { vm, op, source }
+    };
+    let fd = vm_fd
+        .create_vcpu(u64::from(index))
+        .map_err(kvm_err("create vCPU"))?;
+    fd.set_cpuid2(&crate::cpuid::for_vcpu(cpuid, index, count))
+        .map_err(kvm_err("set CPUID"))?;
+    let msrs = crate::msr::boot_msrs().map_err(|e| VmError::Os {
+        vm: name.to_owned(),
+        what: "MSR list",
+        source: std::io::Error::other(format!("{e:?}")),
+    })?;
+    let n = fd.set_msrs(&msrs).map_err(kvm_err("set MSRs"))?;
+    if n != msrs.as_slice().len() {
+        tracing::debug!(
+            vm = name,
+            vcpu = index,
+            "KVM accepted {n} of {} boot MSRs",
+            msrs.as_slice().len()
+        );
+    }
+    let mut lapic = fd.get_lapic().map_err(kvm_err("get LAPIC"))?;
+    lapic_reg(&mut lapic.regs, APIC_LVT0, |v| {
+        (v & !0x700) | (APIC_MODE_EXTINT << 8)
+    });
+    lapic_reg(&mut lapic.regs, APIC_LVT1, |v| {
+        (v & !0x700) | (APIC_MODE_NMI << 8)
+    });
+    fd.set_lapic(&lapic).map_err(kvm_err("set LAPIC"))?;
+    if index == 0 {
+        let fpu = kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        fd.set_fpu(&fpu).map_err(kvm_err("set FPU"))?;
+        let sregs = fd.get_sregs().map_err(kvm_err("get sregs"))?;
+        let (sregs, regs) =
+            boot::entry_registers(mem, entry, sregs).map_err(|source| VmError::Boot {
+                vm: name.to_owned(),
+                source,
+            })?;
+        fd.set_sregs(&sregs).map_err(kvm_err("set sregs"))?;
+        fd.set_regs(&regs).map_err(kvm_err("set regs"))?;
+    }
+    Ok(fd)
+}
