@@ -40,3 +40,8 @@ pub use error::PoolError;
 pub use manager::Manager;
 pub use pool::{Pool, Pooled, MAINTENANCE_THREAD_NAME};
 pub use stats::PoolStats;
+
+/// Compiles and runs the README's example as a doctest, so it cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
