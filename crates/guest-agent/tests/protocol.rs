@@ -1,0 +1,239 @@
+//! Tier-3: handshake, multiplexing and hostile input against kiln-agent in host mode.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] fns
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use common::Agent;
+use kiln_proto::{
+    encode_frame, read_frame, ErrorKind, ExecRequest, Message, Request, Response, MAX_FRAME,
+    PROTOCOL_VERSION,
+};
+
+#[test]
+fn hello_and_ping() {
+    let agent = Agent::start();
+    let c = agent.client();
+    let h = c.hello();
+    assert_eq!(h.version, PROTOCOL_VERSION);
+    assert!(h.capabilities.iter().any(|c| c == "exec"));
+    assert!(h.capabilities.iter().any(|c| c == "files"));
+    assert!(!h.restored);
+    for _ in 0..100 {
+        c.ping().unwrap();
+    }
+    // A second connection is a reconnect.
+    let c2 = agent.client();
+    assert!(c2.hello().restored);
+    c2.ping().unwrap();
+}
+
+fn raw_conn(agent: &Agent) -> std::os::unix::net::UnixStream {
+    let mut s = agent.stream();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    match read_frame(&mut s).unwrap() {
+        Message::Hello(h) => assert_eq!(h.version, PROTOCOL_VERSION),
+        other => panic!("expected Hello, got {other:?}"),
+    }
+    s
+}
+
+fn expect_response(s: &mut impl Read) -> (u64, Response) {
+    match read_frame(s).unwrap() {
+        Message::Response { id, body } => (id, body),
+        other => panic!("expected a response, got {other:?}"),
+    }
+}
+
+#[test]
+fn responses_echo_request_ids() {
+    let agent = Agent::start();
+    let mut s = raw_conn(&agent);
+    for id in [7u64, 0, u64::MAX] {
+        s.write_all(
+            &encode_frame(&Message::Request {
+                id,
+                body: Request::Ping,
+            })
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(expect_response(&mut s), (id, Response::Pong));
+    }
+}
+
+#[test]
+fn garbage_payload_gets_an_error_and_the_connection_survives() {
+    let agent = Agent::start();
+    let mut s = raw_conn(&agent);
+    // A well-framed payload that is not a message.
+    let garbage = [0xffu8, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01, 0x02];
+    s.write_all(&(garbage.len() as u32).to_le_bytes()).unwrap();
+    s.write_all(&garbage).unwrap();
+    let (id, r) = expect_response(&mut s);
+    assert_eq!(id, 0);
+    assert!(
+        matches!(
+            r,
+            Response::Error {
+                kind: ErrorKind::Malformed,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    // A request with a recoverable id but an unknown request variant.
+    let payload = [1u8, 42, 0x7f];
+    s.write_all(&(payload.len() as u32).to_le_bytes()).unwrap();
+    s.write_all(&payload).unwrap();
+    let (id, r) = expect_response(&mut s);
+    assert_eq!(id, 42);
+    assert!(
+        matches!(
+            r,
+            Response::Error {
+                kind: ErrorKind::Malformed,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    // A message the host must not send.
+    s.write_all(
+        &encode_frame(&Message::Response {
+            id: 3,
+            body: Response::Pong,
+        })
+        .unwrap(),
+    )
+    .unwrap();
+    let (_, r) = expect_response(&mut s);
+    assert!(
+        matches!(
+            r,
+            Response::Error {
+                kind: ErrorKind::InvalidRequest,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    // An out-of-bounds request.
+    let mut req = ExecRequest::new(["true"]);
+    req.argv = vec!["x".into(); kiln_proto::MAX_ARGS + 1];
+    s.write_all(
+        &encode_frame(&Message::Request {
+            id: 5,
+            body: Request::Exec(req),
+        })
+        .unwrap(),
+    )
+    .unwrap();
+    let (id, r) = expect_response(&mut s);
+    assert_eq!(id, 5);
+    assert!(
+        matches!(
+            r,
+            Response::Error {
+                kind: ErrorKind::TooLarge,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    // Still serving.
+    s.write_all(
+        &encode_frame(&Message::Request {
+            id: 9,
+            body: Request::Ping,
+        })
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(expect_response(&mut s), (9, Response::Pong));
+}
+
+#[test]
+fn oversized_frame_closes_only_that_connection() {
+    let mut agent = Agent::start();
+    let good = agent.client();
+    let mut s = raw_conn(&agent);
+    s.write_all(&((MAX_FRAME as u32) + 1).to_le_bytes())
+        .unwrap();
+    s.write_all(&[0u8; 64]).unwrap();
+    let (_, r) = expect_response(&mut s);
+    assert!(
+        matches!(
+            r,
+            Response::Error {
+                kind: ErrorKind::Malformed,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    // Then the agent closes the connection.
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(rest.is_empty());
+    // Other connections, old and new, are unaffected.
+    good.ping().unwrap();
+    agent.client().ping().unwrap();
+    assert!(agent.alive());
+}
+
+#[test]
+fn random_bytes_and_truncation_never_kill_the_agent() {
+    let mut agent = Agent::start();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for round in 0..20 {
+        let mut s = raw_conn(&agent);
+        let len = 1 + round * 97;
+        let bytes: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let _ = s.write_all(&bytes);
+        // Half the time, close mid-frame.
+        if round % 2 == 0 {
+            let _ = s.shutdown(std::net::Shutdown::Write);
+        }
+        drop(s);
+    }
+    let c = agent.client();
+    c.ping().unwrap();
+    let out = c.exec(ExecRequest::new(["echo", "alive"])).unwrap();
+    assert_eq!(out.stdout, b"alive\n");
+    assert!(agent.alive());
+}
+
+#[test]
+fn requests_are_multiplexed() {
+    let agent = Agent::start();
+    let c = agent.client();
+    // A slow exec does not hold up pings or file ops on the same connection.
+    let mut slow = c.exec_stream(ExecRequest::new(["sleep", "2"])).unwrap();
+    slow.started().unwrap().unwrap();
+    let t0 = std::time::Instant::now();
+    c.ping().unwrap();
+    assert!(c.exists("/").unwrap());
+    assert!(t0.elapsed() < Duration::from_secs(1));
+    let out = slow.collect_output().unwrap();
+    assert_eq!(out.status.code, Some(0));
+}
+
+#[test]
+fn shutdown_ends_a_host_mode_agent() {
+    let mut agent = Agent::start();
+    let c = agent.client();
+    c.shutdown().unwrap();
+    assert!(common::eventually(Duration::from_secs(5), || !agent.alive()));
+    assert!(c.ping().is_err());
+}
