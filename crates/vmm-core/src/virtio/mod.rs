@@ -13,6 +13,9 @@
 pub mod mmio;
 pub mod vsock;
 
+#[cfg(test)]
+pub(crate) mod testutil;
+
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;

@@ -298,6 +298,10 @@ impl VsockDevice {
                 }
             };
             let head = chain.head_index();
+            if head >= q.size() {
+                fatal = Some(format!("tx queue: head index {head} out of range"));
+                break;
+            }
             let ndesc = chain.clone().take(MAX_CHAIN_DESCS + 1).count();
             let parsed = if ndesc > MAX_CHAIN_DESCS {
                 None
@@ -350,6 +354,10 @@ impl VsockDevice {
                 }
             };
             let head = chain.head_index();
+            if head >= q.size() {
+                fatal = Some(format!("rx queue: head index {head} out of range"));
+                break;
+            }
             let ndesc = chain.clone().take(MAX_CHAIN_DESCS + 1).count();
             let pkt = if ndesc > MAX_CHAIN_DESCS {
                 None
@@ -410,6 +418,10 @@ impl VsockDevice {
                 }
             };
             let head = chain.head_index();
+            if head >= q.size() {
+                fatal = Some(format!("event queue: head index {head} out of range"));
+                break;
+            }
             let mut len = 0;
             if let Some(d) = chain.next() {
                 if d.is_write_only()
