@@ -14,7 +14,7 @@ use common::MockManager;
 use kiln_pool::{Pool, PoolConfig, PoolError};
 
 const THREADS: usize = 16;
-const ITERATIONS: usize = 1500;
+const ITERATIONS: usize = 5000;
 const MAX_SIZE: usize = 4;
 const MAX_IN_USE: usize = 6;
 
