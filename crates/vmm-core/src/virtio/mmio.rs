@@ -474,3 +474,392 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.activated = false;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::virtio::testutil::{test_mem, GuestQueue};
+    use crate::virtio::vsock::{VsockConfig, VsockDevice, QUEUE_MAX_SIZE};
+    use crate::virtio::{INT_CONFIG, INT_VRING};
+
+    fn transport() -> MmioTransport<VsockDevice> {
+        let cfg = VsockConfig {
+            guest_cid: 0x8765_4321,
+            ..VsockConfig::default()
+        };
+        let dev = Arc::new(Mutex::new(VsockDevice::new(cfg).unwrap()));
+        MmioTransport::new(test_mem(), dev).unwrap()
+    }
+
+    fn r32(t: &mut MmioTransport<VsockDevice>, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn w32(t: &mut MmioTransport<VsockDevice>, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    /// Negotiate VERSION_1 and reach FEATURES_OK.
+    fn features_ok(t: &mut MmioTransport<VsockDevice>) {
+        w32(t, regs::STATUS, STATUS_ACKNOWLEDGE);
+        w32(t, regs::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        w32(t, regs::DRIVER_FEATURES_SEL, 1);
+        w32(t, regs::DRIVER_FEATURES, 1);
+        w32(
+            t,
+            regs::STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        assert_ne!(r32(t, regs::STATUS) & STATUS_FEATURES_OK, 0);
+    }
+
+    fn setup_queue(t: &mut MmioTransport<VsockDevice>, i: u32, q: &GuestQueue) {
+        w32(t, regs::QUEUE_SEL, i);
+        w32(t, regs::QUEUE_NUM, u32::from(q.size));
+        w32(t, regs::QUEUE_DESC_LOW, q.desc_addr() as u32);
+        w32(t, regs::QUEUE_DESC_HIGH, 0);
+        w32(t, regs::QUEUE_AVAIL_LOW, q.avail_addr() as u32);
+        w32(t, regs::QUEUE_AVAIL_HIGH, 0);
+        w32(t, regs::QUEUE_USED_LOW, q.used_addr() as u32);
+        w32(t, regs::QUEUE_USED_HIGH, 0);
+        w32(t, regs::QUEUE_READY, 1);
+    }
+
+    fn setup_all(t: &mut MmioTransport<VsockDevice>) {
+        let mem = t.mem.clone();
+        for i in 0..3u32 {
+            let q = GuestQueue::new(&mem, 0x10_0000 + u64::from(i) * 0x1_0000, 64);
+            setup_queue(t, i, &q);
+        }
+    }
+
+    const ALL_OK: u32 = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+
+    #[test]
+    fn identification_registers() {
+        let mut t = transport();
+        assert_eq!(r32(&mut t, regs::MAGIC), 0x7472_6976);
+        assert_eq!(r32(&mut t, regs::VERSION), 2);
+        assert_eq!(r32(&mut t, regs::DEVICE_ID), 19);
+        assert_eq!(r32(&mut t, regs::VENDOR_ID), MMIO_VENDOR_ID);
+        assert_eq!(r32(&mut t, regs::CONFIG_GENERATION), 0);
+        assert_eq!(r32(&mut t, regs::SHM_LEN_LOW), u32::MAX);
+    }
+
+    #[test]
+    fn device_features_are_selected_by_word() {
+        let mut t = transport();
+        w32(&mut t, regs::DEVICE_FEATURES_SEL, 0);
+        assert_eq!(r32(&mut t, regs::DEVICE_FEATURES), 0);
+        w32(&mut t, regs::DEVICE_FEATURES_SEL, 1);
+        assert_eq!(r32(&mut t, regs::DEVICE_FEATURES), 1, "VIRTIO_F_VERSION_1");
+        w32(&mut t, regs::DEVICE_FEATURES_SEL, 7);
+        assert_eq!(r32(&mut t, regs::DEVICE_FEATURES), 0);
+    }
+
+    #[test]
+    fn features_ok_requires_version_1() {
+        let mut t = transport();
+        w32(&mut t, regs::STATUS, STATUS_ACKNOWLEDGE);
+        w32(&mut t, regs::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        w32(
+            &mut t,
+            regs::STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        assert_eq!(r32(&mut t, regs::STATUS) & STATUS_FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn features_ok_refused_for_feature_not_offered() {
+        let mut t = transport();
+        w32(&mut t, regs::STATUS, STATUS_ACKNOWLEDGE);
+        w32(&mut t, regs::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        w32(&mut t, regs::DRIVER_FEATURES_SEL, 1);
+        w32(&mut t, regs::DRIVER_FEATURES, 1);
+        w32(&mut t, regs::DRIVER_FEATURES_SEL, 0);
+        w32(&mut t, regs::DRIVER_FEATURES, 1 << 29); // EVENT_IDX: not offered
+        w32(
+            &mut t,
+            regs::STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        assert_eq!(r32(&mut t, regs::STATUS) & STATUS_FEATURES_OK, 0);
+        // Bits past 64 are refused too.
+        let mut t = transport();
+        w32(&mut t, regs::STATUS, STATUS_ACKNOWLEDGE);
+        w32(&mut t, regs::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        w32(&mut t, regs::DRIVER_FEATURES_SEL, 1);
+        w32(&mut t, regs::DRIVER_FEATURES, 1);
+        w32(&mut t, regs::DRIVER_FEATURES_SEL, 2);
+        w32(&mut t, regs::DRIVER_FEATURES, 1);
+        w32(
+            &mut t,
+            regs::STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        assert_eq!(r32(&mut t, regs::STATUS) & STATUS_FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn driver_features_ignored_outside_negotiation() {
+        let mut t = transport();
+        // Before DRIVER.
+        w32(&mut t, regs::DRIVER_FEATURES_SEL, 1);
+        w32(&mut t, regs::DRIVER_FEATURES, 1);
+        assert_eq!(t.acked_features(), 0);
+        features_ok(&mut t);
+        // After FEATURES_OK.
+        w32(&mut t, regs::DRIVER_FEATURES_SEL, 0);
+        w32(&mut t, regs::DRIVER_FEATURES, 0xffff_ffff);
+        assert_eq!(t.acked_features(), VIRTIO_F_VERSION_1);
+    }
+
+    #[test]
+    fn status_bits_cannot_be_cleared_or_skipped() {
+        let mut t = transport();
+        // DRIVER without ACKNOWLEDGE is not accepted.
+        w32(&mut t, regs::STATUS, STATUS_DRIVER);
+        assert_eq!(r32(&mut t, regs::STATUS), 0);
+        features_ok(&mut t);
+        w32(&mut t, regs::STATUS, STATUS_ACKNOWLEDGE);
+        assert_eq!(
+            r32(&mut t, regs::STATUS),
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK
+        );
+        // DRIVER_OK without FEATURES_OK is not accepted.
+        let mut t = transport();
+        w32(&mut t, regs::STATUS, STATUS_ACKNOWLEDGE);
+        w32(&mut t, regs::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER_OK);
+        assert_eq!(r32(&mut t, regs::STATUS), STATUS_ACKNOWLEDGE);
+        assert!(!t.is_activated());
+    }
+
+    #[test]
+    fn queue_registers() {
+        let mut t = transport();
+        w32(&mut t, regs::QUEUE_SEL, 0);
+        assert_eq!(r32(&mut t, regs::QUEUE_NUM_MAX), u32::from(QUEUE_MAX_SIZE));
+        w32(&mut t, regs::QUEUE_SEL, 3);
+        assert_eq!(r32(&mut t, regs::QUEUE_NUM_MAX), 0, "no fourth queue");
+        w32(&mut t, regs::QUEUE_READY, 1);
+        assert_eq!(r32(&mut t, regs::QUEUE_READY), 0);
+        // Queue config before FEATURES_OK is ignored.
+        w32(&mut t, regs::QUEUE_SEL, 0);
+        w32(&mut t, regs::QUEUE_READY, 1);
+        assert_eq!(r32(&mut t, regs::QUEUE_READY), 0);
+        features_ok(&mut t);
+        w32(&mut t, regs::QUEUE_READY, 1);
+        assert_eq!(r32(&mut t, regs::QUEUE_READY), 1);
+    }
+
+    #[test]
+    fn driver_ok_activates_valid_queues() {
+        let mut t = transport();
+        features_ok(&mut t);
+        setup_all(&mut t);
+        w32(&mut t, regs::STATUS, ALL_OK);
+        assert_eq!(r32(&mut t, regs::STATUS), ALL_OK);
+        assert!(t.is_activated());
+        assert!(t.device().lock().unwrap().is_active());
+    }
+
+    fn expect_needs_reset(t: &mut MmioTransport<VsockDevice>) {
+        w32(t, regs::STATUS, ALL_OK);
+        assert!(!t.is_activated());
+        assert!(!t.device().lock().unwrap().is_active());
+        assert_ne!(r32(t, regs::STATUS) & STATUS_DEVICE_NEEDS_RESET, 0);
+        assert_ne!(r32(t, regs::INTERRUPT_STATUS) & INT_CONFIG, 0);
+        assert_eq!(t.interrupt_evt().read().unwrap(), 1);
+    }
+
+    #[test]
+    fn queue_size_not_power_of_two_needs_reset() {
+        let mut t = transport();
+        features_ok(&mut t);
+        setup_all(&mut t);
+        w32(&mut t, regs::QUEUE_SEL, 1);
+        w32(&mut t, regs::QUEUE_READY, 0);
+        w32(&mut t, regs::QUEUE_NUM, 100);
+        w32(&mut t, regs::QUEUE_READY, 1);
+        expect_needs_reset(&mut t);
+    }
+
+    #[test]
+    fn queue_size_above_max_or_zero_needs_reset() {
+        for bad in [512u32, 0, 0x1_0000] {
+            let mut t = transport();
+            features_ok(&mut t);
+            setup_all(&mut t);
+            w32(&mut t, regs::QUEUE_SEL, 0);
+            w32(&mut t, regs::QUEUE_READY, 0);
+            w32(&mut t, regs::QUEUE_NUM, bad);
+            w32(&mut t, regs::QUEUE_READY, 1);
+            expect_needs_reset(&mut t);
+        }
+    }
+
+    #[test]
+    fn ring_outside_guest_memory_needs_reset() {
+        let mut t = transport();
+        features_ok(&mut t);
+        setup_all(&mut t);
+        w32(&mut t, regs::QUEUE_SEL, 2);
+        w32(&mut t, regs::QUEUE_READY, 0);
+        w32(&mut t, regs::QUEUE_USED_HIGH, 0x10); // 64 GiB up
+        w32(&mut t, regs::QUEUE_READY, 1);
+        expect_needs_reset(&mut t);
+    }
+
+    #[test]
+    fn ring_straddling_end_of_memory_needs_reset() {
+        let mut t = transport();
+        features_ok(&mut t);
+        setup_all(&mut t);
+        w32(&mut t, regs::QUEUE_SEL, 0);
+        w32(&mut t, regs::QUEUE_READY, 0);
+        w32(&mut t, regs::QUEUE_DESC_LOW, (64 << 20) - 16);
+        w32(&mut t, regs::QUEUE_READY, 1);
+        expect_needs_reset(&mut t);
+    }
+
+    #[test]
+    fn misaligned_ring_needs_reset() {
+        let mut t = transport();
+        features_ok(&mut t);
+        setup_all(&mut t);
+        w32(&mut t, regs::QUEUE_SEL, 1);
+        w32(&mut t, regs::QUEUE_READY, 0);
+        w32(&mut t, regs::QUEUE_DESC_LOW, 0x10_0008);
+        w32(&mut t, regs::QUEUE_READY, 1);
+        expect_needs_reset(&mut t);
+    }
+
+    #[test]
+    fn queue_not_ready_needs_reset() {
+        let mut t = transport();
+        features_ok(&mut t);
+        setup_all(&mut t);
+        w32(&mut t, regs::QUEUE_SEL, 2);
+        w32(&mut t, regs::QUEUE_READY, 0);
+        expect_needs_reset(&mut t);
+    }
+
+    #[test]
+    fn reset_clears_everything_and_allows_reinit() {
+        let mut t = transport();
+        features_ok(&mut t);
+        setup_all(&mut t);
+        w32(&mut t, regs::STATUS, ALL_OK);
+        assert!(t.is_activated());
+        t.interrupt.signal_used_queue();
+        assert_eq!(t.interrupt_evt().read().unwrap(), 1);
+        w32(&mut t, regs::STATUS, 0);
+        assert_eq!(r32(&mut t, regs::STATUS), 0);
+        assert_eq!(r32(&mut t, regs::INTERRUPT_STATUS), 0);
+        assert_eq!(t.acked_features(), 0);
+        assert!(!t.is_activated());
+        assert!(!t.device().lock().unwrap().is_active());
+        for i in 0..3 {
+            w32(&mut t, regs::QUEUE_SEL, i);
+            assert_eq!(r32(&mut t, regs::QUEUE_READY), 0);
+        }
+        // A needs-reset state is cleared by reset too.
+        features_ok(&mut t);
+        expect_needs_reset(&mut t);
+        w32(&mut t, regs::STATUS, 0);
+        assert_eq!(r32(&mut t, regs::STATUS), 0);
+        features_ok(&mut t);
+        setup_all(&mut t);
+        w32(&mut t, regs::STATUS, ALL_OK);
+        assert!(t.is_activated());
+    }
+
+    #[test]
+    fn queue_config_frozen_after_driver_ok() {
+        let mut t = transport();
+        features_ok(&mut t);
+        setup_all(&mut t);
+        w32(&mut t, regs::STATUS, ALL_OK);
+        w32(&mut t, regs::QUEUE_SEL, 0);
+        w32(&mut t, regs::QUEUE_READY, 0);
+        assert_eq!(r32(&mut t, regs::QUEUE_READY), 1);
+        w32(&mut t, regs::QUEUE_NUM, 2);
+        assert_eq!(t.queues[0].size, 64);
+    }
+
+    #[test]
+    fn interrupt_status_and_ack() {
+        let mut t = transport();
+        t.interrupt.signal_used_queue();
+        t.interrupt.signal_config();
+        assert_eq!(r32(&mut t, regs::INTERRUPT_STATUS), INT_VRING | INT_CONFIG);
+        w32(&mut t, regs::INTERRUPT_ACK, INT_VRING);
+        assert_eq!(r32(&mut t, regs::INTERRUPT_STATUS), INT_CONFIG);
+        w32(&mut t, regs::INTERRUPT_ACK, INT_CONFIG);
+        assert_eq!(r32(&mut t, regs::INTERRUPT_STATUS), 0);
+        assert_eq!(t.interrupt_evt().read().unwrap(), 2);
+    }
+
+    #[test]
+    fn config_space_is_the_guest_cid() {
+        let mut t = transport();
+        let mut b8 = [0u8; 8];
+        t.read(regs::CONFIG, &mut b8);
+        assert_eq!(u64::from_le_bytes(b8), 0x8765_4321);
+        assert_eq!(r32(&mut t, regs::CONFIG), 0x8765_4321);
+        assert_eq!(r32(&mut t, regs::CONFIG + 4), 0);
+        let mut b1 = [0u8; 1];
+        t.read(regs::CONFIG + 1, &mut b1);
+        assert_eq!(b1[0], 0x43);
+        assert_eq!(r32(&mut t, regs::CONFIG + 8), 0, "past the config space");
+        let mut far = [0xaau8; 4];
+        t.read(u64::MAX - 1, &mut far);
+        assert_eq!(far, [0; 4]);
+        // Read-only.
+        t.write(regs::CONFIG, &[0xff; 8]);
+        t.read(regs::CONFIG, &mut b8);
+        assert_eq!(u64::from_le_bytes(b8), 0x8765_4321);
+    }
+
+    #[test]
+    fn bad_access_widths_are_ignored() {
+        let mut t = transport();
+        let mut b2 = [0xaau8; 2];
+        t.read(regs::MAGIC, &mut b2);
+        assert_eq!(b2, [0, 0]);
+        let mut b4 = [0xaau8; 4];
+        t.read(regs::MAGIC + 1, &mut b4);
+        assert_eq!(b4, [0; 4]);
+        t.write(regs::STATUS, &[1]);
+        assert_eq!(r32(&mut t, regs::STATUS), 0);
+        t.write(regs::STATUS, &[1, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(r32(&mut t, regs::STATUS), 0);
+        // Unknown registers.
+        assert_eq!(r32(&mut t, 0x0f0), 0);
+        w32(&mut t, 0x0f0, 5);
+    }
+
+    #[test]
+    fn queue_notify_signals_the_queue_eventfd() {
+        let mut t = transport();
+        features_ok(&mut t);
+        setup_all(&mut t);
+        // Before activation: ignored.
+        w32(&mut t, regs::QUEUE_NOTIFY, 1);
+        assert!(
+            t.queue_events()[1].read().is_err(),
+            "no event before DRIVER_OK"
+        );
+        w32(&mut t, regs::STATUS, ALL_OK);
+        w32(&mut t, regs::QUEUE_NOTIFY, 1);
+        assert_eq!(t.queue_events()[1].read().unwrap(), 1);
+        assert!(t.queue_events()[0].read().is_err());
+        // Out-of-range queue index: ignored.
+        w32(&mut t, regs::QUEUE_NOTIFY, 9);
+    }
+}
