@@ -1,15 +1,501 @@
 //! The emulated-virtualization harness: QEMU (software mode, emulated AMD SVM) as L1 with
 //! kvm-amd loaded, the host filesystem shared in, running one command and returning its status.
+//!
+//! `cargo xtask harness [--timeout SECS] -- <command...>` (see docs/HARNESS.md):
+//! 1. [`assets::prepare`] installs the host tools and builds/reuses the L1 kernel + initramfs;
+//! 2. [`run`] writes the run spec (mounts, `run.sh`) into a per-run scratch directory, starts
+//!    QEMU with the host root shared read-only, the workspace's target dir (and any extra
+//!    `--writable` dir) shared read-write and the scratch dir, all over virtio-9p;
+//! 3. [`l1::supervise`] streams the command's stdout/stderr (virtio serial ports) live, watches
+//!    the console for the init's phase markers, enforces the boot and overall deadlines (QEMU is
+//!    killed, never left hanging), and returns the exit status the init wrote to the scratch dir.
 
-use std::time::Duration;
+mod assets;
+mod l1;
+
+use std::fmt::Write as _;
+use std::fs;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+
+use crate::util;
+
+/// Default overall timeout of one harness run.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Default deadline for L1 to reach its /init.
+const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Default L1 memory.
+const DEFAULT_MEMORY_MIB: u32 = 4096;
 
 /// What to run inside L1.
 #[derive(Debug, Default, Clone)]
 pub struct HarnessOptions {
     /// argv of the command, run with the caller's working directory.
     pub command: Vec<String>,
-    /// Give up (and fail) after this long; `None` = default.
+    /// Give up (and fail) after this long; `None` = default (1 h or `$KILN_HARNESS_TIMEOUT`).
     pub timeout: Option<Duration>,
-    /// Extra environment passed to the command inside L1.
+    /// Extra environment passed to the command inside L1 (on top of the caller's own).
     pub env: Vec<(String, String)>,
+}
+
+/// Less common knobs of a run (kept apart so `HarnessOptions` literals stay short).
+#[derive(Debug, Default, Clone)]
+pub struct HarnessExtras {
+    /// Extra host directories shared read-write (the workspace's target dir always is).
+    pub writable: Vec<PathBuf>,
+    /// Echo L1's console (kernel log, init markers) to stderr (also `KILN_HARNESS_VERBOSE=1`).
+    pub verbose: bool,
+}
+
+/// `cargo xtask harness` arguments.
+#[derive(Debug, clap::Args)]
+pub struct HarnessArgs {
+    /// Overall timeout in seconds (QEMU is killed after it); default 3600.
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    /// Share this host directory read-write too (repeatable; the target dir always is).
+    #[arg(long, value_name = "DIR")]
+    pub writable: Vec<PathBuf>,
+    /// Echo L1's console (kernel messages, init phases) to stderr.
+    #[arg(long, short)]
+    pub verbose: bool,
+    /// The command to run inside L1, after `--`.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+/// `cargo xtask harness`: runs the command in L1 and exits with its status.
+pub fn cmd_harness(args: HarnessArgs) -> Result<()> {
+    let opts = HarnessOptions {
+        command: args.command,
+        timeout: args.timeout.map(Duration::from_secs),
+        env: Vec::new(),
+    };
+    let extras = HarnessExtras {
+        writable: args.writable,
+        verbose: args.verbose,
+    };
+    let code = run_with(&opts, &extras)?;
+    if code != 0 {
+        std::process::exit(code);
+    }
+    Ok(())
+}
+
+/// Timings of one run, measured on the host from QEMU's launch.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunTimes {
+    /// L1's /init printed its first marker.
+    pub init: Option<Duration>,
+    /// The command was started (modules loaded, shares mounted).
+    pub start: Option<Duration>,
+    /// The command exited.
+    pub end: Option<Duration>,
+    /// QEMU exited.
+    pub exit: Duration,
+}
+
+/// Runs `opts.command` inside L1 and returns its exit status (128+N when killed by signal N).
+/// Fails when the assets cannot be prepared, L1 does not reach its init in time, the overall
+/// timeout passes, or L1 ends without reporting a status.
+pub fn run(opts: &HarnessOptions) -> Result<i32> {
+    run_with(opts, &HarnessExtras::default())
+}
+
+/// [`run`] with the less common knobs.
+pub fn run_with(opts: &HarnessOptions, extras: &HarnessExtras) -> Result<i32> {
+    if opts.command.is_empty() {
+        bail!("harness: no command given (usage: cargo xtask harness -- <command...>)");
+    }
+    let prep_start = Instant::now();
+    let assets = assets::prepare().context("preparing the harness's L1 assets")?;
+    let prep = prep_start.elapsed();
+
+    let scratch = Scratch::create()?;
+    let spec = RunSpec::from_caller(opts, &extras.writable)?;
+    spec.write(scratch.path())?;
+
+    let stdout_sock = scratch.path().join("stdout.sock");
+    let stderr_sock = scratch.path().join("stderr.sock");
+    let stdout_listener = UnixListener::bind(&stdout_sock)
+        .with_context(|| format!("binding {}", stdout_sock.display()))?;
+    let stderr_listener = UnixListener::bind(&stderr_sock)
+        .with_context(|| format!("binding {}", stderr_sock.display()))?;
+
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu_args(
+        &mut qemu,
+        &assets,
+        &spec,
+        scratch.path(),
+        &stdout_sock,
+        &stderr_sock,
+    )?;
+    let timeout = opts
+        .timeout
+        .or_else(|| env_secs("KILN_HARNESS_TIMEOUT"))
+        .unwrap_or(DEFAULT_TIMEOUT);
+    let boot_timeout = env_secs("KILN_HARNESS_BOOT_TIMEOUT").unwrap_or(DEFAULT_BOOT_TIMEOUT);
+    let verbose = extras.verbose || env_flag("KILN_HARNESS_VERBOSE");
+    if verbose {
+        eprintln!("harness: {}", util::display_cmd(&qemu));
+    }
+
+    let outcome = l1::supervise(l1::Supervise {
+        qemu,
+        stdout: stdout_listener,
+        stderr: stderr_listener,
+        console_log: scratch.path().join("console.log"),
+        status_file: scratch.path().join("status"),
+        boot_timeout,
+        timeout,
+        verbose,
+    });
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(e) => {
+            scratch.keep_on_error();
+            return Err(e);
+        }
+    };
+    if !env_flag("KILN_HARNESS_QUIET") {
+        eprintln!("{}", summary(&assets.kernel_version, prep, &outcome.times));
+    }
+    Ok(outcome.status)
+}
+
+/// One line with the run's numbers.
+fn summary(kernel: &str, prep: Duration, t: &RunTimes) -> String {
+    let secs = |d: Option<Duration>| {
+        d.map(|d| format!("{:.2}s", d.as_secs_f64()))
+            .unwrap_or_else(|| "-".into())
+    };
+    let mut s = format!(
+        "harness: L1 {kernel}: assets {:.2}s; after launch: init {}, command start {}, command end {}, L1 exit {:.2}s",
+        prep.as_secs_f64(),
+        secs(t.init),
+        secs(t.start),
+        secs(t.end),
+        t.exit.as_secs_f64()
+    );
+    if let (Some(start), Some(end)) = (t.start, t.end) {
+        let overhead = t.exit.saturating_sub(end.saturating_sub(start));
+        let _ = write!(s, " (overhead {:.2}s)", overhead.as_secs_f64());
+    }
+    s
+}
+
+fn env_secs(name: &str) -> Option<Duration> {
+    std::env::var(name)
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(Duration::from_secs)
+}
+
+fn env_flag(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// What L1 must set up for the command: shares and the command itself.
+#[derive(Debug, Clone)]
+struct RunSpec {
+    /// Host paths hidden by L1's tmpfs mounts (/tmp, /run...) that must be visible read-only.
+    ro_binds: Vec<PathBuf>,
+    /// Host directories shared read-write, mounted at the same path.
+    writable: Vec<PathBuf>,
+    cwd: PathBuf,
+    env: Vec<(String, String)>,
+    command: Vec<String>,
+}
+
+/// Directories L1 mounts a fresh filesystem over inside the chroot.
+const HIDDEN_PREFIXES: &[&str] = &["/tmp", "/run", "/dev", "/proc", "/sys"];
+
+impl RunSpec {
+    fn from_caller(opts: &HarnessOptions, extra_writable: &[PathBuf]) -> Result<RunSpec> {
+        let cwd = std::env::current_dir().context("reading the current directory")?;
+        let target = util::target_dir();
+        fs::create_dir_all(&target).with_context(|| format!("creating {}", target.display()))?;
+        let mut writable = vec![canonical(&target)?];
+        for dir in extra_writable {
+            let dir = canonical(dir)?;
+            if !dir.is_dir() {
+                bail!("--writable {}: not a directory", dir.display());
+            }
+            writable.push(dir);
+        }
+        writable.dedup();
+        let mut ro_candidates = vec![cwd.clone(), util::repo_root()];
+        if let Ok(assets) = util::assets_dir() {
+            ro_candidates.push(assets);
+        }
+        let mut ro_binds = Vec::new();
+        for p in ro_candidates {
+            let p = canonical(&p)?;
+            if HIDDEN_PREFIXES.iter().any(|h| p.starts_with(h)) && !ro_binds.contains(&p) {
+                ro_binds.push(p);
+            }
+        }
+        let mut env: Vec<(String, String)> = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .filter(|(k, _)| k != "PWD" && k != "OLDPWD" && !k.is_empty() && !k.contains('='))
+            .collect();
+        env.push(("PWD".into(), path_str(&cwd)?.to_string()));
+        env.push(("KILN_HARNESS_L1".into(), "1".into()));
+        env.extend(opts.env.iter().cloned());
+        Ok(RunSpec {
+            ro_binds,
+            writable,
+            cwd,
+            env,
+            command: opts.command.clone(),
+        })
+    }
+
+    /// The `mounts` file read by l1-init.sh: `ro <path>` and `rw <tag> <path>` lines.
+    fn mounts(&self) -> Result<String> {
+        let mut s = String::new();
+        for p in &self.ro_binds {
+            let _ = writeln!(s, "ro {}", spec_path(p)?);
+        }
+        for (i, p) in self.writable.iter().enumerate() {
+            let _ = writeln!(s, "rw {} {}", rw_tag(i), spec_path(p)?);
+        }
+        Ok(s)
+    }
+
+    /// The script run with the host's /bin/sh inside L1's chroot.
+    fn script(&self) -> Result<String> {
+        if let Some(first) = self.command.first() {
+            if first.contains('=') {
+                bail!("harness: the command name {first:?} contains '=' (env would take it for a variable)");
+            }
+        }
+        let mut s = String::from("# generated by cargo xtask harness\n");
+        let _ = writeln!(s, "cd {} || exit 125", sh_quote(path_str(&self.cwd)?));
+        s.push_str("exec /usr/bin/env -i");
+        for (k, v) in &self.env {
+            s.push_str(" \\\n  ");
+            s.push_str(&sh_quote(&format!("{k}={v}")));
+        }
+        for arg in &self.command {
+            s.push_str(" \\\n  ");
+            s.push_str(&sh_quote(arg));
+        }
+        s.push('\n');
+        Ok(s)
+    }
+
+    fn write(&self, scratch: &Path) -> Result<()> {
+        fs::write(scratch.join("mounts"), self.mounts()?)
+            .with_context(|| format!("writing {}/mounts", scratch.display()))?;
+        fs::write(scratch.join("run.sh"), self.script()?)
+            .with_context(|| format!("writing {}/run.sh", scratch.display()))?;
+        Ok(())
+    }
+}
+
+fn rw_tag(i: usize) -> String {
+    format!("rw{i}")
+}
+
+fn canonical(p: &Path) -> Result<PathBuf> {
+    p.canonicalize()
+        .with_context(|| format!("resolving {}", p.display()))
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str()
+        .with_context(|| format!("path {} is not UTF-8", p.display()))
+}
+
+/// A path as it can appear in the whitespace-separated mounts file.
+fn spec_path(p: &Path) -> Result<&str> {
+    let s = path_str(p)?;
+    if s.chars().any(char::is_whitespace) {
+        bail!("harness: cannot share {s:?}: the path contains whitespace");
+    }
+    Ok(s)
+}
+
+/// POSIX shell single-quoting.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Builds QEMU's command line.
+fn qemu_args(
+    qemu: &mut Command,
+    assets: &assets::L1Assets,
+    spec: &RunSpec,
+    scratch: &Path,
+    stdout_sock: &Path,
+    stderr_sock: &Path,
+) -> Result<()> {
+    let memory = std::env::var("KILN_HARNESS_MEMORY_MIB")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(DEFAULT_MEMORY_MIB);
+    let cpu = std::env::var("KILN_HARNESS_CPU").unwrap_or_else(|_| "EPYC".into());
+    let mut append = String::from("console=ttyS0 quiet panic=-1");
+    if let Ok(extra) = std::env::var("KILN_HARNESS_APPEND") {
+        append.push(' ');
+        append.push_str(&extra);
+    }
+    qemu.args(["-accel", "tcg", "-cpu", &cpu, "-smp", "1", "-m"])
+        .arg(memory.to_string())
+        .args(["-nodefaults", "-no-user-config", "-display", "none"])
+        .args(["-monitor", "none", "-serial", "stdio", "-no-reboot"])
+        .arg("-kernel")
+        .arg(&assets.vmlinux)
+        .arg("-initrd")
+        .arg(&assets.initramfs)
+        .arg("-append")
+        .arg(append);
+    let virtfs = |path: &Path, tag: &str, readonly: bool| -> Result<String> {
+        let p = path_str(path)?;
+        if p.contains(',') {
+            bail!("harness: cannot share {p:?}: QEMU options cannot hold a ','");
+        }
+        Ok(format!(
+            "local,path={p},mount_tag={tag},security_model=none,multidevs=remap{}",
+            if readonly { ",readonly=on" } else { "" }
+        ))
+    };
+    qemu.arg("-virtfs")
+        .arg(virtfs(Path::new("/"), "hostroot", true)?);
+    qemu.arg("-virtfs").arg(virtfs(scratch, "scratch", false)?);
+    for (i, dir) in spec.writable.iter().enumerate() {
+        qemu.arg("-virtfs").arg(virtfs(dir, &rw_tag(i), false)?);
+    }
+    qemu.args(["-device", "virtio-serial-pci"]);
+    for (id, sock) in [("stdout", stdout_sock), ("stderr", stderr_sock)] {
+        qemu.arg("-chardev")
+            .arg(format!("socket,id={id},path={}", path_str(sock)?));
+        qemu.arg("-device")
+            .arg(format!("virtserialport,chardev={id},name=kiln.{id}"));
+    }
+    qemu.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    Ok(())
+}
+
+/// The per-run scratch directory shared with L1 (spec in, status and console log out);
+/// removed on drop unless kept for a failed run or `KILN_HARNESS_KEEP=1`.
+#[derive(Debug)]
+struct Scratch {
+    path: PathBuf,
+    keep: std::cell::Cell<bool>,
+}
+
+impl Scratch {
+    fn create() -> Result<Scratch> {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let path =
+            std::env::temp_dir().join(format!("kiln-harness-{}-{nanos:08x}", std::process::id()));
+        fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Scratch {
+            path,
+            keep: std::cell::Cell::new(env_flag("KILN_HARNESS_KEEP")),
+        })
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn keep_on_error(&self) {
+        self.keep.set(true);
+        eprintln!(
+            "harness: kept the run's scratch dir (console.log, run.sh, mounts): {}",
+            self.path.display()
+        );
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !self.keep.get() {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> RunSpec {
+        RunSpec {
+            ro_binds: vec![PathBuf::from("/tmp/ci/checkout")],
+            writable: vec![PathBuf::from("/work/main/target"), PathBuf::from("/srv/x")],
+            cwd: PathBuf::from("/work/main"),
+            env: vec![("A".into(), "it's \"quoted\"\nline2".into())],
+            command: vec!["echo".into(), "a b".into(), "$HOME".into()],
+        }
+    }
+
+    #[test]
+    fn mounts_file_lists_binds_then_shares() {
+        assert_eq!(
+            spec().mounts().unwrap(),
+            "ro /tmp/ci/checkout\nrw rw0 /work/main/target\nrw rw1 /srv/x\n"
+        );
+        let mut s = spec();
+        s.writable.push(PathBuf::from("/has space"));
+        assert!(s.mounts().is_err());
+    }
+
+    #[test]
+    fn script_runs_the_command_verbatim_through_sh() {
+        let mut s = spec();
+        s.cwd = PathBuf::from("/");
+        s.command = vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "printf '%s|%s|%s' \"$A\" \"$1\" \"$PWD\"".into(),
+            "x".into(),
+            "a 'b' $c".into(),
+        ];
+        s.env.push(("PWD".into(), "/".into()));
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(s.script().unwrap().replace("/usr/bin/env", "env"))
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "it's \"quoted\"\nline2|a 'b' $c|/"
+        );
+    }
+
+    #[test]
+    fn command_name_with_equals_is_refused() {
+        let mut s = spec();
+        s.command = vec!["A=b".into()];
+        assert!(s.script().is_err());
+    }
+
+    #[test]
+    fn summary_reports_overhead() {
+        let t = RunTimes {
+            init: Some(Duration::from_millis(2500)),
+            start: Some(Duration::from_millis(4000)),
+            end: Some(Duration::from_millis(5000)),
+            exit: Duration::from_millis(5300),
+        };
+        let s = summary("6.1.0-56-amd64", Duration::from_millis(100), &t);
+        assert!(s.contains("init 2.50s"), "{s}");
+        assert!(s.contains("overhead 4.30s"), "{s}");
+    }
 }

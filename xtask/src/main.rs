@@ -23,16 +23,18 @@ enum Cmd {
     Kernel,
     /// Build the static agent and pack `<assets>/guest/initramfs.cpio`; print its path.
     BuildGuest,
+    /// Run a command inside the emulated-virtualization harness (QEMU L1 with kvm-amd).
+    Harness(harness::HarnessArgs),
     /// Run a benchmark.
     Bench(bench::BenchArgs),
 }
 
 fn main() {
-    let _ = harness::HarnessOptions::default;
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Kernel => kernel::cmd_kernel(),
         Cmd::BuildGuest => build_guest::cmd_build_guest(),
+        Cmd::Harness(args) => harness::cmd_harness(args),
         Cmd::Bench(args) => bench::cmd_bench(&args),
     };
     if let Err(e) = result {
