@@ -142,7 +142,8 @@ impl<M: Manager> Shared<M> {
                 state.destroyed_count += 1;
                 to_destroy = Some(resource);
             }
-            Verdict::Destroy(_) => {
+            Verdict::Destroy(reason) => {
+                tracing::trace!(?reason, "kiln-pool: destroying a returned resource");
                 state.evict_count += 1;
                 state.destroyed_count += 1;
                 to_destroy = Some(resource);
