@@ -9,6 +9,9 @@
 //!   protocol over a unix socket (tier-3 tests). No mounts; the agent becomes a child
 //!   subreaper so orphans of its execs are reaped by it, as PID 1 would.
 //!
+//! - `--pid1-setup` before a unix mode: when running as PID 1 (e.g. `unshare -pf`), do PID 1's
+//!   setup first, then serve on the unix socket (tier-3 test of the PID 1 duties).
+//!
 //! The `KILN-AGENT-READY` line is printed in every mode once the agent can serve.
 
 mod conn;
@@ -33,17 +36,24 @@ enum Cli {
     ConnectUnix(String),
 }
 
-fn parse_args() -> Result<Cli, String> {
-    let mut args = std::env::args().skip(1);
+/// Usage text.
+const USAGE: &str = "usage: kiln-agent [--pid1-setup] [--listen-unix PATH | --connect-unix PATH]";
+
+/// Parse the arguments; the flag says whether `--pid1-setup` was given (do PID 1's setup
+/// before serving on a unix socket: the tier-3 test of PID 1 mode inside namespaces).
+fn parse_args() -> Result<(Cli, bool), String> {
+    let mut args = std::env::args().skip(1).peekable();
+    let pid1_setup = args.peek().is_some_and(|a| a == "--pid1-setup");
+    if pid1_setup {
+        args.next();
+    }
     let Some(a) = args.next() else {
-        return Ok(Cli::Guest);
+        return Ok((Cli::Guest, pid1_setup));
     };
     let cli = match a.as_str() {
         "--listen-unix" => Cli::ListenUnix(args.next().ok_or("--listen-unix needs a PATH")?),
         "--connect-unix" => Cli::ConnectUnix(args.next().ok_or("--connect-unix needs a PATH")?),
-        "--help" | "-h" => {
-            return Err("usage: kiln-agent [--listen-unix PATH | --connect-unix PATH]".into())
-        }
+        "--help" | "-h" => return Err(USAGE.into()),
         other if std::process::id() == 1 => {
             // The kernel passes unknown cmdline words to init as arguments: ignore them.
             let _ = other;
@@ -54,7 +64,7 @@ fn parse_args() -> Result<Cli, String> {
     if let Some(extra) = args.next() {
         return Err(format!("unexpected argument {extra:?}"));
     }
-    Ok(cli)
+    Ok((cli, pid1_setup))
 }
 
 fn start_agent(mode: Mode) -> Result<Arc<Agent>, std::io::Error> {
@@ -68,22 +78,27 @@ fn start_agent(mode: Mode) -> Result<Arc<Agent>, std::io::Error> {
     )))
 }
 
-fn guest_main() -> ! {
-    let pid1 = std::process::id() == 1;
-    sys::ensure_std_fds();
-    if pid1 {
-        for e in sys::mount_all() {
-            eprintln!("kiln-agent: {e}");
-        }
-        sys::open_console();
-        if let Err(e) = sys::set_hostname() {
-            eprintln!("kiln-agent: {e}");
-        }
-        if let Err(e) = sys::loopback_up() {
-            eprintln!("kiln-agent: {e}");
-        }
-        std::env::set_var("PATH", exec::DEFAULT_PATH);
+/// PID 1's system setup: pseudo filesystems, console, hostname, loopback. Only as PID 1.
+fn pid1_setup() {
+    if std::process::id() != 1 {
+        return;
     }
+    for e in sys::mount_all() {
+        eprintln!("kiln-agent: {e}");
+    }
+    sys::open_console();
+    if let Err(e) = sys::set_hostname() {
+        eprintln!("kiln-agent: {e}");
+    }
+    if let Err(e) = sys::loopback_up() {
+        eprintln!("kiln-agent: {e}");
+    }
+    std::env::set_var("PATH", exec::DEFAULT_PATH);
+}
+
+fn guest_main() -> ! {
+    sys::ensure_std_fds();
+    pid1_setup();
     let agent = loop {
         match start_agent(Mode::Guest) {
             Ok(a) => break a,
@@ -102,8 +117,11 @@ fn guest_main() -> ! {
     transport::vsock_client_loop(&agent)
 }
 
-fn host_main(cli: Cli) -> Result<(), String> {
+fn host_main(cli: Cli, pid1: bool) -> Result<(), String> {
     sys::ensure_std_fds();
+    if pid1 {
+        pid1_setup();
+    }
     // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) only changes this process's attributes.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     let agent = start_agent(Mode::Host).map_err(|e| format!("starting the reaper: {e}"))?;
@@ -125,9 +143,9 @@ fn host_main(cli: Cli) -> Result<(), String> {
 
 fn main() {
     match parse_args() {
-        Ok(Cli::Guest) => guest_main(),
-        Ok(cli) => {
-            if let Err(e) = host_main(cli) {
+        Ok((Cli::Guest, _)) => guest_main(),
+        Ok((cli, pid1)) => {
+            if let Err(e) = host_main(cli, pid1) {
                 eprintln!("kiln-agent: {e}");
                 std::process::exit(1);
             }

@@ -183,7 +183,7 @@ pub fn loopback_up() -> Result<(), SysError> {
         *dst = src as libc::c_char;
     }
     // SAFETY: SIOCGIFFLAGS reads into the ifreq we own.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) } < 0 {
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut ifr) } < 0 {
         return Err(link("SIOCGIFFLAGS", std::io::Error::last_os_error()));
     }
     // SAFETY: the kernel filled ifru_flags for SIOCGIFFLAGS; we only modify that field.
@@ -191,7 +191,7 @@ pub fn loopback_up() -> Result<(), SysError> {
         ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
     }
     // SAFETY: SIOCSIFFLAGS reads the ifreq we own.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) } < 0 {
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &ifr) } < 0 {
         return Err(link("SIOCSIFFLAGS", std::io::Error::last_os_error()));
     }
     Ok(())
@@ -231,8 +231,8 @@ pub fn post_restore(mode: Mode, unix_time_ns: u64, seed: &[u8]) -> std::io::Resu
         return Ok(());
     }
     let ts = libc::timespec {
-        tv_sec: (unix_time_ns / 1_000_000_000) as libc::time_t,
-        tv_nsec: (unix_time_ns % 1_000_000_000) as libc::c_long,
+        tv_sec: (unix_time_ns / 1_000_000_000) as _,
+        tv_nsec: (unix_time_ns % 1_000_000_000) as _,
     };
     // SAFETY: clock_settime reads the timespec we own.
     if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {

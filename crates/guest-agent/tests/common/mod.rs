@@ -22,9 +22,14 @@ impl Agent {
     pub fn start() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let sock = dir.path().join("agent.sock");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln-agent"))
-            .arg("--listen-unix")
-            .arg(&sock)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln-agent"));
+        cmd.arg("--listen-unix").arg(&sock);
+        Self::spawn(cmd, dir, sock)
+    }
+
+    /// Run `cmd` (which must end up running kiln-agent listening on `sock`) and wait for READY.
+    pub fn spawn(mut cmd: Command, dir: tempfile::TempDir, sock: PathBuf) -> Self {
+        let mut child = cmd
             .env("KILN_TEST_LEAK", "leaked")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
