@@ -412,16 +412,26 @@ impl DeviceContext<'_> {
 ///
 /// HOOK for devices: the virtio-vsock device is attached here when `cfg.vsock_cid` is set,
 /// and its host handle is returned in [`AttachedDevices`].
-fn attach_devices(
-    _cfg: &VmConfig,
-    _ctx: &mut DeviceContext<'_>,
-) -> Result<AttachedDevices, VmError> {
-    Ok(AttachedDevices::default())
+fn attach_devices(cfg: &VmConfig, ctx: &mut DeviceContext<'_>) -> Result<AttachedDevices, VmError> {
+    let mut devices = AttachedDevices::default();
+    // --- vsock (virtio/vsock/attach.rs) ---
+    if let Some(guest_cid) = cfg.vsock_cid {
+        let vsock_cfg = crate::virtio::vsock::VsockConfig {
+            guest_cid,
+            ..Default::default()
+        };
+        devices.vsock = Some(crate::virtio::vsock::attach::attach(ctx, vsock_cfg)?);
+    }
+    // --- end vsock ---
+    Ok(devices)
 }
 
 /// Host-side handles of the attached devices, kept by the [`Vm`].
 #[derive(Debug, Default)]
-struct AttachedDevices {}
+struct AttachedDevices {
+    /// Host endpoint of the virtio-vsock device (vsock).
+    vsock: Option<crate::virtio::vsock::VsockHost>,
+}
 
 static KVM: OnceLock<Kvm> = OnceLock::new();
 static SUPPORTED_CPUID: OnceLock<CpuId> = OnceLock::new();
@@ -712,6 +722,12 @@ impl Vm {
     /// Resumes paused vCPUs.
     pub fn resume(&self) {
         self.shared.request_all(false);
+    }
+
+    /// Host endpoint of the VM's virtio-vsock device (`None` without `vsock_cid`). Clone it
+    /// freely; it stays valid (returning `DeviceGone`) after the VM stops. (vsock)
+    pub fn vsock(&self) -> Option<&crate::virtio::vsock::VsockHost> {
+        self.devices.vsock.as_ref()
     }
 
     /// Guest memory (`None` only during teardown).

@@ -62,11 +62,16 @@ pub struct Interrupt {
 impl Interrupt {
     /// Create an interrupt line with a fresh non-blocking EventFd.
     pub fn new() -> io::Result<Arc<Self>> {
-        Ok(Arc::new(Interrupt {
+        Ok(Self::with_eventfd(EventFd::new(EFD_NONBLOCK)?))
+    }
+
+    /// Create an interrupt line raising `evt` (e.g. an EventFd already registered as irqfd).
+    pub fn with_eventfd(evt: EventFd) -> Arc<Self> {
+        Arc::new(Interrupt {
             status: AtomicU32::new(0),
             needs_reset: AtomicBool::new(false),
-            evt: EventFd::new(EFD_NONBLOCK)?,
-        }))
+            evt,
+        })
     }
 
     /// The EventFd to register as an irqfd on the device's GSI.

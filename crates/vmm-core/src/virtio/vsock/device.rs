@@ -111,8 +111,30 @@ fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> VsockError {
 }
 
 impl VsockDevice {
-    /// A vsock device for a guest with `cfg.guest_cid`, not yet activated.
+    /// A vsock device for a guest with `cfg.guest_cid`, not yet activated, with its own
+    /// queue-notify and interrupt EventFds.
     pub fn new(cfg: VsockConfig) -> Result<Self, VsockError> {
+        let queue_evts = (0..3)
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(io_err("creating queue eventfds"))?;
+        let irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("creating the interrupt eventfd"))?;
+        Self::with_eventfds(cfg, queue_evts, irq)
+    }
+
+    /// A vsock device using EventFds the VM already registered: `queue_evts` (RX, TX, event
+    /// queue) as KVM ioeventfds on the QueueNotify register, `irq` as a KVM irqfd.
+    pub fn with_eventfds(
+        cfg: VsockConfig,
+        queue_evts: Vec<EventFd>,
+        irq: EventFd,
+    ) -> Result<Self, VsockError> {
+        if queue_evts.len() != 3 {
+            return Err(VsockError::Config(format!(
+                "vsock needs 3 queue eventfds, got {}",
+                queue_evts.len()
+            )));
+        }
         if cfg.guest_cid < 3 || cfg.guest_cid > u64::from(u32::MAX) {
             return Err(VsockError::Config(format!(
                 "guest cid {} must be in 3..=u32::MAX",
@@ -125,14 +147,10 @@ impl VsockDevice {
             ));
         }
         let host = HostShared::new(cfg.clone())?;
-        let queue_evts = (0..3)
-            .map(|_| EventFd::new(EFD_NONBLOCK))
-            .collect::<io::Result<Vec<_>>>()
-            .map_err(io_err("creating queue eventfds"))?;
         Ok(VsockDevice {
             muxer: Muxer::new(host.clone()),
             host,
-            interrupt: Interrupt::new().map_err(io_err("creating the interrupt eventfd"))?,
+            interrupt: Interrupt::with_eventfd(irq),
             queue_evts,
             timer: TimerFd::new()
                 .map_err(|e| io::Error::from_raw_os_error(e.errno()))

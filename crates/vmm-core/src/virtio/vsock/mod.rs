@@ -11,6 +11,7 @@
 //!
 //! See docs/VSOCK.md for the design and the state machine.
 
+pub mod attach;
 pub mod connection;
 pub mod device;
 pub mod host;

@@ -1,0 +1,36 @@
+//! Attaching a vsock device to a VM being built: MMIO window, irqfd, one ioeventfd per
+//! queue, the event-loop subscriber and the `virtio_mmio.device=` command-line entry.
+
+use std::sync::{Arc, Mutex};
+
+use super::{VsockConfig, VsockDevice, VsockHost};
+use crate::virtio::mmio::{regs, MmioTransport};
+use crate::vm::{DeviceContext, VmError};
+
+fn dev_err(ctx: &DeviceContext<'_>, detail: String) -> VmError {
+    VmError::Device {
+        vm: ctx.vm_name().to_owned(),
+        device: "virtio-vsock".to_owned(),
+        detail,
+    }
+}
+
+/// Create a vsock device for `cfg`, wire it into the VM through `ctx`, and return its host
+/// endpoint.
+pub fn attach(ctx: &mut DeviceContext<'_>, cfg: VsockConfig) -> Result<VsockHost, VmError> {
+    let slot = ctx.allocate_mmio_slot()?;
+    let irq = ctx.irqfd(slot.gsi)?;
+    let queue_evts = (0..3u32)
+        .map(|q| ctx.ioeventfd(slot.base + regs::QUEUE_NOTIFY, Some(q)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let dev = VsockDevice::with_eventfds(cfg, queue_evts, irq)
+        .map_err(|e| dev_err(ctx, e.to_string()))?;
+    let host = dev.host();
+    let dev = Arc::new(Mutex::new(dev));
+    let transport = MmioTransport::new(ctx.memory().clone(), dev.clone())
+        .map_err(|e| dev_err(ctx, format!("transport: {e}")))?;
+    ctx.register_mmio(slot, Arc::new(Mutex::new(transport)))?;
+    ctx.add_cmdline(slot.virtio_cmdline());
+    ctx.add_subscriber(dev);
+    Ok(host)
+}
