@@ -199,9 +199,12 @@ fn build(
         let _ = fs::write(&count_file, compiled.to_string());
     }
 
-    let tmp = out
-        .dir
-        .with_extension(format!("tmp-{}", std::process::id()));
+    let vmlinux = build_dir.join("vmlinux");
+    let bytes = fs::read(&vmlinux).with_context(|| format!("reading {}", vmlinux.display()))?;
+    check_pvh_entry(&bytes).with_context(|| format!("checking {}", vmlinux.display()))?;
+    drop(bytes);
+
+    let tmp = sibling_tmp(&out.dir)?;
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     for (from, name) in [
@@ -221,6 +224,18 @@ fn build(
     Ok(())
 }
 
+/// A scratch path beside `path` (same filesystem, so it can be renamed onto `path`).
+fn sibling_tmp(path: &Path) -> Result<PathBuf> {
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} has no file name", path.display()))?;
+    Ok(path.with_file_name(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    )))
+}
+
 /// Unpacks the Debian source tarball once per package version; returns the source tree.
 fn unpack_source(kernel_root: &Path, version: &str) -> Result<PathBuf> {
     let dest = kernel_root.join("src").join(version);
@@ -235,7 +250,7 @@ fn unpack_source(kernel_root: &Path, version: &str) -> Result<PathBuf> {
             tarball.display()
         );
     }
-    let tmp = dest.with_extension("unpacking");
+    let tmp = sibling_tmp(&dest)?;
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let log = kernel_root.join(format!("unpack-{version}.log"));
@@ -276,6 +291,39 @@ fn unpack_source(kernel_root: &Path, version: &str) -> Result<PathBuf> {
         dest.display()
     );
     Ok(tree)
+}
+
+/// Xen ELF note type announcing the 32-bit PVH entry point (XEN_ELFNOTE_PHYS32_ENTRY).
+const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+
+/// Checks that `vmlinux` is an x86_64 ELF carrying the PVH entry note the VMM boots through.
+fn check_pvh_entry(vmlinux: &[u8]) -> Result<()> {
+    use object::elf::{FileHeader64, EM_X86_64, PT_NOTE};
+    use object::read::elf::{FileHeader, ProgramHeader};
+    use object::Endianness;
+
+    let header = FileHeader64::<Endianness>::parse(vmlinux)
+        .map_err(|e| anyhow::anyhow!("not a 64-bit ELF: {e}"))?;
+    let endian = header
+        .endian()
+        .map_err(|e| anyhow::anyhow!("bad ELF endianness: {e}"))?;
+    if header.e_machine(endian) != EM_X86_64 {
+        bail!("not an x86_64 kernel");
+    }
+    let phdrs = header
+        .program_headers(endian, vmlinux)
+        .map_err(|e| anyhow::anyhow!("bad ELF program headers: {e}"))?;
+    for phdr in phdrs.iter().filter(|p| p.p_type(endian) == PT_NOTE) {
+        let Ok(Some(mut notes)) = phdr.notes(endian, vmlinux) else {
+            continue;
+        };
+        while let Ok(Some(note)) = notes.next() {
+            if note.name() == b"Xen" && note.n_type(endian).0 == XEN_ELFNOTE_PHYS32_ENTRY {
+                return Ok(());
+            }
+        }
+    }
+    bail!("no PVH entry note (Xen note type {XEN_ELFNOTE_PHYS32_ENTRY}): is CONFIG_PVH=y?")
 }
 
 /// Parses a kbuild progress line such as `  CC      kernel/fork.o` into (step, file).
@@ -458,6 +506,57 @@ mod tests {
                 "{opt}"
             );
         }
+    }
+
+    /// A minimal ELF64 x86_64 image with one PT_NOTE segment holding `notes`.
+    fn elf_with_note(name: &[u8], n_type: u32) -> Vec<u8> {
+        let mut note = Vec::new();
+        note.extend((name.len() as u32 + 1).to_le_bytes());
+        note.extend(4u32.to_le_bytes());
+        note.extend(n_type.to_le_bytes());
+        note.extend(name);
+        note.push(0);
+        while note.len() % 4 != 0 {
+            note.push(0);
+        }
+        note.extend(0x100_0000u32.to_le_bytes());
+        let mut b = vec![0u8; 64 + 56];
+        b[..4].copy_from_slice(b"\x7fELF");
+        b[4] = 2;
+        b[5] = 1;
+        b[6] = 1;
+        b[16..18].copy_from_slice(&2u16.to_le_bytes());
+        b[18..20].copy_from_slice(&62u16.to_le_bytes());
+        b[20..24].copy_from_slice(&1u32.to_le_bytes());
+        b[32..40].copy_from_slice(&64u64.to_le_bytes());
+        b[52..54].copy_from_slice(&64u16.to_le_bytes());
+        b[54..56].copy_from_slice(&56u16.to_le_bytes());
+        b[56..58].copy_from_slice(&1u16.to_le_bytes());
+        let ph = 64;
+        b[ph..ph + 4].copy_from_slice(&4u32.to_le_bytes()); // PT_NOTE
+        b[ph + 8..ph + 16].copy_from_slice(&(120u64).to_le_bytes()); // p_offset
+        b[ph + 32..ph + 40].copy_from_slice(&(note.len() as u64).to_le_bytes()); // p_filesz
+        b[ph + 48..ph + 56].copy_from_slice(&4u64.to_le_bytes()); // p_align
+        b.extend(note);
+        b
+    }
+
+    #[test]
+    fn pvh_note_is_required() {
+        check_pvh_entry(&elf_with_note(b"Xen", XEN_ELFNOTE_PHYS32_ENTRY)).unwrap();
+        assert!(check_pvh_entry(&elf_with_note(b"Xen", 1)).is_err());
+        assert!(check_pvh_entry(&elf_with_note(b"GNU", XEN_ELFNOTE_PHYS32_ENTRY)).is_err());
+        assert!(check_pvh_entry(b"not an elf").is_err());
+    }
+
+    #[test]
+    fn built_kernel_has_the_pvh_note() {
+        // Only meaningful once `cargo xtask kernel` has run on this host.
+        let Ok(path) = kiln_vmm::host::default_kernel() else {
+            return;
+        };
+        let Ok(bytes) = fs::read(&path) else { return };
+        check_pvh_entry(&bytes).unwrap();
     }
 
     #[test]

@@ -6,6 +6,8 @@ mod bench;
 mod build_guest;
 mod harness;
 mod kernel;
+mod run;
+mod test;
 mod util;
 
 use clap::{Parser, Subcommand};
@@ -25,6 +27,10 @@ enum Cmd {
     BuildGuest,
     /// Run a command inside the emulated-virtualization harness (QEMU L1 with kvm-amd).
     Harness(harness::HarnessArgs),
+    /// Build the assets and the kiln CLI, then `kiln run -- CMD...` (directly or in the harness).
+    Run(run::RunArgs),
+    /// Run every test tier that applies on this host (never silently skipping one).
+    Test(test::TestArgs),
     /// Run a benchmark.
     Bench(bench::BenchArgs),
 }
@@ -32,13 +38,18 @@ enum Cmd {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::Kernel => kernel::cmd_kernel(),
-        Cmd::BuildGuest => build_guest::cmd_build_guest(),
-        Cmd::Harness(args) => harness::cmd_harness(args),
-        Cmd::Bench(args) => bench::cmd_bench(&args),
+        Cmd::Kernel => kernel::cmd_kernel().map(|()| 0),
+        Cmd::BuildGuest => build_guest::cmd_build_guest().map(|()| 0),
+        Cmd::Harness(args) => harness::cmd_harness(args).map(|()| 0),
+        Cmd::Run(args) => run::cmd_run(&args),
+        Cmd::Test(args) => test::cmd_test(&args).map(|()| 0),
+        Cmd::Bench(args) => bench::cmd_bench(&args).map(|()| 0),
     };
-    if let Err(e) = result {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
     }
 }

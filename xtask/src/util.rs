@@ -47,7 +47,13 @@ pub fn assets_dir() -> Result<PathBuf> {
 
 /// Renders a command line for messages.
 pub fn display_cmd(cmd: &Command) -> String {
-    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    let program = Path::new(cmd.get_program());
+    // `$CARGO` is a long toolchain path; "cargo" says the same.
+    let mut s = if program.file_name().is_some_and(|n| n == "cargo") {
+        "cargo".to_string()
+    } else {
+        program.to_string_lossy().into_owned()
+    };
     for arg in cmd.get_args() {
         s.push(' ');
         s.push_str(&arg.to_string_lossy());

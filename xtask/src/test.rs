@@ -1,0 +1,739 @@
+//! `cargo xtask test`: runs every test tier that applies on this host and never silently
+//! skips one (docs/ARCHITECTURE.md "Test tiers").
+//!
+//! 1. unit tests of every crate (and the integration tests of crates that need no KVM);
+//! 2. the VMM tests in `crates/vmm-core/tests/` on the host's /dev/kvm;
+//! 3. the agent tests in `crates/guest-agent/tests/` over a unix socket;
+//! 4. the Linux end-to-end tests of the `tests` crate: directly on a hardware-virtualization
+//!    host, elsewhere inside the emulated-virtualization harness (one L1 boot for all of them).
+//!
+//! Test counts come from libtest's `test result:` lines. The last line printed is
+//! `N passed, N failed`; the exit status is non-zero if any test failed or a tier could not run.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use kiln_vmm::host::{self, HostKind};
+use serde::Deserialize;
+
+use crate::harness::{self, HarnessOptions};
+use crate::{build_guest, kernel, util};
+
+/// Package whose integration tests are tier 2.
+const TIER2_PACKAGE: &str = "kiln-vmm";
+/// Package whose integration tests are tier 3.
+const TIER3_PACKAGE: &str = "kiln-agent";
+/// Package holding the tier-4 tests.
+const TIER4_PACKAGE: &str = "kiln-tests";
+/// Deadline for the whole tier-4 run inside the harness.
+const HARNESS_TIMEOUT: Duration = Duration::from_secs(40 * 60);
+
+/// `cargo xtask test` arguments.
+#[derive(Debug, Args)]
+pub struct TestArgs {
+    /// Run only this tier (1-4).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=4))]
+    pub tier: Option<u8>,
+}
+
+/// Tally of libtest results.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    /// Tests passed.
+    pub passed: u64,
+    /// Tests failed.
+    pub failed: u64,
+}
+
+impl Counts {
+    fn add(&mut self, other: Counts) {
+        self.passed += other.passed;
+        self.failed += other.failed;
+    }
+}
+
+/// Parses a libtest summary line: `test result: ok. 3 passed; 1 failed; ...`.
+pub fn parse_result_line(line: &str) -> Option<Counts> {
+    let rest = line.trim().strip_prefix("test result: ")?;
+    let (_, rest) = rest.split_once(". ")?;
+    let mut counts = Counts::default();
+    let mut seen = false;
+    for part in rest.split(';') {
+        let mut words = part.split_whitespace();
+        let (Some(n), Some(what)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let Ok(n) = n.parse::<u64>() else { continue };
+        match what {
+            "passed" => {
+                counts.passed = n;
+                seen = true;
+            }
+            "failed" => counts.failed = n,
+            _ => {}
+        }
+    }
+    seen.then_some(counts)
+}
+
+/// Sum of every libtest summary in `text`.
+pub fn count_results(text: &str) -> (Counts, usize) {
+    let mut total = Counts::default();
+    let mut summaries = 0;
+    for c in text.lines().filter_map(parse_result_line) {
+        total.add(c);
+        summaries += 1;
+    }
+    (total, summaries)
+}
+
+/// How one tier went.
+#[derive(Debug)]
+enum Outcome {
+    /// Ran; counts tell how it went (plus a note when a command failed beyond its tests).
+    Ran {
+        counts: Counts,
+        error: Option<String>,
+    },
+    /// The tier has no tests yet (said loudly, not a failure).
+    NoTests(String),
+    /// The tier could not run on this host or its preparation failed.
+    CouldNotRun(String),
+}
+
+#[derive(Debug)]
+struct TierReport {
+    tier: u8,
+    title: &'static str,
+    outcome: Outcome,
+    took: Duration,
+}
+
+impl TierReport {
+    fn ok(&self) -> bool {
+        match &self.outcome {
+            Outcome::Ran { counts, error } => counts.failed == 0 && error.is_none(),
+            Outcome::NoTests(_) => true,
+            Outcome::CouldNotRun(_) => false,
+        }
+    }
+}
+
+/// `cargo xtask test`.
+pub fn cmd_test(args: &TestArgs) -> Result<()> {
+    let kind = host::detect();
+    eprintln!("host: {kind}");
+    let meta = Metadata::load()?;
+    let tiers: Vec<u8> = match args.tier {
+        Some(t) => vec![t],
+        None => vec![1, 2, 3, 4],
+    };
+    let mut reports = Vec::new();
+    for tier in tiers {
+        let started = Instant::now();
+        let (title, outcome) = match tier {
+            1 => ("unit tests", tier1(&meta)),
+            2 => ("VMM tests on the host /dev/kvm", tier2(&meta, &kind)),
+            3 => ("agent tests over a unix socket", tier3(&meta)),
+            _ => ("Linux end-to-end tests", tier4(&kind)),
+        };
+        let report = TierReport {
+            tier,
+            title,
+            outcome,
+            took: started.elapsed(),
+        };
+        eprintln!("{}", describe(&report));
+        reports.push(report);
+    }
+
+    let mut total = Counts::default();
+    println!();
+    println!("==== test tiers ====");
+    for r in &reports {
+        println!("{}", describe(r));
+        if let Outcome::Ran { counts, .. } = r.outcome {
+            total.add(counts);
+        }
+    }
+    // The count line must stand alone on its line for CI to read it.
+    println!("{} passed, {} failed", total.passed, total.failed);
+    if reports.iter().all(TierReport::ok) {
+        Ok(())
+    } else {
+        let bad: Vec<String> = reports
+            .iter()
+            .filter(|r| !r.ok())
+            .map(|r| format!("tier {}", r.tier))
+            .collect();
+        bail!("{} did not pass", bad.join(", "))
+    }
+}
+
+fn describe(r: &TierReport) -> String {
+    let mut s = format!("tier {} ({}): ", r.tier, r.title);
+    match &r.outcome {
+        Outcome::Ran { counts, error } => {
+            let verdict = if counts.failed == 0 && error.is_none() {
+                "ok"
+            } else {
+                "FAILED"
+            };
+            let _ = write!(
+                s,
+                "{verdict}: {} passed, {} failed",
+                counts.passed, counts.failed
+            );
+            if let Some(e) = error {
+                let _ = write!(s, " ({e})");
+            }
+        }
+        Outcome::NoTests(why) => {
+            let _ = write!(s, "NO TESTS: {why}");
+        }
+        Outcome::CouldNotRun(why) => {
+            let _ = write!(s, "COULD NOT RUN: {why}");
+        }
+    }
+    let _ = write!(s, " [{:.1}s]", r.took.as_secs_f64());
+    s
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(util::repo_root());
+    cmd
+}
+
+/// Runs one `cargo test` command, streaming its output, and tallies libtest summaries.
+fn cargo_test(args: &[String]) -> Outcome {
+    let mut cmd = cargo();
+    cmd.arg("test").arg("--no-fail-fast").args(args);
+    match run_counting(&mut cmd) {
+        Ok((counts, summaries, success)) => Outcome::Ran {
+            counts,
+            error: (!success).then(|| {
+                if summaries == 0 {
+                    format!("`{}` failed before running tests", util::display_cmd(&cmd))
+                } else {
+                    format!("`{}` exited with failure", util::display_cmd(&cmd))
+                }
+            }),
+        },
+        Err(e) => Outcome::CouldNotRun(format!("{e:#}")),
+    }
+}
+
+/// Runs `cmd`, echoing its stdout, and returns (counts, number of summaries, success).
+fn run_counting(cmd: &mut Command) -> Result<(Counts, usize, bool)> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting `{}`", util::display_cmd(cmd)))?;
+    let mut counts = Counts::default();
+    let mut summaries = 0;
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            println!("{line}");
+            if let Some(c) = parse_result_line(&line) {
+                counts.add(c);
+                summaries += 1;
+            }
+        }
+    }
+    let status = child
+        .wait()
+        .with_context(|| format!("waiting for `{}`", util::display_cmd(cmd)))?;
+    Ok((counts, summaries, status.success()))
+}
+
+/// Combines outcomes of several commands of one tier.
+fn merge(outcomes: Vec<Outcome>) -> Outcome {
+    let mut counts = Counts::default();
+    let mut errors = Vec::new();
+    let mut ran = false;
+    for o in outcomes {
+        match o {
+            Outcome::Ran { counts: c, error } => {
+                ran = true;
+                counts.add(c);
+                errors.extend(error);
+            }
+            Outcome::CouldNotRun(e) => return Outcome::CouldNotRun(e),
+            Outcome::NoTests(_) => {}
+        }
+    }
+    if !ran {
+        return Outcome::NoTests("nothing to run".into());
+    }
+    Outcome::Ran {
+        counts,
+        error: (!errors.is_empty()).then(|| errors.join("; ")),
+    }
+}
+
+fn tier1(meta: &Metadata) -> Outcome {
+    let mut outcomes = vec![cargo_test(&strings(&[
+        "--workspace",
+        "--exclude",
+        TIER4_PACKAGE,
+        "--exclude",
+        TIER2_PACKAGE,
+        "--exclude",
+        TIER3_PACKAGE,
+    ]))];
+    // The tier-2/3 crates' own unit tests (and doc tests) need no KVM either.
+    for name in [TIER2_PACKAGE, TIER3_PACKAGE] {
+        let Some(pkg) = meta.package(name) else {
+            return Outcome::CouldNotRun(format!("workspace has no package {name}"));
+        };
+        let mut args = strings(&["-p", name]);
+        if pkg.has_kind("lib") {
+            args.push("--lib".into());
+        }
+        if pkg.has_kind("bin") {
+            args.push("--bins".into());
+        }
+        outcomes.push(cargo_test(&args));
+        if pkg.has_kind("lib") && pkg.targets.iter().any(|t| t.doctest) {
+            outcomes.push(cargo_test(&strings(&["-p", name, "--doc"])));
+        }
+    }
+    merge(outcomes)
+}
+
+fn integration_tests(meta: &Metadata, package: &str) -> Outcome {
+    let Some(pkg) = meta.package(package) else {
+        return Outcome::CouldNotRun(format!("workspace has no package {package}"));
+    };
+    let tests: Vec<&str> = pkg
+        .targets
+        .iter()
+        .filter(|t| t.kind.iter().any(|k| k == "test"))
+        .map(|t| t.name.as_str())
+        .collect();
+    if tests.is_empty() {
+        return Outcome::NoTests(format!("{package} has no integration tests yet"));
+    }
+    let mut args = strings(&["-p", package]);
+    for t in tests {
+        args.push("--test".into());
+        args.push(t.into());
+    }
+    cargo_test(&args)
+}
+
+fn tier2(meta: &Metadata, kind: &HostKind) -> Outcome {
+    if !kind.has_kvm() {
+        return Outcome::CouldNotRun(format!(
+            "the VMM tests need /dev/kvm and this host has none usable: {kind}"
+        ));
+    }
+    integration_tests(meta, TIER2_PACKAGE)
+}
+
+fn tier3(meta: &Metadata) -> Outcome {
+    integration_tests(meta, TIER3_PACKAGE)
+}
+
+fn tier4(kind: &HostKind) -> Outcome {
+    match tier4_inner(kind) {
+        Ok(o) => o,
+        Err(e) => Outcome::CouldNotRun(format!("{e:#}")),
+    }
+}
+
+/// What the tier-4 tests need (assets, the `kiln` binary, the test executables).
+#[derive(Debug)]
+struct Tier4Build {
+    /// The guest kernel (ELF).
+    kernel: PathBuf,
+    /// The guest initramfs.
+    initramfs: PathBuf,
+    /// `target/debug/kiln`.
+    kiln: PathBuf,
+    /// Test executables of the `tests` crate.
+    executables: Vec<PathBuf>,
+}
+
+fn build_tier4() -> Result<Tier4Build> {
+    let k = kernel::ensure().context("building the guest kernel")?;
+    let g = build_guest::ensure().context("building the guest initramfs")?;
+    let kiln = crate::run::build_kiln_cli()?;
+    eprintln!("building the {TIER4_PACKAGE} test executables");
+    let out = cargo()
+        .args([
+            "test",
+            "-p",
+            TIER4_PACKAGE,
+            "--no-run",
+            "--message-format=json-render-diagnostics",
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo test --no-run")?;
+    if !out.status.success() {
+        bail!("building the {TIER4_PACKAGE} tests failed");
+    }
+    let executables = test_executables(&String::from_utf8_lossy(&out.stdout));
+    Ok(Tier4Build {
+        kernel: k.vmlinux,
+        initramfs: g.initramfs,
+        kiln,
+        executables,
+    })
+}
+
+/// Test executables named in cargo's JSON messages.
+fn test_executables(json_lines: &str) -> Vec<PathBuf> {
+    #[derive(Deserialize)]
+    struct Profile {
+        test: bool,
+    }
+    #[derive(Deserialize)]
+    struct Msg {
+        reason: String,
+        profile: Option<Profile>,
+        executable: Option<PathBuf>,
+    }
+    let mut exes: Vec<PathBuf> = json_lines
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Msg>(l).ok())
+        .filter(|m| m.reason == "compiler-artifact" && m.profile.as_ref().is_some_and(|p| p.test))
+        .filter_map(|m| m.executable)
+        .collect();
+    exes.sort();
+    exes.dedup();
+    exes
+}
+
+fn tier4_env(b: &Tier4Build) -> Vec<(String, String)> {
+    vec![
+        ("KILN_KERNEL".into(), b.kernel.display().to_string()),
+        ("KILN_INITRAMFS".into(), b.initramfs.display().to_string()),
+        ("KILN_BIN".into(), b.kiln.display().to_string()),
+        ("RUST_BACKTRACE".into(), "1".into()),
+    ]
+}
+
+fn tier4_inner(kind: &HostKind) -> Result<Outcome> {
+    let b = build_tier4()?;
+    if b.executables.is_empty() {
+        return Ok(Outcome::NoTests(format!(
+            "{TIER4_PACKAGE} produced no test executables"
+        )));
+    }
+    let workdir = util::repo_root().join("tests");
+    if kind.runs_linux_guests() {
+        eprintln!("tier 4: running directly on this host ({kind})");
+        let mut outcomes = Vec::new();
+        for exe in &b.executables {
+            let mut cmd = Command::new(exe);
+            cmd.current_dir(&workdir).envs(tier4_env(&b));
+            let (counts, summaries, success) = run_counting(&mut cmd)?;
+            outcomes.push(Outcome::Ran {
+                counts,
+                error: (!success).then(|| {
+                    format!(
+                        "{} exited with failure{}",
+                        exe.display(),
+                        if summaries == 0 {
+                            " before its summary"
+                        } else {
+                            ""
+                        }
+                    )
+                }),
+            });
+        }
+        return Ok(merge(outcomes));
+    }
+    eprintln!("tier 4: this host cannot boot Linux guests ({kind}); running inside the emulated-virtualization harness");
+    run_in_harness(&b, &workdir)
+}
+
+/// Runs every tier-4 executable in one L1 boot; outputs and exit codes go to files in the
+/// target dir (shared writable into L1) and are tallied here afterwards.
+fn run_in_harness(b: &Tier4Build, workdir: &Path) -> Result<Outcome> {
+    let out_dir = util::target_dir().join("kiln-tier4");
+    let _ = fs::remove_dir_all(&out_dir);
+    fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let script = out_dir.join("run.sh");
+    fs::write(&script, harness_script(&b.executables, workdir, &out_dir))
+        .with_context(|| format!("writing {}", script.display()))?;
+    // `..Default::default()` keeps this valid as the harness grows options.
+    #[allow(clippy::needless_update)]
+    let opts = HarnessOptions {
+        command: vec!["bash".into(), script.display().to_string()],
+        timeout: Some(HARNESS_TIMEOUT),
+        env: tier4_env(b),
+        ..Default::default()
+    };
+    let status = match harness::run(&opts) {
+        Ok(s) => s,
+        Err(e) => return Ok(Outcome::CouldNotRun(format!("the harness failed: {e:#}"))),
+    };
+    let mut outcomes = Vec::new();
+    for (i, exe) in b.executables.iter().enumerate() {
+        let log = fs::read_to_string(out_dir.join(format!("{i}.log"))).unwrap_or_default();
+        let rc = fs::read_to_string(out_dir.join(format!("{i}.rc")))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok());
+        let (counts, summaries) = count_results(&log);
+        let error = match rc {
+            Some(0) => None,
+            Some(rc) => Some(format!(
+                "{} exited {rc}{}",
+                exe.display(),
+                if summaries == 0 {
+                    " before its summary"
+                } else {
+                    ""
+                }
+            )),
+            None => Some(format!(
+                "{} did not finish inside the harness",
+                exe.display()
+            )),
+        };
+        outcomes.push(Outcome::Ran { counts, error });
+    }
+    let mut merged = merge(outcomes);
+    if status != 0 {
+        if let Outcome::Ran { error, .. } = &mut merged {
+            if error.is_none() {
+                *error = Some(format!("the harness command exited {status}"));
+            }
+        }
+    }
+    Ok(merged)
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+fn harness_script(exes: &[PathBuf], workdir: &Path, out_dir: &Path) -> String {
+    let mut s = String::from("#!/usr/bin/env bash\n# Generated by `cargo xtask test`: tier-4 tests inside L1.\nset -u\nstatus=0\n");
+    let _ = writeln!(
+        s,
+        "cd {} || exit 90",
+        shell_quote(&workdir.display().to_string())
+    );
+    for (i, exe) in exes.iter().enumerate() {
+        let exe = shell_quote(&exe.display().to_string());
+        let log = shell_quote(&out_dir.join(format!("{i}.log")).display().to_string());
+        let rc = shell_quote(&out_dir.join(format!("{i}.rc")).display().to_string());
+        let _ = writeln!(s, "echo \"==== tier 4: \"{exe}");
+        let _ = writeln!(s, "{exe} 2>&1 | tee {log}");
+        let _ = writeln!(s, "rc=${{PIPESTATUS[0]}}; echo \"$rc\" > {rc}");
+        let _ = writeln!(s, "[ \"$rc\" = 0 ] || status=1");
+    }
+    s.push_str("exit $status\n");
+    s
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+/// The parts of `cargo metadata` this module needs.
+#[derive(Debug, Deserialize)]
+struct Metadata {
+    packages: Vec<Package>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Package {
+    name: String,
+    targets: Vec<Target>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Target {
+    name: String,
+    kind: Vec<String>,
+    #[serde(default)]
+    doctest: bool,
+}
+
+impl Metadata {
+    fn load() -> Result<Metadata> {
+        let out = cargo()
+            .args(["metadata", "--no-deps", "--format-version", "1"])
+            .stderr(Stdio::inherit())
+            .output()
+            .context("running cargo metadata")?;
+        if !out.status.success() {
+            bail!("cargo metadata failed: {}", out.status);
+        }
+        serde_json::from_slice(&out.stdout).context("parsing cargo metadata")
+    }
+
+    fn package(&self, name: &str) -> Option<&Package> {
+        self.packages.iter().find(|p| p.name == name)
+    }
+}
+
+impl Package {
+    fn has_kind(&self, kind: &str) -> bool {
+        self.targets
+            .iter()
+            .any(|t| t.kind.iter().any(|k| k == kind))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libtest_summaries_are_parsed() {
+        assert_eq!(
+            parse_result_line(
+                "test result: ok. 12 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s"
+            ),
+            Some(Counts { passed: 12, failed: 0 })
+        );
+        assert_eq!(
+            parse_result_line(
+                "test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out"
+            ),
+            Some(Counts {
+                passed: 3,
+                failed: 2
+            })
+        );
+        assert_eq!(parse_result_line("test foo ... ok"), None);
+        assert_eq!(parse_result_line("running 3 tests"), None);
+    }
+
+    #[test]
+    fn results_are_summed_over_a_log() {
+        let log =
+            "running 2 tests\ntest a ... ok\ntest result: ok. 2 passed; 0 failed; 0 ignored\n\
+                   noise\ntest result: FAILED. 1 passed; 1 failed; 0 ignored\n";
+        assert_eq!(
+            count_results(log),
+            (
+                Counts {
+                    passed: 3,
+                    failed: 1
+                },
+                2
+            )
+        );
+    }
+
+    #[test]
+    fn cargo_json_yields_test_executables_only() {
+        let json = r#"{"reason":"compiler-artifact","profile":{"test":true},"executable":"/t/deps/boot-abc"}
+{"reason":"compiler-artifact","profile":{"test":false},"executable":null}
+{"reason":"compiler-artifact","profile":{"test":false},"executable":"/t/debug/kiln"}
+{"reason":"build-finished","success":true}
+not json"#;
+        assert_eq!(
+            test_executables(json),
+            vec![PathBuf::from("/t/deps/boot-abc")]
+        );
+    }
+
+    #[test]
+    fn tier_failures_and_missing_tiers_fail_the_run() {
+        let r = |outcome| TierReport {
+            tier: 2,
+            title: "t",
+            outcome,
+            took: Duration::ZERO,
+        };
+        assert!(r(Outcome::Ran {
+            counts: Counts {
+                passed: 1,
+                failed: 0
+            },
+            error: None
+        })
+        .ok());
+        assert!(!r(Outcome::Ran {
+            counts: Counts {
+                passed: 1,
+                failed: 1
+            },
+            error: None
+        })
+        .ok());
+        assert!(!r(Outcome::Ran {
+            counts: Counts::default(),
+            error: Some("x".into())
+        })
+        .ok());
+        assert!(!r(Outcome::CouldNotRun("no kvm".into())).ok());
+        assert!(
+            describe(&r(Outcome::CouldNotRun("no kvm".into()))).contains("COULD NOT RUN: no kvm")
+        );
+    }
+
+    #[test]
+    fn merge_keeps_errors_and_counts() {
+        let m = merge(vec![
+            Outcome::Ran {
+                counts: Counts {
+                    passed: 2,
+                    failed: 0,
+                },
+                error: None,
+            },
+            Outcome::NoTests("none".into()),
+            Outcome::Ran {
+                counts: Counts {
+                    passed: 1,
+                    failed: 1,
+                },
+                error: Some("boom".into()),
+            },
+        ]);
+        match m {
+            Outcome::Ran { counts, error } => {
+                assert_eq!(
+                    counts,
+                    Counts {
+                        passed: 3,
+                        failed: 1
+                    }
+                );
+                assert_eq!(error.as_deref(), Some("boom"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            merge(vec![Outcome::CouldNotRun("x".into())]),
+            Outcome::CouldNotRun(_)
+        ));
+    }
+
+    #[test]
+    fn harness_script_records_each_exit_code() {
+        let s = harness_script(
+            &[PathBuf::from("/t/a b"), PathBuf::from("/t/c")],
+            Path::new("/repo/tests"),
+            Path::new("/out"),
+        );
+        assert!(s.contains("cd '/repo/tests'"));
+        assert!(s.contains("'/t/a b' 2>&1 | tee '/out/0.log'"));
+        assert!(s.contains("> '/out/1.rc'"));
+        assert!(s.trim_end().ends_with("exit $status"));
+    }
+
+    #[test]
+    fn shell_quoting_survives_quotes() {
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+}
