@@ -876,3 +876,174 @@ impl Write for StdinWriter {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::write_frame;
+    use std::os::unix::net::UnixStream;
+
+    fn hello(version: u32) -> Message {
+        Message::Hello(Hello {
+            version,
+            capabilities: vec!["exec".into()],
+            restored: false,
+            agent_version: "test".into(),
+        })
+    }
+
+    /// A client connected to a scripted fake agent (the other end of a socket pair).
+    fn pair(config: ClientConfig) -> (Result<Client, ClientError>, UnixStream) {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        write_frame(&mut b, &hello(PROTOCOL_VERSION)).unwrap();
+        let c = Client::connect(a.try_clone().unwrap(), a, config);
+        (c, b)
+    }
+
+    fn next_request(s: &mut UnixStream) -> (u64, Request) {
+        match read_frame(s).unwrap() {
+            Message::Request { id, body } => (id, body),
+            other => panic!("expected a request, got {other:?}"),
+        }
+    }
+
+    fn respond(s: &mut UnixStream, id: u64, body: Response) {
+        write_frame(s, &Message::Response { id, body }).unwrap();
+    }
+
+    #[test]
+    fn version_mismatch_and_missing_hello_are_refused() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        write_frame(&mut b, &hello(PROTOCOL_VERSION + 1)).unwrap();
+        let err = Client::connect(a.try_clone().unwrap(), a, ClientConfig::default()).unwrap_err();
+        assert!(matches!(
+            err,
+            ClientError::Proto(ProtoError::VersionMismatch { theirs, .. }) if theirs == PROTOCOL_VERSION + 1
+        ));
+        let (a, mut b) = UnixStream::pair().unwrap();
+        respond(&mut b, 1, Response::Pong);
+        let err = Client::connect(a.try_clone().unwrap(), a, ClientConfig::default()).unwrap_err();
+        assert!(matches!(
+            err,
+            ClientError::Proto(ProtoError::NoHandshake { got: "Pong" })
+        ));
+    }
+
+    #[test]
+    fn responses_are_routed_by_id_out_of_order() {
+        let (c, mut agent) = pair(ClientConfig::default());
+        let c = c.unwrap();
+        let c1 = c.clone();
+        let t1 = thread::spawn(move || c1.exists("/one"));
+        let c2 = c.clone();
+        let t2 = thread::spawn(move || c2.exists("/two"));
+        let (ida, ra) = next_request(&mut agent);
+        let (idb, rb) = next_request(&mut agent);
+        let answer = |r: &Request| matches!(r, Request::Exists { path } if path == "/one");
+        // Answer in reverse order of arrival.
+        respond(&mut agent, idb, Response::Bool(answer(&rb)));
+        respond(&mut agent, ida, Response::Bool(answer(&ra)));
+        assert!(t1.join().unwrap().unwrap());
+        assert!(!t2.join().unwrap().unwrap());
+    }
+
+    #[test]
+    fn remote_errors_timeouts_and_closing() {
+        let (c, mut agent) = pair(ClientConfig {
+            request_timeout: Duration::from_millis(200),
+        });
+        let c = c.unwrap();
+        let c1 = c.clone();
+        let t = thread::spawn(move || c1.stat("/x"));
+        let (id, _) = next_request(&mut agent);
+        respond(
+            &mut agent,
+            id,
+            Response::error(ErrorKind::NotFound, "stat /x: gone"),
+        );
+        let err = t.join().unwrap().unwrap_err();
+        assert_eq!(err.remote_kind(), Some(ErrorKind::NotFound));
+        assert!(err.to_string().contains("stat /x: gone"));
+
+        // Unanswered: times out.
+        let err = c.ping().unwrap_err();
+        assert!(
+            matches!(err, ClientError::Timeout { op: "ping", .. }),
+            "{err}"
+        );
+        let _ = next_request(&mut agent);
+
+        // The agent goes away: pending and later calls fail as Closed.
+        let c2 = c.clone();
+        let t = thread::spawn(move || c2.exec(ExecRequest::new(["sleep", "9"])));
+        let _ = next_request(&mut agent);
+        drop(agent);
+        let err = t.join().unwrap().unwrap_err();
+        assert!(matches!(err, ClientError::Closed { .. }), "{err}");
+        assert!(matches!(c.ping(), Err(ClientError::Closed { .. })));
+        assert!(c.closed_reason().is_some());
+    }
+
+    #[test]
+    fn out_of_bounds_responses_close_the_connection() {
+        let (c, mut agent) = pair(ClientConfig::default());
+        let c = c.unwrap();
+        let c1 = c.clone();
+        let t = thread::spawn(move || c1.read_file_range("/f", 0, Some(10)));
+        let (id, _) = next_request(&mut agent);
+        respond(
+            &mut agent,
+            id,
+            Response::Data {
+                data: vec![0; crate::limits::MAX_CHUNK + 1],
+                eof: true,
+            },
+        );
+        let err = t.join().unwrap().unwrap_err();
+        assert!(matches!(err, ClientError::Closed { .. }), "{err}");
+        assert!(c.closed_reason().unwrap().contains("out-of-bounds"));
+    }
+
+    #[test]
+    fn exec_stream_events_and_stdin() {
+        let (c, mut agent) = pair(ClientConfig::default());
+        let c = c.unwrap();
+        let mut req = ExecRequest::new(["cat"]);
+        req.stdin = Stdin::Stream;
+        let mut s = c.exec_stream(req).unwrap();
+        let (id, _) = next_request(&mut agent);
+        respond(
+            &mut agent,
+            id,
+            Response::ExecStarted {
+                exec_id: 7,
+                pid: 99,
+            },
+        );
+        let stdin = s.stdin().unwrap();
+        let feeder = thread::spawn(move || stdin.send(b"abc"));
+        match next_request(&mut agent) {
+            (sid, Request::StdinData { exec_id: 7, data }) => {
+                assert_eq!(data, b"abc");
+                respond(&mut agent, sid, Response::Ok);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        feeder.join().unwrap().unwrap();
+        respond(&mut agent, id, Response::Stdout(b"abc".to_vec()));
+        respond(
+            &mut agent,
+            id,
+            Response::Exit(ExitStatus {
+                code: Some(0),
+                signal: None,
+                timed_out: false,
+                truncated: false,
+            }),
+        );
+        let out = s.collect_output().unwrap();
+        assert_eq!((out.exec_id, out.pid), (Some(7), Some(99)));
+        assert_eq!(out.stdout, b"abc");
+        assert!(out.status.success());
+    }
+}
