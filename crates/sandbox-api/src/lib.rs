@@ -1,1 +1,22 @@
-//! placeholder
+//! kiln: Kiln's public API.
+//!
+//! A [`Sandbox`] is one microVM running the Kiln guest (a minimal Linux with the kiln-agent as
+//! PID 1), created from a [`SandboxConfig`] and driven through the agent: run commands
+//! ([`Sandbox::exec`], [`Sandbox::exec_with_options`], [`Sandbox::stream_exec`]), move files
+//! ([`Sandbox::read_file`], [`Sandbox::write_file`], [`Sandbox::list_dir`]...), [`Sandbox::ping`]
+//! and [`Sandbox::shutdown`]. Every failure is a [`SandboxError`] naming the sandbox and the
+//! operation. See docs/API.md.
+//!
+//! Modules: [`config`] (configuration and validation), [`error`] (the error model),
+//! [`exec`] (exec options, results and events), [`sandbox`] (the sandbox itself).
+
+pub mod config;
+pub mod error;
+pub mod exec;
+pub mod sandbox;
+
+pub use config::{ConfigError, ResolvedConfig, SandboxConfig};
+pub use error::SandboxError;
+pub use exec::{ExecEvent, ExecOptions, ExecResult, StdinSource, DEFAULT_OUTPUT_CAP};
+pub use kiln_proto::{DirEntry, ErrorKind, ExitStatus, FileKind, FileStat, Hello};
+pub use sandbox::{BootTimings, ExecStream, Sandbox};

@@ -1,0 +1,208 @@
+//! The `kiln` CLI's exit codes and the mapping from [`SandboxError`] to them.
+//!
+//! `kiln run` exits with the command's own exit code (128 + N when a signal N killed it). Its
+//! own failures use codes from a block just below the shell's 126/127, so a script can tell
+//! "the sandbox failed" from "the command failed" in all common cases.
+
+use kiln::{ConfigError, ErrorKind, SandboxError};
+
+/// Invalid flags or arguments (clap's own code).
+pub const USAGE: i32 = 2;
+/// No usable KVM: /dev/kvm missing, no permission, or a host that cannot boot Linux guests.
+pub const NO_KVM: i32 = 120;
+/// The guest kernel or initramfs is missing.
+pub const ASSETS: i32 = 121;
+/// The VM failed to boot or its agent did not connect/handshake in time.
+pub const BOOT: i32 = 122;
+/// The guest died (or its agent connection broke) while the command ran.
+pub const GUEST_DIED: i32 = 123;
+/// The command's `--timeout` fired; its whole process group was killed.
+pub const TIMEOUT: i32 = 124;
+/// Any other Kiln failure (protocol error, agent unresponsive, host I/O).
+pub const INTERNAL: i32 = 125;
+/// The command was found but could not be started (not executable, bad cwd...).
+pub const CANNOT_EXEC: i32 = 126;
+/// The command was not found in the guest.
+pub const NOT_FOUND: i32 = 127;
+
+/// The exit-code table shown by `kiln --help` and documented in docs/API.md.
+pub const HELP: &str = "\
+Exit status of `kiln run`:
+  0-255  the command's own exit code; 128+N when the command was killed by signal N
+  2      invalid flags or arguments
+  120    no usable KVM (/dev/kvm missing, no permission, or a kvm-pvm host)
+  121    guest assets missing (run `cargo xtask kernel` and `cargo xtask build-guest`)
+  122    the VM failed to boot or its agent did not answer in time
+  123    the guest died while the command ran
+  124    the command timed out (--timeout) and was killed with its children
+  125    other kiln failure (protocol error, unresponsive agent, host I/O)
+  126    the command could not be started (not executable, bad --cwd)
+  127    the command was not found in the guest";
+
+/// Exit code for a failure of the sandbox itself.
+pub fn for_error(e: &SandboxError) -> i32 {
+    match e {
+        SandboxError::Config(ConfigError::Invalid { .. }) => USAGE,
+        SandboxError::Config(ConfigError::MissingAsset { .. } | ConfigError::AssetsDir { .. }) => {
+            ASSETS
+        }
+        SandboxError::NoKvm { .. } | SandboxError::UnsupportedHost { .. } => NO_KVM,
+        SandboxError::Vm { .. }
+        | SandboxError::Vsock { .. }
+        | SandboxError::BootTimeout { .. }
+        | SandboxError::Handshake { .. } => BOOT,
+        SandboxError::GuestDied { op: "boot", .. } => BOOT,
+        SandboxError::GuestDied { .. } => GUEST_DIED,
+        SandboxError::ExecFailed { kind, .. } => match kind {
+            ErrorKind::NotFound => NOT_FOUND,
+            _ => CANNOT_EXEC,
+        },
+        SandboxError::InvalidArgument { .. } => USAGE,
+        SandboxError::Guest { .. }
+        | SandboxError::Timeout { .. }
+        | SandboxError::Protocol { .. }
+        | SandboxError::Io { .. } => INTERNAL,
+        // Future variants: a generic failure.
+        #[allow(unreachable_patterns)]
+        _ => INTERNAL,
+    }
+}
+
+/// Exit code for a command that ran to its end.
+pub fn for_status(status: &kiln::ExitStatus) -> i32 {
+    if status.timed_out {
+        TIMEOUT
+    } else {
+        status.shell_code()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    fn status(code: Option<i32>, signal: Option<i32>, timed_out: bool) -> kiln::ExitStatus {
+        kiln::ExitStatus {
+            code,
+            signal,
+            timed_out,
+            truncated: false,
+        }
+    }
+
+    #[test]
+    fn command_status_maps_to_shell_convention() {
+        assert_eq!(for_status(&status(Some(0), None, false)), 0);
+        assert_eq!(for_status(&status(Some(3), None, false)), 3);
+        assert_eq!(for_status(&status(None, Some(15), false)), 143);
+        assert_eq!(for_status(&status(None, Some(9), true)), TIMEOUT);
+    }
+
+    #[test]
+    fn sandbox_failures_have_distinct_codes() {
+        let vm = || "vm".to_string();
+        let cases = [
+            (
+                SandboxError::Config(ConfigError::MissingAsset {
+                    what: "kernel",
+                    path: PathBuf::from("/x"),
+                    hint: "",
+                }),
+                ASSETS,
+            ),
+            (
+                SandboxError::NoKvm {
+                    vm: vm(),
+                    reason: kiln_vmm::host::NoKvmReason::DeviceMissing {
+                        path: PathBuf::from("/dev/kvm"),
+                    },
+                },
+                NO_KVM,
+            ),
+            (
+                SandboxError::BootTimeout {
+                    vm: vm(),
+                    after: Duration::from_secs(1),
+                    serial_tail: String::new(),
+                },
+                BOOT,
+            ),
+            (
+                SandboxError::GuestDied {
+                    vm: vm(),
+                    op: "exec",
+                    reason: String::new(),
+                    serial_tail: String::new(),
+                },
+                GUEST_DIED,
+            ),
+            (
+                SandboxError::GuestDied {
+                    vm: vm(),
+                    op: "boot",
+                    reason: String::new(),
+                    serial_tail: String::new(),
+                },
+                BOOT,
+            ),
+            (
+                SandboxError::ExecFailed {
+                    vm: vm(),
+                    op: "exec",
+                    program: "x".into(),
+                    kind: ErrorKind::NotADirectory,
+                    message: String::new(),
+                },
+                CANNOT_EXEC,
+            ),
+            (
+                SandboxError::Protocol {
+                    vm: vm(),
+                    op: "exec",
+                    message: String::new(),
+                },
+                INTERNAL,
+            ),
+        ];
+        for (e, code) in cases {
+            assert_eq!(for_error(&e), code, "{e}");
+        }
+        let codes = [
+            USAGE,
+            NO_KVM,
+            ASSETS,
+            BOOT,
+            GUEST_DIED,
+            TIMEOUT,
+            INTERNAL,
+            CANNOT_EXEC,
+            NOT_FOUND,
+        ];
+        let mut sorted = codes.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), codes.len());
+    }
+
+    #[test]
+    fn help_lists_every_code() {
+        for code in [
+            USAGE,
+            NO_KVM,
+            ASSETS,
+            BOOT,
+            GUEST_DIED,
+            TIMEOUT,
+            INTERNAL,
+            CANNOT_EXEC,
+            NOT_FOUND,
+        ] {
+            assert!(
+                HELP.contains(&format!("  {code} ")),
+                "{code} missing from HELP"
+            );
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! `kiln run`: boot a sandbox, run one command, stream its output live (or print a JSON
+//! result) and exit with the command's status. See [`super::exit`] for the codes.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use kiln::config::{DEFAULT_MEMORY_MIB, DEFAULT_VCPUS};
+use kiln::{ExecEvent, ExecOptions, ExitStatus, Sandbox, SandboxConfig, SandboxError, StdinSource};
+use serde::Serialize;
+
+use super::exit;
+
+/// SIGPIPE: sent to the command when our stdout is closed (`kiln run -- yes | head`).
+const SIGPIPE: i32 = 13;
+
+/// `kiln run` arguments.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_VCPUS)]
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = DEFAULT_MEMORY_MIB)]
+    pub memory: u32,
+    /// Kill the command (and all its children) after SECS seconds; exit status 124.
+    #[arg(long, value_name = "SECS", value_parser = super::parse_secs)]
+    pub timeout: Option<Duration>,
+    /// Set an environment variable for the command (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "K=V", value_parser = super::parse_env)]
+    pub env: Vec<(String, String)>,
+    /// Working directory of the command in the guest (default /).
+    #[arg(long, value_name = "DIR")]
+    pub cwd: Option<String>,
+    /// Feed this host file to the command's stdin, or `-` for kiln's own stdin
+    /// (default: /dev/null).
+    #[arg(long, value_name = "FILE|-")]
+    pub stdin: Option<String>,
+    /// Print a one-line timing summary (boot, exec, total) to stderr.
+    #[arg(short, long)]
+    pub verbose: bool,
+    /// Print a JSON result (exit code, signal, timed_out, truncated, timings, output) on
+    /// stdout instead of streaming the output.
+    #[arg(long)]
+    pub json: bool,
+    /// Keep at most BYTES of stdout + stderr (the rest is dropped, `truncated` is set).
+    #[arg(long, value_name = "BYTES")]
+    pub output_cap: Option<u64>,
+    /// Deadline for the guest to boot and its agent to connect.
+    #[arg(long, value_name = "SECS", value_parser = super::parse_secs,
+          default_value = DEFAULT_BOOT_TIMEOUT_SECS)]
+    pub boot_timeout: Duration,
+    /// Guest kernel (default: $KILN_KERNEL or <assets>/guest/vmlinux).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Guest initramfs (default: $KILN_INITRAMFS or <assets>/guest/initramfs.cpio).
+    #[arg(long, value_name = "PATH")]
+    pub initramfs: Option<PathBuf>,
+    /// Extra guest kernel command line.
+    #[arg(long, value_name = "ARGS")]
+    pub cmdline: Option<String>,
+    /// Name of the sandbox (in logs and errors).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The command and its arguments (after `--`).
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        required = true,
+        num_args = 1..,
+        value_name = "CMD"
+    )]
+    pub command: Vec<String>,
+}
+
+/// `--boot-timeout` default, in sync with [`kiln::config::DEFAULT_BOOT_TIMEOUT`] (unit test).
+const DEFAULT_BOOT_TIMEOUT_SECS: &str = "60";
+
+/// Timings of one `kiln run`, in milliseconds.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Timings {
+    /// Sandbox creation: from start to the agent's handshake.
+    pub boot_ms: f64,
+    /// From sending the command to its exit.
+    pub exec_ms: f64,
+    /// The whole run, including stopping the VM.
+    pub total_ms: f64,
+}
+
+/// The `--json` document.
+#[derive(Debug, Serialize)]
+struct JsonResult<'a> {
+    vm: &'a str,
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    timed_out: bool,
+    truncated: bool,
+    status: i32,
+    timings: Timings,
+    stdout: String,
+    stderr: String,
+}
+
+/// The `--json` document when kiln itself failed.
+#[derive(Debug, Serialize)]
+struct JsonError {
+    error: JsonErrorBody,
+}
+
+#[derive(Debug, Serialize)]
+struct JsonErrorBody {
+    status: i32,
+    message: String,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Runs `kiln run`; returns the exit code.
+pub fn run(args: RunArgs) -> i32 {
+    let t0 = Instant::now();
+    let json = args.json;
+    let fail = |status: i32, message: String| -> i32 {
+        eprintln!("kiln: error: {message}");
+        if json {
+            print_json(&JsonError {
+                error: JsonErrorBody { status, message },
+            });
+        }
+        status
+    };
+
+    let boot_timeout = args.boot_timeout;
+    let stdin = match args.stdin.as_deref() {
+        None => StdinSource::Null,
+        Some("-") => StdinSource::Reader(Box::new(io::stdin())),
+        Some(path) => match File::open(path) {
+            Ok(f) => StdinSource::Reader(Box::new(f)),
+            Err(e) => return fail(exit::USAGE, format!("--stdin {path}: {e}")),
+        },
+    };
+    let mut config = SandboxConfig::new()
+        .vcpus(args.vcpus)
+        .memory_mib(args.memory)
+        .boot_timeout(boot_timeout);
+    config.name = args.name;
+    config.kernel = args.kernel;
+    config.initramfs = args.initramfs;
+    if let Some(c) = args.cmdline {
+        config.extra_cmdline = c;
+    }
+
+    let sandbox = match Sandbox::create(config) {
+        Ok(s) => s,
+        Err(e) => return fail(exit::for_error(&e), e.to_string()),
+    };
+    let boot = t0.elapsed();
+
+    let mut opts = ExecOptions {
+        env: args.env,
+        cwd: args.cwd,
+        stdin,
+        timeout: args.timeout,
+        output_cap: Some(args.output_cap),
+    };
+    // The collected JSON result keeps everything unless capped explicitly.
+    if json && args.output_cap.is_none() {
+        opts.output_cap = Some(None);
+    }
+
+    let t_exec = Instant::now();
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    let result = if json {
+        run_collect(&sandbox, &args.command, opts, &mut out, &mut err)
+    } else {
+        run_streaming(&sandbox, &args.command, opts)
+    };
+    let exec = t_exec.elapsed();
+    let name = sandbox.name().to_owned();
+    drop(sandbox);
+    let timings = Timings {
+        boot_ms: ms(boot),
+        exec_ms: ms(exec),
+        total_ms: ms(t0.elapsed()),
+    };
+
+    let status = match result {
+        Ok(s) => s,
+        Err(e) => {
+            if args.verbose {
+                summary(&name, &timings, None);
+            }
+            return fail(exit::for_error(&e), e.to_string());
+        }
+    };
+    let code = exit::for_status(&status);
+    if args.verbose {
+        summary(&name, &timings, Some(&status));
+    }
+    if status.timed_out && !json {
+        eprintln!(
+            "kiln: the command timed out after {:.3}s and was killed",
+            args.timeout.map(|d| d.as_secs_f64()).unwrap_or_default()
+        );
+    }
+    if json {
+        print_json(&JsonResult {
+            vm: &name,
+            exit_code: status.code,
+            signal: status.signal,
+            timed_out: status.timed_out,
+            truncated: status.truncated,
+            status: code,
+            timings,
+            stdout: String::from_utf8_lossy(&out).into_owned(),
+            stderr: String::from_utf8_lossy(&err).into_owned(),
+        });
+    }
+    code
+}
+
+fn summary(name: &str, t: &Timings, status: Option<&ExitStatus>) {
+    let end = match status {
+        Some(s) => match (s.code, s.signal) {
+            (Some(c), _) => format!("exit {c}"),
+            (None, Some(sig)) => format!("signal {sig}"),
+            (None, None) => "no status".into(),
+        },
+        None => "failed".into(),
+    };
+    eprintln!(
+        "kiln: {name}: boot {:.3}s, exec {:.3}s, total {:.3}s, {end}",
+        t.boot_ms / 1e3,
+        t.exec_ms / 1e3,
+        t.total_ms / 1e3
+    );
+}
+
+fn print_json<T: Serialize>(v: &T) {
+    match serde_json::to_string(v) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("kiln: error: encoding the JSON result: {e}"),
+    }
+}
+
+/// Streams the command's output to our stdout/stderr as it arrives.
+fn run_streaming(
+    sandbox: &Sandbox,
+    argv: &[String],
+    opts: ExecOptions,
+) -> Result<ExitStatus, SandboxError> {
+    let mut stream = sandbox.stream_exec_with_options(argv, opts)?;
+    let stdout = io::stdout();
+    let stderr = io::stderr();
+    let mut stdout_open = true;
+    while let Some(ev) = stream.next_event()? {
+        match ev {
+            ExecEvent::Started { .. } => {}
+            ExecEvent::Stdout(d) => {
+                if stdout_open {
+                    let mut o = stdout.lock();
+                    if let Err(e) = o.write_all(&d).and_then(|()| o.flush()) {
+                        stdout_open = false;
+                        if e.kind() == io::ErrorKind::BrokenPipe {
+                            // Like a pipeline: the writer gets SIGPIPE.
+                            let _ = stream.signal(SIGPIPE);
+                        } else {
+                            return Err(SandboxError::Io {
+                                vm: sandbox.name().to_owned(),
+                                op: "writing the command's stdout",
+                                source: e,
+                            });
+                        }
+                    }
+                }
+            }
+            ExecEvent::Stderr(d) => {
+                let mut e = stderr.lock();
+                // A closed stderr is not worth failing the run for.
+                let _ = e.write_all(&d).and_then(|()| e.flush());
+            }
+            ExecEvent::Exit(s) => return Ok(s),
+        }
+    }
+    Err(SandboxError::Protocol {
+        vm: sandbox.name().to_owned(),
+        op: "exec",
+        message: "the event stream ended without an exit status".into(),
+    })
+}
+
+/// Collects the command's output for the JSON result.
+fn run_collect(
+    sandbox: &Sandbox,
+    argv: &[String],
+    opts: ExecOptions,
+    out: &mut Vec<u8>,
+    err: &mut Vec<u8>,
+) -> Result<ExitStatus, SandboxError> {
+    let stream = sandbox.stream_exec_with_options(argv, opts)?;
+    stream.forward(
+        &mut |d| {
+            out.extend_from_slice(d);
+            Ok(())
+        },
+        &mut |d| {
+            err.extend_from_slice(d);
+            Ok(())
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_timeout_default_matches_the_library() {
+        assert_eq!(
+            super::super::parse_secs(DEFAULT_BOOT_TIMEOUT_SECS).unwrap(),
+            kiln::config::DEFAULT_BOOT_TIMEOUT
+        );
+    }
+}

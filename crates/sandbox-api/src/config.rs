@@ -1,0 +1,453 @@
+//! [`SandboxConfig`]: what a sandbox VM looks like (vCPUs, memory, guest kernel and initramfs,
+//! extra kernel command line, boot deadline, name) and its validation.
+//!
+//! Validation happens before anything touches KVM, so a bad configuration fails fast with a
+//! [`ConfigError`] that names the field, and missing guest assets name the xtask command that
+//! builds them.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Most vCPUs a sandbox may have (the VMM's limit).
+pub const MAX_VCPUS: u32 = kiln_vmm::vm::MAX_VCPUS as u32;
+/// Least guest memory (MiB): the kernel plus the initramfs unpacked in RAM need about this.
+pub const MIN_MEMORY_MIB: u32 = 64;
+/// Most guest memory (MiB) (the VMM's limit).
+pub const MAX_MEMORY_MIB: u32 = kiln_vmm::vm::MAX_MEM_MIB as u32;
+/// Longest extra kernel command line (bytes); Linux's x86 limit for the whole line is 2048.
+pub const MAX_EXTRA_CMDLINE: usize = 1024;
+/// Longest sandbox name (bytes).
+pub const MAX_NAME: usize = 64;
+
+/// Default vCPU count.
+pub const DEFAULT_VCPUS: u32 = 1;
+/// Default guest memory (MiB).
+pub const DEFAULT_MEMORY_MIB: u32 = 512;
+/// Default deadline from VM start to the agent's handshake. Generous: under software emulation
+/// (the harness) a boot takes seconds.
+pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default deadline of every non-exec request to the agent.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Errors of configuration validation.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A field is out of range or malformed.
+    #[error("invalid sandbox configuration: {field}: {reason}")]
+    Invalid {
+        /// The field, e.g. `"vcpus"`.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A guest asset (kernel or initramfs) does not exist or is not a file.
+    #[error("guest {what} not found at {}: {hint}", path.display())]
+    MissingAsset {
+        /// `"kernel"` or `"initramfs"`.
+        what: &'static str,
+        /// The path looked at.
+        path: PathBuf,
+        /// What to run to build it.
+        hint: &'static str,
+    },
+    /// The default asset location cannot be computed (no `$HOME`...).
+    #[error("guest {what}: {source} (set {env} or KILN_ASSETS_DIR)")]
+    AssetsDir {
+        /// `"kernel"` or `"initramfs"`.
+        what: &'static str,
+        /// The override variable for this asset.
+        env: &'static str,
+        /// Why the default location is unknown.
+        #[source]
+        source: kiln_vmm::host::HostError,
+    },
+}
+
+/// How to build the guest kernel.
+pub const KERNEL_HINT: &str = "build it with `cargo xtask kernel && cargo xtask build-guest`";
+/// How to build the initramfs.
+pub const INITRAMFS_HINT: &str = "build it with `cargo xtask build-guest`";
+
+/// The configuration of one sandbox VM. Build it with [`SandboxConfig::default`] and the
+/// builder methods, or fill the public fields directly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxConfig {
+    /// Name used in logs and error messages; `None` = `kiln-<pid>-<n>`.
+    pub name: Option<String>,
+    /// Number of vCPUs (1..=[`MAX_VCPUS`]).
+    pub vcpus: u32,
+    /// Guest memory in MiB ([`MIN_MEMORY_MIB`]..=[`MAX_MEMORY_MIB`]).
+    pub memory_mib: u32,
+    /// Guest kernel (ELF vmlinux); `None` = `kiln_vmm::host::default_kernel()`.
+    pub kernel: Option<PathBuf>,
+    /// Guest initramfs (newc cpio); `None` = `kiln_vmm::host::default_initramfs()`.
+    pub initramfs: Option<PathBuf>,
+    /// Appended to the kernel command line the VMM builds (space separated, printable ASCII).
+    pub extra_cmdline: String,
+    /// Deadline from VM start to the agent's `Hello`.
+    pub boot_timeout: Duration,
+    /// Deadline of every non-exec request (ping, file operations) and slack added to an exec's
+    /// own timeout.
+    pub request_timeout: Duration,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        Self {
+            name: None,
+            vcpus: DEFAULT_VCPUS,
+            memory_mib: DEFAULT_MEMORY_MIB,
+            kernel: None,
+            initramfs: None,
+            extra_cmdline: String::new(),
+            boot_timeout: DEFAULT_BOOT_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+        }
+    }
+}
+
+impl SandboxConfig {
+    /// The default configuration.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the name.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Sets the vCPU count.
+    pub fn vcpus(mut self, vcpus: u32) -> Self {
+        self.vcpus = vcpus;
+        self
+    }
+
+    /// Sets the guest memory in MiB.
+    pub fn memory_mib(mut self, mib: u32) -> Self {
+        self.memory_mib = mib;
+        self
+    }
+
+    /// Sets the guest kernel path.
+    pub fn kernel(mut self, path: impl Into<PathBuf>) -> Self {
+        self.kernel = Some(path.into());
+        self
+    }
+
+    /// Sets the initramfs path.
+    pub fn initramfs(mut self, path: impl Into<PathBuf>) -> Self {
+        self.initramfs = Some(path.into());
+        self
+    }
+
+    /// Sets the extra kernel command line.
+    pub fn extra_cmdline(mut self, cmdline: impl Into<String>) -> Self {
+        self.extra_cmdline = cmdline.into();
+        self
+    }
+
+    /// Sets the boot deadline.
+    pub fn boot_timeout(mut self, t: Duration) -> Self {
+        self.boot_timeout = t;
+        self
+    }
+
+    /// Sets the per-request deadline.
+    pub fn request_timeout(mut self, t: Duration) -> Self {
+        self.request_timeout = t;
+        self
+    }
+
+    /// Checks every field and resolves the asset paths (defaults, existence).
+    pub fn validate(&self) -> Result<ResolvedConfig, ConfigError> {
+        self.validate_with(&|what| match what {
+            Asset::Kernel => kiln_vmm::host::default_kernel(),
+            Asset::Initramfs => kiln_vmm::host::default_initramfs(),
+        })
+    }
+
+    fn validate_with(
+        &self,
+        defaults: &dyn Fn(Asset) -> Result<PathBuf, kiln_vmm::host::HostError>,
+    ) -> Result<ResolvedConfig, ConfigError> {
+        let invalid = |field, reason: String| ConfigError::Invalid { field, reason };
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(invalid(
+                "vcpus",
+                format!("{} is not in 1..={MAX_VCPUS}", self.vcpus),
+            ));
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return Err(invalid(
+                "memory_mib",
+                format!(
+                    "{} MiB is not in {MIN_MEMORY_MIB}..={MAX_MEMORY_MIB} MiB",
+                    self.memory_mib
+                ),
+            ));
+        }
+        if self.boot_timeout.is_zero() {
+            return Err(invalid("boot_timeout", "must be greater than zero".into()));
+        }
+        if self.request_timeout.is_zero() {
+            return Err(invalid(
+                "request_timeout",
+                "must be greater than zero".into(),
+            ));
+        }
+        if self.extra_cmdline.len() > MAX_EXTRA_CMDLINE {
+            return Err(invalid(
+                "extra_cmdline",
+                format!(
+                    "{} bytes exceeds the limit of {MAX_EXTRA_CMDLINE}",
+                    self.extra_cmdline.len()
+                ),
+            ));
+        }
+        if let Some(c) = self
+            .extra_cmdline
+            .chars()
+            .find(|c| !(c.is_ascii_graphic() || *c == ' '))
+        {
+            return Err(invalid(
+                "extra_cmdline",
+                format!("contains {c:?}; only printable ASCII and spaces are allowed"),
+            ));
+        }
+        let name = match &self.name {
+            Some(n) => {
+                if n.is_empty() || n.len() > MAX_NAME {
+                    return Err(invalid(
+                        "name",
+                        format!("must be 1..={MAX_NAME} bytes, got {}", n.len()),
+                    ));
+                }
+                if let Some(c) = n
+                    .chars()
+                    .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+                {
+                    return Err(invalid(
+                        "name",
+                        format!("contains {c:?}; use letters, digits, '-', '_' and '.'"),
+                    ));
+                }
+                n.clone()
+            }
+            None => default_name(),
+        };
+        let kernel = resolve_asset(self.kernel.as_deref(), Asset::Kernel, defaults)?;
+        let initramfs = resolve_asset(self.initramfs.as_deref(), Asset::Initramfs, defaults)?;
+        Ok(ResolvedConfig {
+            name,
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            kernel,
+            initramfs,
+            extra_cmdline: self.extra_cmdline.trim().to_owned(),
+            boot_timeout: self.boot_timeout,
+            request_timeout: self.request_timeout,
+        })
+    }
+}
+
+/// A validated configuration: every path resolved and checked to be a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedConfig {
+    /// The sandbox's name.
+    pub name: String,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Guest memory (MiB).
+    pub memory_mib: u32,
+    /// The guest kernel.
+    pub kernel: PathBuf,
+    /// The initramfs.
+    pub initramfs: PathBuf,
+    /// Extra kernel command line (trimmed).
+    pub extra_cmdline: String,
+    /// Boot deadline.
+    pub boot_timeout: Duration,
+    /// Request deadline.
+    pub request_timeout: Duration,
+}
+
+/// Which guest asset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Asset {
+    Kernel,
+    Initramfs,
+}
+
+impl Asset {
+    fn what(self) -> &'static str {
+        match self {
+            Asset::Kernel => "kernel",
+            Asset::Initramfs => "initramfs",
+        }
+    }
+
+    fn env(self) -> &'static str {
+        match self {
+            Asset::Kernel => "KILN_KERNEL",
+            Asset::Initramfs => "KILN_INITRAMFS",
+        }
+    }
+
+    fn hint(self) -> &'static str {
+        match self {
+            Asset::Kernel => KERNEL_HINT,
+            Asset::Initramfs => INITRAMFS_HINT,
+        }
+    }
+}
+
+fn resolve_asset(
+    explicit: Option<&Path>,
+    asset: Asset,
+    defaults: &dyn Fn(Asset) -> Result<PathBuf, kiln_vmm::host::HostError>,
+) -> Result<PathBuf, ConfigError> {
+    let path = match explicit {
+        Some(p) => p.to_path_buf(),
+        None => defaults(asset).map_err(|source| ConfigError::AssetsDir {
+            what: asset.what(),
+            env: asset.env(),
+            source,
+        })?,
+    };
+    if !path.is_file() {
+        return Err(ConfigError::MissingAsset {
+            what: asset.what(),
+            path,
+            hint: asset.hint(),
+        });
+    }
+    Ok(path)
+}
+
+fn default_name() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "kiln-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_assets() -> (tempfile::TempDir, SandboxConfig) {
+        let dir = tempfile::tempdir().unwrap();
+        let k = dir.path().join("vmlinux");
+        let i = dir.path().join("initramfs.cpio");
+        std::fs::write(&k, b"k").unwrap();
+        std::fs::write(&i, b"i").unwrap();
+        let cfg = SandboxConfig::new().kernel(k).initramfs(i);
+        (dir, cfg)
+    }
+
+    fn field_of(e: ConfigError) -> &'static str {
+        match e {
+            ConfigError::Invalid { field, .. } => field,
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_validate_with_existing_assets() {
+        let (_d, cfg) = with_assets();
+        let r = cfg.validate().unwrap();
+        assert_eq!(r.vcpus, DEFAULT_VCPUS);
+        assert_eq!(r.memory_mib, DEFAULT_MEMORY_MIB);
+        assert!(r.name.starts_with(&format!("kiln-{}-", std::process::id())));
+    }
+
+    #[test]
+    fn default_names_are_unique() {
+        assert_ne!(default_name(), default_name());
+    }
+
+    #[test]
+    fn out_of_range_fields_are_named() {
+        let (_d, cfg) = with_assets();
+        assert_eq!(
+            field_of(cfg.clone().vcpus(0).validate().unwrap_err()),
+            "vcpus"
+        );
+        assert_eq!(
+            field_of(cfg.clone().vcpus(MAX_VCPUS + 1).validate().unwrap_err()),
+            "vcpus"
+        );
+        assert_eq!(
+            field_of(cfg.clone().memory_mib(8).validate().unwrap_err()),
+            "memory_mib"
+        );
+        assert_eq!(
+            field_of(
+                cfg.clone()
+                    .boot_timeout(Duration::ZERO)
+                    .validate()
+                    .unwrap_err()
+            ),
+            "boot_timeout"
+        );
+        assert_eq!(
+            field_of(cfg.clone().extra_cmdline("a\nb").validate().unwrap_err()),
+            "extra_cmdline"
+        );
+        assert_eq!(
+            field_of(
+                cfg.clone()
+                    .extra_cmdline("x".repeat(MAX_EXTRA_CMDLINE + 1))
+                    .validate()
+                    .unwrap_err()
+            ),
+            "extra_cmdline"
+        );
+        assert_eq!(
+            field_of(cfg.clone().name("a b").validate().unwrap_err()),
+            "name"
+        );
+        assert_eq!(field_of(cfg.name("").validate().unwrap_err()), "name");
+    }
+
+    #[test]
+    fn missing_assets_name_the_xtask_command() {
+        let (dir, cfg) = with_assets();
+        let missing = dir.path().join("nope");
+        let e = cfg.clone().kernel(&missing).validate().unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(
+            e,
+            ConfigError::MissingAsset { what: "kernel", .. }
+        ));
+        assert!(msg.contains("cargo xtask kernel"), "{msg}");
+        assert!(msg.contains(&missing.display().to_string()), "{msg}");
+        let e = cfg.initramfs(dir.path()).validate().unwrap_err();
+        assert!(e.to_string().contains("cargo xtask build-guest"));
+    }
+
+    #[test]
+    fn defaults_come_from_the_lookup() {
+        let (dir, _) = with_assets();
+        let base = dir.path().to_path_buf();
+        let lookup = move |a: Asset| -> Result<PathBuf, kiln_vmm::host::HostError> {
+            Ok(base.join(match a {
+                Asset::Kernel => "vmlinux",
+                Asset::Initramfs => "initramfs.cpio",
+            }))
+        };
+        let r = SandboxConfig::new().validate_with(&lookup).unwrap();
+        assert_eq!(r.kernel, dir.path().join("vmlinux"));
+        assert_eq!(r.initramfs, dir.path().join("initramfs.cpio"));
+        let no_home = |_a: Asset| -> Result<PathBuf, kiln_vmm::host::HostError> {
+            Err(kiln_vmm::host::HostError::NoAssetsDir)
+        };
+        let e = SandboxConfig::new().validate_with(&no_home).unwrap_err();
+        assert!(e.to_string().contains("KILN_KERNEL"), "{e}");
+    }
+}

@@ -1,0 +1,260 @@
+//! [`SandboxError`]: every failure of the public API, naming the sandbox (VM) and the operation
+//! and, when the guest died, quoting the tail of its serial console.
+
+use std::fmt;
+use std::time::Duration;
+
+use kiln_proto::ErrorKind;
+
+use crate::config::ConfigError;
+
+/// Bytes of serial console quoted in errors about a dead guest.
+pub const SERIAL_TAIL_BYTES: usize = 2048;
+
+/// Errors of the sandbox API.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The configuration is invalid or a guest asset is missing.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+
+    /// This host has no usable KVM (missing device, no permission...).
+    #[error("sandbox {vm}: cannot use KVM: {reason}")]
+    NoKvm {
+        /// The sandbox.
+        vm: String,
+        /// Why.
+        reason: kiln_vmm::host::NoKvmReason,
+    },
+
+    /// /dev/kvm works but cannot boot Linux guests (kvm-pvm without VMX/SVM).
+    #[error(
+        "sandbox {vm}: this host's /dev/kvm is kvm-pvm (no VMX/SVM) and cannot boot the Linux \
+         guest; run through the emulated-virtualization harness instead: \
+         `cargo xtask run -- CMD` (set KILN_ALLOW_PVM=1 to try anyway)"
+    )]
+    UnsupportedHost {
+        /// The sandbox.
+        vm: String,
+    },
+
+    /// The VMM failed (creating, starting or stopping the VM).
+    #[error("sandbox {vm}: {op}: {source}{}", tail(.serial_tail))]
+    Vm {
+        /// The sandbox.
+        vm: String,
+        /// The operation.
+        op: &'static str,
+        /// The VMM's error (boxed: it is large).
+        #[source]
+        source: Box<kiln_vmm::VmError>,
+        /// The end of the serial console, when there was any output.
+        serial_tail: String,
+    },
+
+    /// The vsock host endpoint failed.
+    #[error("sandbox {vm}: {op}: {source}")]
+    Vsock {
+        /// The sandbox.
+        vm: String,
+        /// The operation.
+        op: &'static str,
+        /// The vsock error.
+        #[source]
+        source: kiln_vmm::virtio::vsock::VsockError,
+    },
+
+    /// The agent did not connect within the boot deadline.
+    #[error(
+        "sandbox {vm}: the guest agent did not connect within {after:?}{}",
+        tail(.serial_tail)
+    )]
+    BootTimeout {
+        /// The sandbox.
+        vm: String,
+        /// The deadline.
+        after: Duration,
+        /// The end of the serial console.
+        serial_tail: String,
+    },
+
+    /// The agent connected but its handshake was wrong (protocol version...).
+    #[error("sandbox {vm}: handshake with the guest agent failed: {reason}{}", tail(.serial_tail))]
+    Handshake {
+        /// The sandbox.
+        vm: String,
+        /// What went wrong.
+        reason: String,
+        /// The end of the serial console.
+        serial_tail: String,
+    },
+
+    /// The guest VM ended (or its agent connection broke) while an operation was running.
+    #[error("sandbox {vm}: the guest died during {op}: {reason}{}", tail(.serial_tail))]
+    GuestDied {
+        /// The sandbox.
+        vm: String,
+        /// The operation.
+        op: &'static str,
+        /// What was observed (VM exit reason, connection error).
+        reason: String,
+        /// The end of the serial console.
+        serial_tail: String,
+    },
+
+    /// The command could not be started in the guest (not found, not executable, bad cwd...).
+    #[error("sandbox {vm}: {op} {program:?}: {message}")]
+    ExecFailed {
+        /// The sandbox.
+        vm: String,
+        /// The operation.
+        op: &'static str,
+        /// argv\[0\].
+        program: String,
+        /// The agent's error kind.
+        kind: ErrorKind,
+        /// The agent's error text.
+        message: String,
+    },
+
+    /// The agent answered an operation with an error (file not found...).
+    #[error("sandbox {vm}: {op} failed in the guest ({kind:?}): {message}")]
+    Guest {
+        /// The sandbox.
+        vm: String,
+        /// The operation.
+        op: &'static str,
+        /// The agent's error kind.
+        kind: ErrorKind,
+        /// The agent's error text.
+        message: String,
+    },
+
+    /// The agent did not answer in time although the VM is still running.
+    #[error("sandbox {vm}: {op}: no response from the guest agent within {after:?}")]
+    Timeout {
+        /// The sandbox.
+        vm: String,
+        /// The operation.
+        op: &'static str,
+        /// The deadline.
+        after: Duration,
+    },
+
+    /// The agent broke the protocol (unexpected response, malformed frame...).
+    #[error("sandbox {vm}: {op}: protocol error: {message}")]
+    Protocol {
+        /// The sandbox.
+        vm: String,
+        /// The operation.
+        op: &'static str,
+        /// What went wrong.
+        message: String,
+    },
+
+    /// A host-side I/O error (reading a stdin source, writing output...).
+    #[error("sandbox {vm}: {op}: {source}")]
+    Io {
+        /// The sandbox.
+        vm: String,
+        /// The operation.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The call itself was invalid (empty argv, path not UTF-8...).
+    #[error("sandbox {vm}: {op}: {message}")]
+    InvalidArgument {
+        /// The sandbox.
+        vm: String,
+        /// The operation.
+        op: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl SandboxError {
+    /// The agent's error kind, for errors the guest reported.
+    pub fn guest_kind(&self) -> Option<ErrorKind> {
+        match self {
+            Self::ExecFailed { kind, .. } | Self::Guest { kind, .. } => Some(*kind),
+            _ => None,
+        }
+    }
+
+    /// True when the guest VM (or its agent) is gone and the sandbox is unusable.
+    pub fn is_guest_death(&self) -> bool {
+        matches!(self, Self::GuestDied { .. })
+    }
+
+    /// True for "no such file" answers from the guest.
+    pub fn is_not_found(&self) -> bool {
+        self.guest_kind() == Some(ErrorKind::NotFound)
+    }
+}
+
+/// Formats a serial tail for an error message (empty when there is none).
+fn tail(serial_tail: &str) -> SerialTail<'_> {
+    SerialTail(serial_tail)
+}
+
+struct SerialTail<'a>(&'a str);
+
+impl fmt::Display for SerialTail<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let t = self.0.trim_end();
+        if t.is_empty() {
+            return Ok(());
+        }
+        write!(f, "\n--- last serial console output ---\n{t}\n---")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_death_quotes_the_serial_tail() {
+        let e = SandboxError::GuestDied {
+            vm: "vm1".into(),
+            op: "exec",
+            reason: "the VM shut down".into(),
+            serial_tail: "Kernel panic - not syncing\n".into(),
+        };
+        let s = e.to_string();
+        assert!(s.starts_with("sandbox vm1: the guest died during exec: the VM shut down"));
+        assert!(s.contains("Kernel panic - not syncing"), "{s}");
+        assert!(e.is_guest_death());
+    }
+
+    #[test]
+    fn empty_tail_adds_nothing() {
+        let e = SandboxError::BootTimeout {
+            vm: "v".into(),
+            after: Duration::from_secs(2),
+            serial_tail: "  \n".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "sandbox v: the guest agent did not connect within 2s"
+        );
+    }
+
+    #[test]
+    fn guest_errors_expose_their_kind() {
+        let e = SandboxError::Guest {
+            vm: "v".into(),
+            op: "read_file",
+            kind: ErrorKind::NotFound,
+            message: "/nope: No such file or directory".into(),
+        };
+        assert!(e.is_not_found());
+        assert!(e
+            .to_string()
+            .contains("read_file failed in the guest (NotFound)"));
+    }
+}

@@ -1,0 +1,224 @@
+//! Tier-4: the `kiln` CLI end to end — `kiln run -- uname -a`, env/cwd/stdin, exit codes
+//! and signals, `--json`, `-v`, and the distinct exit codes of its own failures (unknown
+//! command, timeout, guest death, missing assets, invalid flags). Spawns the built
+//! `target/<profile>/kiln`.
+
+mod sandbox_common;
+
+use sandbox_common::{describe, run_kiln};
+
+/// Flags every booting test passes: generous deadlines for software emulation.
+const BOOT: &[&str] = &["run", "--boot-timeout", "180"];
+
+fn args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v: Vec<&str> = BOOT.to_vec();
+    v.extend_from_slice(extra);
+    v
+}
+
+#[test]
+fn kiln_run_uname_a() {
+    kiln_tests::require_tier4();
+    let o = run_kiln(&args(&["-v", "--", "uname", "-a"]), &[], None);
+    assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.starts_with("Linux "), "{}", describe(&o));
+    // -v: one timing line on stderr.
+    let err = String::from_utf8_lossy(&o.stderr);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("kiln: "))
+        .unwrap_or_else(|| panic!("no summary line: {}", describe(&o)));
+    for part in ["boot ", "exec ", "total ", "exit 0"] {
+        assert!(line.contains(part), "{line}");
+    }
+}
+
+#[test]
+fn kiln_run_env_cwd_and_stdin() {
+    kiln_tests::require_tier4();
+    let o = run_kiln(
+        &args(&[
+            "--env",
+            "A=hello",
+            "-e",
+            "B=x=y",
+            "--cwd",
+            "/tmp",
+            "--stdin",
+            "-",
+            "--",
+            "sh",
+            "-c",
+            "echo \"$A $B\"; pwd; cat",
+        ]),
+        &[],
+        Some(b"from the host's stdin\n"),
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "hello x=y\n/tmp\nfrom the host's stdin\n",
+        "{}",
+        describe(&o)
+    );
+}
+
+#[test]
+fn kiln_run_stdin_from_a_file() {
+    kiln_tests::require_tier4();
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("in.txt");
+    std::fs::write(&f, "line 1\nline 2\n").unwrap();
+    let path = f.to_str().unwrap();
+    let o = run_kiln(&args(&["--stdin", path, "--", "wc", "-l"]), &[], None);
+    assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "2");
+}
+
+#[test]
+fn kiln_run_exit_codes_and_signals() {
+    kiln_tests::require_tier4();
+    let o = run_kiln(
+        &args(&["--", "sh", "-c", "echo out; echo err >&2; exit 7"]),
+        &[],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(7), "{}", describe(&o));
+    assert_eq!(o.stdout, b"out\n");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("err\n"));
+    let o = run_kiln(&args(&["--", "sh", "-c", "kill -KILL $$"]), &[], None);
+    assert_eq!(o.status.code(), Some(137), "{}", describe(&o));
+}
+
+#[test]
+fn kiln_run_unknown_command_is_127_with_the_guest_text() {
+    kiln_tests::require_tier4();
+    let o = run_kiln(&args(&["--", "no-such-command-kiln"]), &[], None);
+    assert_eq!(o.status.code(), Some(127), "{}", describe(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("no-such-command-kiln") && err.contains("not found"),
+        "{}",
+        describe(&o)
+    );
+}
+
+#[test]
+fn kiln_run_timeout_is_124() {
+    kiln_tests::require_tier4();
+    let o = run_kiln(&args(&["--timeout", "2", "--", "sleep", "1000"]), &[], None);
+    assert_eq!(o.status.code(), Some(124), "{}", describe(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("timed out"),
+        "{}",
+        describe(&o)
+    );
+}
+
+#[test]
+fn kiln_run_json_result() {
+    kiln_tests::require_tier4();
+    let o = run_kiln(
+        &args(&[
+            "--json",
+            "--",
+            "sh",
+            "-c",
+            "printf 'a\"b'; echo e >&2; exit 3",
+        ]),
+        &[],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", describe(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let line = out.trim();
+    assert!(line.starts_with('{') && line.ends_with('}'), "{line}");
+    for field in [
+        "\"exit_code\":3",
+        "\"signal\":null",
+        "\"timed_out\":false",
+        "\"truncated\":false",
+        "\"status\":3",
+        "\"stdout\":\"a\\\"b\"",
+        "\"stderr\":\"e\\n\"",
+        "\"boot_ms\":",
+        "\"exec_ms\":",
+        "\"total_ms\":",
+    ] {
+        assert!(line.contains(field), "{field} missing in {line}");
+    }
+}
+
+#[test]
+fn kiln_run_guest_death_is_123() {
+    kiln_tests::require_tier4();
+    let o = run_kiln(&args(&["--", "reboot", "-f"]), &[], None);
+    assert_eq!(o.status.code(), Some(123), "{}", describe(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("guest died"),
+        "{}",
+        describe(&o)
+    );
+}
+
+#[test]
+fn kiln_run_missing_assets_is_121_and_names_the_xtask_command() {
+    kiln_tests::require_tier4();
+    let o = run_kiln(
+        &args(&["--", "true"]),
+        &[("KILN_KERNEL", "/nonexistent/vmlinux")],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(121), "{}", describe(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("/nonexistent/vmlinux") && err.contains("cargo xtask kernel"),
+        "{}",
+        describe(&o)
+    );
+    let o = run_kiln(
+        &args(&["--", "true"]),
+        &[("KILN_INITRAMFS", "/nonexistent/initramfs.cpio")],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(121), "{}", describe(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cargo xtask build-guest"));
+}
+
+#[test]
+fn kiln_invalid_flags_are_2() {
+    kiln_tests::require_tier4();
+    for bad in [
+        vec!["run", "--vcpus", "many", "--", "true"],
+        vec!["run", "--env", "NOEQUALS", "--", "true"],
+        vec!["run"],
+        vec!["no-such-subcommand"],
+    ] {
+        let o = run_kiln(&bad, &[], None);
+        assert_eq!(o.status.code(), Some(2), "{bad:?}: {}", describe(&o));
+    }
+    // Out-of-range values are caught before booting, with the field named.
+    let o = run_kiln(&["run", "--vcpus", "0", "--", "true"], &[], None);
+    assert_eq!(o.status.code(), Some(2), "{}", describe(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("vcpus"));
+}
+
+#[test]
+fn kiln_doctor_reports_a_ready_host() {
+    kiln_tests::require_tier4();
+    let o = run_kiln(&["doctor"], &[], None);
+    assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("hardware virtualization"), "{out}");
+    assert!(out.contains("/dev/kvm"), "{out}");
+    assert!(out.contains("ready"), "{out}");
+    // A missing asset makes it exit 121 with the build command.
+    let o = run_kiln(
+        &["doctor"],
+        &[("KILN_INITRAMFS", "/nonexistent/i.cpio")],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(121), "{}", describe(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("cargo xtask build-guest"));
+}
