@@ -1,8 +1,8 @@
 //! `cargo xtask build-guest`: builds the static kiln-agent and packs the guest initramfs.
 //!
-//! The initramfs (`<assets>/guest/initramfs.cpio`, uncompressed newc) holds `/init` = the agent,
-//! `/bin/busybox` from Debian's `busybox-static` with a symlink per applet, the usual empty
-//! directories, and the `/dev/console` and `/dev/null` nodes (the kernel opens `/dev/console`
+//! The initramfs (`<assets>/guest/initramfs.cpio`, uncompressed newc) holds `/init` = the
+//! agent (debug info stripped), `/bin/busybox` from Debian's `busybox-static` with a symlink per
+//! applet, the usual empty directories, and the `/dev/console` and `/dev/null` nodes (the kernel opens `/dev/console`
 //! for PID 1 before devtmpfs can be mounted). It is rebuilt only when the agent or busybox
 //! changed (a key of their hashes is stored beside it).
 
@@ -25,7 +25,7 @@ const GNU_TARGET: &str = "x86_64-unknown-linux-gnu";
 const BUSYBOX_PACKAGE: &str = "busybox-static";
 const BUSYBOX: &str = "/bin/busybox";
 /// Bump when the initramfs layout changes so that cached archives are rebuilt.
-const LAYOUT_VERSION: u32 = 1;
+const LAYOUT_VERSION: u32 = 2;
 
 /// Directories every initramfs has (besides those busybox applets need).
 const DIRS: &[(&str, u32)] = &[
@@ -69,7 +69,7 @@ pub fn ensure() -> Result<GuestArtifacts> {
         fs::read(&agent).with_context(|| format!("reading the agent {}", agent.display()))?;
     check_static_elf(&agent_bytes).with_context(|| format!("checking {}", agent.display()))?;
 
-    util::ensure_packages(&[BUSYBOX_PACKAGE])?;
+    util::ensure_packages(&[BUSYBOX_PACKAGE, "binutils"])?;
     let busybox_bytes = fs::read(BUSYBOX).with_context(|| format!("reading {BUSYBOX}"))?;
     check_static_elf(&busybox_bytes).with_context(|| {
         format!("checking {BUSYBOX} (is Debian's dynamic `busybox` installed instead of {BUSYBOX_PACKAGE}?)")
@@ -92,7 +92,9 @@ pub fn ensure() -> Result<GuestArtifacts> {
 
     let pb = util::spinner("packing the initramfs");
     let applets = busybox_applets()?;
-    let entries = layout(&applets, agent_bytes, busybox_bytes)?;
+    let init = stripped(&agent, &guest)?;
+    check_static_elf(&init).context("checking the stripped agent")?;
+    let entries = layout(&applets, init, busybox_bytes)?;
     let count = entries.len();
     let tmp = guest.join(format!("initramfs.cpio.tmp-{}", std::process::id()));
     let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
@@ -119,6 +121,23 @@ pub fn ensure() -> Result<GuestArtifacts> {
         initramfs.display()
     );
     Ok(GuestArtifacts { initramfs, agent })
+}
+
+/// The agent without debug info (symbols stay for backtraces): ~5x smaller, so the guest
+/// kernel has less to unpack at every boot.
+fn stripped(agent: &Path, scratch_dir: &Path) -> Result<Vec<u8>> {
+    let out = scratch_dir.join(format!(".init.stripped-{}", std::process::id()));
+    util::run(
+        Command::new("strip")
+            .arg("--strip-debug")
+            .arg("-o")
+            .arg(&out)
+            .arg(agent),
+    )
+    .context("stripping the agent's debug info")?;
+    let bytes = fs::read(&out).with_context(|| format!("reading {}", out.display()));
+    let _ = fs::remove_file(&out);
+    bytes
 }
 
 fn cargo() -> Command {
