@@ -253,12 +253,21 @@ fn spawn_worker(agent: &Arc<Agent>, conn: &Arc<ConnWriter>, id: u64, body: Reque
         .name(format!("req-{id}"))
         .spawn(move || {
             let _slot = WorkerSlot(&a2.workers);
-            match body {
-                Request::Exec(req) => a2.exec.run(req, c2, id),
+            let c3 = Arc::clone(&c2);
+            let exec = &a2.exec;
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || match body {
+                Request::Exec(req) => exec.run(req, c3, id),
                 other => {
                     let r = files::handle(&other);
-                    c2.send(id, r);
+                    c3.send(id, r);
                 }
+            }));
+            if ran.is_err() {
+                // A bug, not the peer's fault: still answer, so the host does not wait forever.
+                c2.send(
+                    id,
+                    Response::error(ErrorKind::Io, format!("{name}: internal agent error")),
+                );
             }
         });
     if let Err(e) = spawned {

@@ -43,8 +43,11 @@ const DRAIN_GRACE: Duration = Duration::from_millis(200);
 const TICK: Duration = Duration::from_millis(100);
 /// How long to wait for the kernel to deliver the exit of a SIGKILLed leader.
 const KILL_GRACE: Duration = Duration::from_secs(5);
-/// Read size for the output pipes.
-const READ_BUF: usize = 64 * 1024;
+/// Read size for the output pipes: one full protocol chunk.
+const READ_BUF: usize = MAX_CHUNK;
+/// Requested capacity of the output pipes (the kernel default is 64 KiB; unprivileged
+/// processes may go up to /proc/sys/fs/pipe-max-size, 1 MiB by default). Fewer, larger reads.
+const PIPE_SIZE: libc::c_int = 1024 * 1024;
 
 /// Errors of starting an exec.
 #[derive(Debug, thiserror::Error)]
@@ -328,6 +331,10 @@ fn fork_exec(
     };
     let (out_r, out_w) = pipe2(OFlag::O_CLOEXEC).map_err(ExecError::Pipe)?;
     let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).map_err(ExecError::Pipe)?;
+    for fd in [&out_r, &err_r] {
+        // SAFETY: F_SETPIPE_SZ on a pipe we own; failure only leaves the default size.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
+    }
     let (st_r, st_w) = pipe2(OFlag::O_CLOEXEC).map_err(ExecError::Pipe)?;
 
     let child_in = in_r
@@ -558,7 +565,10 @@ impl ExecContext {
             },
         };
         drop(conn);
-        let deadline = req.timeout_ms.map(|t| start + Duration::from_millis(t));
+        // A timeout too large to represent is no timeout.
+        let deadline = req
+            .timeout_ms
+            .and_then(|t| start.checked_add(Duration::from_millis(t)));
         let status = pump(
             pid,
             pipes.stdout,
@@ -864,7 +874,6 @@ fn pump(
             if allowed > 0 {
                 sent += allowed as u64;
                 let data = buf[..allowed].to_vec();
-                debug_assert!(data.len() <= MAX_CHUNK);
                 sink.send(if i == 0 {
                     Response::Stdout(data)
                 } else {

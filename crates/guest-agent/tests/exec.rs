@@ -361,3 +361,14 @@ fn orphans_are_reaped() {
     // And the exec engine still gets its own statuses afterwards.
     assert_eq!(c.exec(sh("exit 5")).unwrap().status.code, Some(5));
 }
+
+#[test]
+fn huge_timeout_is_no_timeout() {
+    let agent = Agent::start();
+    let c = agent.client();
+    let mut req = sh("echo ok");
+    req.timeout_ms = Some(u64::MAX);
+    let out = c.exec(req).unwrap();
+    assert_eq!(out.stdout, b"ok\n");
+    assert!(!out.status.timed_out);
+}

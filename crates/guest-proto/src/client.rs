@@ -269,8 +269,8 @@ impl Client {
     /// Send one request and wait for its single response (an `Error` becomes `Remote`).
     pub fn call(&self, op: &'static str, body: Request) -> Result<Response, ClientError> {
         let (id, rx) = self.send(op, body, false)?;
-        let deadline = Instant::now() + self.shared.config.request_timeout;
-        match self.recv(op, id, &rx, Some(deadline))? {
+        let deadline = Instant::now().checked_add(self.shared.config.request_timeout);
+        match self.recv(op, id, &rx, deadline)? {
             Response::Error { kind, message } => Err(ClientError::Remote { op, kind, message }),
             r => Ok(r),
         }
@@ -299,8 +299,10 @@ impl Client {
                 message: "background execs start with Client::spawn".into(),
             });
         }
-        let deadline = req.timeout_ms.map(|t| {
-            Instant::now() + Duration::from_millis(t) + self.shared.config.request_timeout
+        let deadline = req.timeout_ms.and_then(|t| {
+            Instant::now()
+                .checked_add(Duration::from_millis(t))?
+                .checked_add(self.shared.config.request_timeout)
         });
         let (id, rx) = self.send("exec", Request::Exec(req), true)?;
         Ok(ExecStream::new(self.clone(), "exec", id, rx, deadline))
@@ -402,8 +404,8 @@ impl Client {
             let Some((id, _off, rx, want)) = inflight.pop_front() else {
                 break;
             };
-            let deadline = Instant::now() + self.shared.config.request_timeout;
-            match self.recv(OP, id, &rx, Some(deadline))? {
+            let deadline = Instant::now().checked_add(self.shared.config.request_timeout);
+            match self.recv(OP, id, &rx, deadline)? {
                 Response::Data { data, eof } => {
                     if data.len() as u64 > want {
                         return Err(ClientError::Unexpected {
@@ -495,8 +497,8 @@ impl Client {
         let Some((id, rx, n)) = inflight.pop_front() else {
             return Ok(());
         };
-        let deadline = Instant::now() + self.shared.config.request_timeout;
-        match self.recv(OP, id, &rx, Some(deadline))? {
+        let deadline = Instant::now().checked_add(self.shared.config.request_timeout);
+        match self.recv(OP, id, &rx, deadline)? {
             Response::Written { len } if len == n as u64 => Ok(()),
             Response::Written { .. } => Err(ClientError::Unexpected {
                 op: OP,
