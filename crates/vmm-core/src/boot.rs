@@ -153,6 +153,14 @@ fn load_initramfs(
     Ok((addr, size))
 }
 
+/// A kernel (and initramfs) loaded into guest memory, before the boot information is written.
+#[derive(Debug)]
+pub struct LoadedKernel {
+    res: linux_loader::loader::KernelLoaderResult,
+    bzimage: bool,
+    initrd: Option<(u64, u64)>,
+}
+
 /// Loads kernel, initramfs and command line into `mem` and writes the boot information.
 pub fn load(
     mem: &GuestMemoryMmap,
@@ -161,6 +169,18 @@ pub fn load(
     initramfs: Option<&Path>,
     cmdline: &Cmdline,
 ) -> Result<BootEntry, BootError> {
+    let loaded = load_kernel(mem, mem_mib, kernel, initramfs)?;
+    write_boot_info(mem, mem_mib, loaded, cmdline)
+}
+
+/// Loads the kernel image and the initramfs into `mem` (the part that does not depend on the
+/// command line, so it can run while devices are still being set up).
+pub fn load_kernel(
+    mem: &GuestMemoryMmap,
+    mem_mib: u64,
+    kernel: &Path,
+    initramfs: Option<&Path>,
+) -> Result<LoadedKernel, BootError> {
     let mut f = File::open(kernel).map_err(read_err(kernel))?;
     let mut magic = [0u8; 4];
     f.read_exact(&mut magic).map_err(read_err(kernel))?;
@@ -186,6 +206,26 @@ pub fn load(
         Some(p) => Some(load_initramfs(mem, mem_mib, p, res.kernel_end)?),
         None => None,
     };
+    Ok(LoadedKernel {
+        res,
+        bzimage,
+        initrd,
+    })
+}
+
+/// Writes the command line and the boot information (PVH `hvm_start_info` or the Linux zero
+/// page) for a loaded kernel; returns how to enter it.
+pub fn write_boot_info(
+    mem: &GuestMemoryMmap,
+    mem_mib: u64,
+    loaded: LoadedKernel,
+    cmdline: &Cmdline,
+) -> Result<BootEntry, BootError> {
+    let LoadedKernel {
+        res,
+        bzimage,
+        initrd,
+    } = loaded;
     load_cmdline(mem, GuestAddress(CMDLINE_START), cmdline).map_err(BootError::CmdlineWrite)?;
     let cmdline_len = cmdline.as_cstring()?.as_bytes().len() as u32;
     let e820 = e820_map(mem_mib);

@@ -502,99 +502,41 @@ impl Vm {
         let kvm = kvm(&name)?;
         let vm_fd = kvm.create_vm().map_err(kvm_err("create VM"))?;
 
-        // Memory first: on some hosts the memslot update is cheapest before the irqchip exists.
         let mem = memory::create_guest_memory(cfg.mem_mib).map_err(|source| VmError::Memory {
             vm: name.clone(),
             source,
         })?;
-        for (slot, region) in mem.iter().enumerate() {
-            let r = kvm_userspace_memory_region {
-                slot: slot as u32,
-                guest_phys_addr: region.start_addr().raw_value(),
-                memory_size: region.len(),
-                userspace_addr: region.as_ptr() as u64,
-                flags: 0,
-            };
-            // SAFETY: the region is a live mapping owned by `mem`, which outlives the VM fd
-            // (the Vm drops vm_fd before memory).
-            unsafe { vm_fd.set_user_memory_region(r) }.map_err(kvm_err("set memory region"))?;
-        }
-        vm_fd
-            .set_tss_address(memory::KVM_TSS_ADDRESS as usize)
-            .map_err(kvm_err("set TSS address"))?;
-        vm_fd
-            .set_identity_map_address(memory::KVM_IDENTITY_MAP_ADDRESS)
-            .map_err(kvm_err("set identity map address"))?;
-        vm_fd.create_irq_chip().map_err(kvm_err("create irqchip"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm_fd.create_pit2(pit).map_err(kvm_err("create PIT"))?;
-
-        // Serial console on COM1, IRQ 4.
-        let console = Arc::new(Console::new(&name, cfg.serial_ring_bytes, cfg.serial_log));
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("serial eventfd"))?;
-        vm_fd
-            .register_irqfd(&serial_irq, COM1_IRQ)
-            .map_err(kvm_err("register serial irqfd"))?;
-        let mut pio = Bus::new();
-        let serial: SharedDevice =
-            Arc::new(Mutex::new(SerialDevice::new(serial_irq, console.clone())));
-        pio.insert(COM1_PORT, COM1_LEN, serial)
-            .map_err(|source| VmError::Bus {
-                vm: name.clone(),
-                source,
-            })?;
-
-        // Devices.
-        let mut mmio = Bus::new();
-        let mut events = DeviceEventManager::new().map_err(|e| VmError::Os {
-            vm: name.clone(),
-            what: "device event manager",
-            source: std::io::Error::other(format!("{e:?}")),
-        })?;
-        let mut cmdline_parts = Vec::new();
-        let mut ctx = DeviceContext {
-            vm_name: &name,
-            vm_fd: &vm_fd,
-            mem: &mem,
-            mmio: &mut mmio,
-            events: &mut events,
-            cmdline: &mut cmdline_parts,
-            next_mmio: MMIO_START,
-            next_gsi: FIRST_DEVICE_GSI,
-            subscribers: 0,
-        };
-        let devices = attach_devices(&cfg, &mut ctx)?;
-        let subscribers = ctx.subscribers;
-
-        // Kernel, initramfs, command line, MP table.
         let boot_err = |source| VmError::Boot {
             vm: name.clone(),
             source,
         };
+
+        // Memory slots first, then irqchip/PIT/devices/vCPUs, then the kernel. (Running the
+        // memory registration and kernel load on a helper thread in parallel was measured and
+        // did not pay off here; see docs/VMM.md "Start-up cost".)
+        register_memory(&vm_fd, &mem, &name)?;
+        let Machine {
+            console,
+            pio,
+            mmio,
+            events,
+            cmdline_parts,
+            subscribers,
+            devices,
+            vcpu_fds,
+        } = build_machine(&cfg, kvm, &vm_fd, &mem)?;
+        let loaded = boot::load_kernel(&mem, cfg.mem_mib, &cfg.kernel, cfg.initramfs.as_deref())
+            .map_err(boot_err)?;
+
+        // Command line (base + devices + extra), boot information, MP table, entry registers.
         let cmdline = boot::build_cmdline(&cmdline_parts, &cfg.cmdline_extra).map_err(boot_err)?;
-        let entry = boot::load(
-            &mem,
-            cfg.mem_mib,
-            &cfg.kernel,
-            cfg.initramfs.as_deref(),
-            &cmdline,
-        )
-        .map_err(boot_err)?;
+        let entry = boot::write_boot_info(&mem, cfg.mem_mib, loaded, &cmdline).map_err(boot_err)?;
         mptable::setup(&mem, cfg.vcpus).map_err(|source| VmError::MpTable {
             vm: name.clone(),
             source,
         })?;
-
-        // vCPUs.
-        let cpuid = supported_cpuid(kvm, &name)?;
-        let mut vcpu_fds = Vec::with_capacity(usize::from(cfg.vcpus));
-        for i in 0..cfg.vcpus {
-            vcpu_fds.push(configure_vcpu(
-                &vm_fd, &mem, cpuid, i, cfg.vcpus, entry, &name,
-            )?);
+        if let Some(bsp) = vcpu_fds.first() {
+            set_boot_registers(bsp, &mem, entry, &name)?;
         }
 
         let shared = Arc::new(VmShared::new(&name, console, cfg.vcpus));
@@ -794,13 +736,12 @@ fn lapic_reg(regs: &mut [std::os::raw::c_char; 1024], off: usize, f: impl Fn(u32
     }
 }
 
+/// Creates vCPU `index` of `count` with its CPUID, boot MSRs and LAPIC LINT0/1 setup.
 fn configure_vcpu(
     vm_fd: &VmFd,
-    mem: &GuestMemoryMmap,
     cpuid: &CpuId,
     index: u8,
     count: u8,
-    entry: BootEntry,
     name: &str,
 ) -> Result<VcpuFd, VmError> {
     let kvm_err = |op: &'static str| {
@@ -834,21 +775,151 @@ fn configure_vcpu(
         (v & !0x700) | (APIC_MODE_NMI << 8)
     });
     fd.set_lapic(&lapic).map_err(kvm_err("set LAPIC"))?;
-    if index == 0 {
-        let fpu = kvm_fpu {
-            fcw: 0x37f,
-            mxcsr: 0x1f80,
-            ..Default::default()
-        };
-        fd.set_fpu(&fpu).map_err(kvm_err("set FPU"))?;
-        let sregs = fd.get_sregs().map_err(kvm_err("get sregs"))?;
-        let (sregs, regs) =
-            boot::entry_registers(mem, entry, sregs).map_err(|source| VmError::Boot {
-                vm: name.to_owned(),
-                source,
-            })?;
-        fd.set_sregs(&sregs).map_err(kvm_err("set sregs"))?;
-        fd.set_regs(&regs).map_err(kvm_err("set regs"))?;
-    }
     Ok(fd)
+}
+
+/// Gives the boot vCPU its FPU state and the registers the kernel entry expects.
+fn set_boot_registers(
+    fd: &VcpuFd,
+    mem: &GuestMemoryMmap,
+    entry: BootEntry,
+    name: &str,
+) -> Result<(), VmError> {
+    let kvm_err = |op: &'static str| {
+        let vm = name.to_owned();
+        move |source| VmError::Kvm { vm, op, source }
+    };
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
+    fd.set_fpu(&fpu).map_err(kvm_err("set FPU"))?;
+    let sregs = fd.get_sregs().map_err(kvm_err("get sregs"))?;
+    let (sregs, regs) =
+        boot::entry_registers(mem, entry, sregs).map_err(|source| VmError::Boot {
+            vm: name.to_owned(),
+            source,
+        })?;
+    fd.set_sregs(&sregs).map_err(kvm_err("set sregs"))?;
+    fd.set_regs(&regs).map_err(kvm_err("set regs"))?;
+    Ok(())
+}
+
+/// Registers every guest RAM region as a KVM memory slot.
+fn register_memory(vm_fd: &VmFd, mem: &GuestMemoryMmap, name: &str) -> Result<(), VmError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mapping owned by `mem`. KVM reaches it only through
+        // the host page tables, so even a mapping that went away before the slot would make
+        // guest accesses fail rather than touch other host memory; and no vCPU runs after
+        // `mem` is dropped (a running Vm joins its vCPUs and closes vm_fd before unmapping).
+        unsafe { vm_fd.set_user_memory_region(r) }.map_err(|source| VmError::Kvm {
+            vm: name.to_owned(),
+            op: "set memory region",
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// The parts of a VM built before its vCPUs run.
+struct Machine {
+    console: Arc<Console>,
+    pio: Bus,
+    mmio: Bus,
+    events: DeviceEventManager,
+    cmdline_parts: Vec<String>,
+    subscribers: usize,
+    devices: AttachedDevices,
+    vcpu_fds: Vec<VcpuFd>,
+}
+
+/// In-kernel irqchip and PIT, the serial port, the devices and the vCPUs.
+fn build_machine(
+    cfg: &VmConfig,
+    kvm: &Kvm,
+    vm_fd: &VmFd,
+    mem: &GuestMemoryMmap,
+) -> Result<Machine, VmError> {
+    let name = cfg.name.as_str();
+    let kvm_err = |op: &'static str| {
+        let vm = name.to_owned();
+        move |source| VmError::Kvm { vm, op, source }
+    };
+    vm_fd
+        .set_tss_address(memory::KVM_TSS_ADDRESS as usize)
+        .map_err(kvm_err("set TSS address"))?;
+    vm_fd
+        .set_identity_map_address(memory::KVM_IDENTITY_MAP_ADDRESS)
+        .map_err(kvm_err("set identity map address"))?;
+    vm_fd.create_irq_chip().map_err(kvm_err("create irqchip"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm_fd.create_pit2(pit).map_err(kvm_err("create PIT"))?;
+
+    // Serial console on COM1, IRQ 4.
+    let console = Arc::new(Console::new(name, cfg.serial_ring_bytes, cfg.serial_log));
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Os {
+        vm: name.to_owned(),
+        what: "serial eventfd",
+        source,
+    })?;
+    vm_fd
+        .register_irqfd(&serial_irq, COM1_IRQ)
+        .map_err(kvm_err("register serial irqfd"))?;
+    let mut pio = Bus::new();
+    let serial: SharedDevice = Arc::new(Mutex::new(SerialDevice::new(serial_irq, console.clone())));
+    pio.insert(COM1_PORT, COM1_LEN, serial)
+        .map_err(|source| VmError::Bus {
+            vm: name.to_owned(),
+            source,
+        })?;
+
+    // Devices.
+    let mut mmio = Bus::new();
+    let mut events = DeviceEventManager::new().map_err(|e| VmError::Os {
+        vm: name.to_owned(),
+        what: "device event manager",
+        source: std::io::Error::other(format!("{e:?}")),
+    })?;
+    let mut cmdline_parts = Vec::new();
+    let mut ctx = DeviceContext {
+        vm_name: name,
+        vm_fd,
+        mem,
+        mmio: &mut mmio,
+        events: &mut events,
+        cmdline: &mut cmdline_parts,
+        next_mmio: MMIO_START,
+        next_gsi: FIRST_DEVICE_GSI,
+        subscribers: 0,
+    };
+    let devices = attach_devices(cfg, &mut ctx)?;
+    let subscribers = ctx.subscribers;
+
+    // vCPUs (after the irqchip: KVM refuses an irqchip once vCPUs exist).
+    let cpuid = supported_cpuid(kvm, name)?;
+    let mut vcpu_fds = Vec::with_capacity(usize::from(cfg.vcpus));
+    for i in 0..cfg.vcpus {
+        vcpu_fds.push(configure_vcpu(vm_fd, cpuid, i, cfg.vcpus, name)?);
+    }
+    Ok(Machine {
+        console,
+        pio,
+        mmio,
+        events,
+        cmdline_parts,
+        subscribers,
+        devices,
+        vcpu_fds,
+    })
 }
