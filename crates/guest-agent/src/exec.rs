@@ -801,7 +801,12 @@ fn pump(
     while fds.iter().any(Option::is_some) {
         if status.is_none() {
             match status_rx.try_recv() {
-                Ok(s) => status = Some(s),
+                Ok(s) => {
+                    status = Some(s);
+                    // The drain grace counts from the exit at the earliest, so output written
+                    // just before it is always read.
+                    last_read = Instant::now();
+                }
                 Err(TryRecvError::Empty) => {}
                 Err(TryRecvError::Disconnected) => break,
             }

@@ -372,3 +372,32 @@ fn huge_timeout_is_no_timeout() {
     assert_eq!(out.stdout, b"ok\n");
     assert!(!out.status.timed_out);
 }
+
+#[test]
+fn leftover_children_holding_the_pipes_do_not_block_the_exit() {
+    let agent = Agent::start();
+    let c = agent.client();
+    let t0 = Instant::now();
+    let out = c
+        .exec(sh("sleep 30 & echo $!; sleep 0.3; echo bye"))
+        .unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(out.status.code, Some(0));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut lines = text.lines();
+    let child: u32 = lines.next().unwrap().parse().unwrap();
+    // Output written after a quiet spell, right before the exit, is not lost.
+    assert_eq!(lines.next(), Some("bye"));
+    // The leftover is not killed (only a timeout kills the group)...
+    assert!(process_running(child));
+    // ...but it can be, via a shell.
+    c.exec(ExecRequest::new(["kill", "-9", &child.to_string()]))
+        .unwrap();
+    assert!(eventually(Duration::from_secs(5), || !process_running(
+        child
+    )));
+}
