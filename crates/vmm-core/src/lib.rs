@@ -14,6 +14,7 @@ pub mod memory;
 pub mod mptable;
 pub mod msr;
 pub mod serial;
+pub mod snapshot;
 pub mod test_guest;
 pub mod vcpu;
 pub mod virtio;

@@ -1,0 +1,254 @@
+//! VM snapshots: save a paused VM to a directory and build new VMs from it.
+//!
+//! A snapshot directory holds two files:
+//! - [`STATE_FILE`] (`vm.state`): header (magic, format version, Kiln version, KVM kind, CPU
+//!   vendor, SHA-256) and the [`state::VmSnapshot`] payload — vCPU registers, LAPIC, MSRs,
+//!   events, irqchips, PIT, clock, serial and virtio-mmio registers ([`format`]);
+//! - [`MEMORY_FILE`] (`memory.bin`): guest RAM after a header page, zero pages left as
+//!   holes ([`memory_file`]).
+//!
+//! [`crate::Vm::snapshot`] pauses the vCPUs, completes pending I/O, reads all state inside
+//! the vCPU threads, locks the devices, writes memory then state (the state file is written
+//! to a temporary name and renamed, so a crash never leaves a state file without its memory
+//! file) and resumes. [`crate::Vm::restore`] validates everything first ([`load`]), then maps
+//! the memory file `MAP_PRIVATE`, creates the VM, loads the state, sends the vsock
+//! TRANSPORT_RESET and starts the vCPUs. See docs/SNAPSHOT.md.
+
+pub mod format;
+pub mod kvm_state;
+pub mod memory_file;
+pub mod state;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use format::{FormatError, KvmKind};
+pub use kvm_state::KvmStateError;
+pub use memory_file::MemFileError;
+pub use state::VmSnapshot;
+
+/// Name of the state file inside a snapshot directory.
+pub const STATE_FILE: &str = "vm.state";
+/// Name of the memory file inside a snapshot directory.
+pub const MEMORY_FILE: &str = "memory.bin";
+/// How long snapshotting waits for the vCPUs to park or answer.
+pub const VCPU_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors creating or restoring a snapshot. Each says which VM or which file.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// A file or directory operation failed.
+    #[error("snapshot {path}: {op}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state file was refused (foreign version or KVM kind, truncated, corrupted).
+    #[error("snapshot state file {path}: {source}")]
+    StateFile {
+        /// The state file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: FormatError,
+    },
+    /// The memory file was refused or could not be written / mapped.
+    #[error(transparent)]
+    MemoryFile(#[from] MemFileError),
+    /// This host has no usable KVM.
+    #[error("snapshot: this host has no usable KVM")]
+    NoKvm,
+    /// Reading or loading KVM state failed.
+    #[error("VM {vm}: snapshot {what}: {source}")]
+    KvmState {
+        /// VM name.
+        vm: String,
+        /// vCPU n, or "VM state".
+        what: String,
+        /// Cause.
+        #[source]
+        source: KvmStateError,
+    },
+    /// Building the VM failed.
+    #[error(transparent)]
+    Vm(#[from] crate::vm::VmError),
+    /// The VM cannot be snapshotted in its current state.
+    #[error("VM {vm}: cannot snapshot: {what}")]
+    NotSnapshottable {
+        /// VM name.
+        vm: String,
+        /// Why.
+        what: String,
+    },
+    /// A device's saved state does not fit the device being restored.
+    #[error("VM {vm}: restore device {device}: {what}")]
+    Device {
+        /// VM name.
+        vm: String,
+        /// Device.
+        device: &'static str,
+        /// What is wrong.
+        what: String,
+    },
+}
+
+/// What [`crate::Vm::snapshot`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// The snapshot directory.
+    pub dir: PathBuf,
+    /// Size of the state file.
+    pub state_bytes: u64,
+    /// Guest RAM size (the memory file's apparent size minus its header page).
+    pub guest_bytes: u64,
+    /// Bytes of guest RAM actually written (non-zero pages).
+    pub written_bytes: u64,
+    /// How long the vCPUs were paused for the snapshot.
+    pub paused_for: Duration,
+}
+
+/// How a VM restored from a snapshot is set up; everything else comes from the snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreConfig {
+    /// Name of the new VM (thread names, logs, errors).
+    pub name: String,
+    /// Bytes of serial output kept.
+    pub serial_ring_bytes: usize,
+    /// Also log guest serial lines through `tracing`.
+    pub serial_log: bool,
+    /// A different guest CID for the vsock device (the guest re-reads it on the
+    /// TRANSPORT_RESET sent at restore); `None` keeps the snapshot's.
+    pub vsock_cid: Option<u64>,
+}
+
+impl RestoreConfig {
+    /// Defaults for a VM called `name` (64 KiB serial ring, snapshot's CID).
+    pub fn new(name: impl Into<String>) -> Self {
+        RestoreConfig {
+            name: name.into(),
+            serial_ring_bytes: 64 * 1024,
+            serial_log: false,
+            vsock_cid: None,
+        }
+    }
+}
+
+/// Paths of the two files of the snapshot in `dir`.
+pub fn paths(dir: &Path) -> (PathBuf, PathBuf) {
+    (dir.join(STATE_FILE), dir.join(MEMORY_FILE))
+}
+
+/// The origin this process requires of state files (errors without KVM).
+pub fn current_origin() -> Result<format::Origin, SnapshotError> {
+    let kind = KvmKind::current().ok_or(SnapshotError::NoKvm)?;
+    Ok(format::Origin::current(kind))
+}
+
+/// Reads and fully checks the state file in `dir` against this host (version, KVM kind, CPU
+/// vendor, length, checksum, payload bounds). Creates nothing.
+pub fn load(dir: &Path) -> Result<VmSnapshot, SnapshotError> {
+    let origin = current_origin()?;
+    load_with_origin(dir, &origin)
+}
+
+/// [`load`] against an explicit origin (tests, tools).
+pub fn load_with_origin(dir: &Path, origin: &format::Origin) -> Result<VmSnapshot, SnapshotError> {
+    let (state_path, _) = paths(dir);
+    let bytes = read_bounded(&state_path)?;
+    format::decode(&bytes, origin).map_err(|source| SnapshotError::StateFile {
+        path: state_path,
+        source,
+    })
+}
+
+/// Reads a state file, refusing files larger than any valid one.
+fn read_bounded(path: &Path) -> Result<Vec<u8>, SnapshotError> {
+    use std::io::Read;
+    let io = |op| {
+        move |source| SnapshotError::Io {
+            path: path.to_owned(),
+            op,
+            source,
+        }
+    };
+    let f = std::fs::File::open(path).map_err(io("open"))?;
+    let limit = format::HEADER_LEN as u64 + format::MAX_PAYLOAD + 1;
+    let mut buf = Vec::with_capacity(64 * 1024);
+    f.take(limit).read_to_end(&mut buf).map_err(io("read"))?;
+    if buf.len() as u64 == limit {
+        return Err(SnapshotError::StateFile {
+            path: path.to_owned(),
+            source: FormatError::TooLarge {
+                len: buf.len() as u64,
+            },
+        });
+    }
+    Ok(buf)
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let io = |op, p: &Path| {
+        let p = p.to_owned();
+        move |source| SnapshotError::Io {
+            path: p,
+            op,
+            source,
+        }
+    };
+    std::fs::write(&tmp, bytes).map_err(io("write", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(io("rename", path))
+}
+
+/// A fresh random snapshot id.
+pub fn new_snapshot_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    // getrandom never fails for 16 bytes on Linux >= 3.17 once the pool is initialised; fall
+    // back to time and pid otherwise (the id only has to differ between snapshots).
+    // SAFETY: `id` is a valid writable buffer of 16 bytes.
+    let n = unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
+    if n != 16 {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        id[..16].copy_from_slice(&(t ^ u128::from(std::process::id())).to_le_bytes());
+    }
+    id
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_files_are_bounded_and_written_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join(STATE_FILE);
+        write_atomic(&p, b"hello").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"hello");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        let f = std::fs::File::create(&p).unwrap();
+        f.set_len(format::MAX_PAYLOAD + 4096).unwrap();
+        assert!(matches!(
+            read_bounded(&p),
+            Err(SnapshotError::StateFile {
+                source: FormatError::TooLarge { .. },
+                ..
+            })
+        ));
+        let e = load_with_origin(
+            &dir.path().join("nope"),
+            &format::Origin::current(KvmKind::Pvm),
+        )
+        .unwrap_err();
+        assert!(matches!(e, SnapshotError::Io { op: "open", .. }), "{e}");
+        assert_ne!(new_snapshot_id(), new_snapshot_id());
+    }
+}
