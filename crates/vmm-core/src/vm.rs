@@ -429,8 +429,8 @@ fn attach_devices(cfg: &VmConfig, ctx: &mut DeviceContext<'_>) -> Result<Attache
 /// Host-side handles of the attached devices, kept by the [`Vm`].
 #[derive(Debug, Default)]
 struct AttachedDevices {
-    /// Host endpoint of the virtio-vsock device (vsock).
-    vsock: Option<crate::virtio::vsock::VsockHost>,
+    /// The virtio-vsock device: host endpoint, device, transport, slot (vsock).
+    vsock: Option<crate::virtio::vsock::attach::AttachedVsock>,
 }
 
 static KVM: OnceLock<Kvm> = OnceLock::new();
@@ -669,7 +669,7 @@ impl Vm {
     /// Host endpoint of the VM's virtio-vsock device (`None` without `vsock_cid`). Clone it
     /// freely; it stays valid (returning `DeviceGone`) after the VM stops. (vsock)
     pub fn vsock(&self) -> Option<&crate::virtio::vsock::VsockHost> {
-        self.devices.vsock.as_ref()
+        self.devices.vsock.as_ref().map(|v| &v.host)
     }
 
     /// Guest memory (`None` only during teardown).

@@ -87,6 +87,65 @@ pub mod regs {
     pub const CONFIG: u64 = 0x100;
 }
 
+/// Saved configuration of one queue (snapshots).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueRegs {
+    /// Maximum size the device offers.
+    pub max_size: u16,
+    /// Size the driver chose (raw register value).
+    pub size: u32,
+    /// QueueReady.
+    pub ready: bool,
+    /// Descriptor table address.
+    pub desc: u64,
+    /// Available ring address.
+    pub avail: u64,
+    /// Used ring address.
+    pub used: u64,
+    /// Next available (= next used, at rest) index; 0 when the device is not active.
+    pub next_index: u16,
+}
+
+/// Saved register file of a transport (snapshots). Connections are not part of it: a
+/// restored vsock device starts empty and the caller sends a transport reset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MmioState {
+    /// Per-queue configuration.
+    pub queues: Vec<QueueRegs>,
+    /// QueueSel.
+    pub queue_sel: u32,
+    /// DeviceFeaturesSel.
+    pub device_features_sel: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_sel: u32,
+    /// Features the driver acknowledged.
+    pub driver_features: u64,
+    /// The driver wrote feature bits past 64.
+    pub bad_driver_features: bool,
+    /// Status register (without DEVICE_NEEDS_RESET).
+    pub status: u32,
+    /// DRIVER_OK was accepted and the device activated.
+    pub activated: bool,
+    /// Unacknowledged interrupt status bits.
+    pub interrupt_status: u32,
+    /// The device asked for a reset.
+    pub needs_reset: bool,
+}
+
+/// Errors restoring a transport from a saved state.
+#[derive(Debug, thiserror::Error)]
+pub enum MmioError {
+    /// The saved state does not match this device's queues.
+    #[error("virtio-mmio restore: {0}")]
+    Mismatch(String),
+    /// The saved queue configuration is invalid for this guest memory.
+    #[error("virtio-mmio restore: invalid queue configuration: {0}")]
+    Queue(String),
+    /// The device refused activation.
+    #[error("virtio-mmio restore: {0}")]
+    Activate(#[from] super::ActivateError),
+}
+
 /// The guest's configuration of one queue, kept raw until activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct QueueConfig {
@@ -211,6 +270,95 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// Features the driver acknowledged.
     pub fn acked_features(&self) -> u64 {
         self.driver_features
+    }
+
+    /// Save the register file (call with the vCPUs paused).
+    pub fn save_state(&self) -> MmioState {
+        let next = lock(&self.device).queue_next_indices().unwrap_or_default();
+        MmioState {
+            queues: self
+                .queues
+                .iter()
+                .enumerate()
+                .map(|(i, q)| QueueRegs {
+                    max_size: q.max_size,
+                    size: q.size,
+                    ready: q.ready,
+                    desc: q.desc,
+                    avail: q.avail,
+                    used: q.used,
+                    next_index: next.get(i).copied().unwrap_or(0),
+                })
+                .collect(),
+            queue_sel: self.queue_sel,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            bad_driver_features: self.bad_driver_features,
+            status: self.status,
+            activated: self.activated,
+            interrupt_status: self.interrupt.status(),
+            needs_reset: self.interrupt.needs_reset(),
+        }
+    }
+
+    /// Load a saved register file into this fresh transport and, if the device was active,
+    /// re-activate it with the saved queues positioned at their saved indices. Everything is
+    /// validated as at DRIVER_OK; on error the transport is left reset.
+    pub fn restore_state(&mut self, st: &MmioState) -> Result<(), MmioError> {
+        if st.queues.len() != self.queues.len() {
+            return Err(MmioError::Mismatch(format!(
+                "{} queues saved, device has {}",
+                st.queues.len(),
+                self.queues.len()
+            )));
+        }
+        for (i, (s, q)) in st.queues.iter().zip(&self.queues).enumerate() {
+            if s.max_size != q.max_size {
+                return Err(MmioError::Mismatch(format!(
+                    "queue {i}: max size {} saved, device has {}",
+                    s.max_size, q.max_size
+                )));
+            }
+        }
+        self.reset();
+        for (s, q) in st.queues.iter().zip(self.queues.iter_mut()) {
+            *q = QueueConfig {
+                max_size: s.max_size,
+                size: s.size,
+                ready: s.ready,
+                desc: s.desc,
+                avail: s.avail,
+                used: s.used,
+            };
+        }
+        self.queue_sel = st.queue_sel;
+        self.device_features_sel = st.device_features_sel;
+        self.driver_features_sel = st.driver_features_sel;
+        self.driver_features = st.driver_features;
+        self.bad_driver_features = st.bad_driver_features;
+        self.status = st.status & !STATUS_DEVICE_NEEDS_RESET;
+        if st.activated && !st.needs_reset {
+            let mut queues = match self.build_queues() {
+                Ok(q) => q,
+                Err(e) => {
+                    self.reset();
+                    return Err(MmioError::Queue(e));
+                }
+            };
+            for (q, s) in queues.iter_mut().zip(&st.queues) {
+                q.set_next_avail(s.next_index);
+                q.set_next_used(s.next_index);
+            }
+            let res = lock(&self.device).activate(self.mem.clone(), queues, self.driver_features);
+            if let Err(e) = res {
+                self.reset();
+                return Err(e.into());
+            }
+            self.activated = true;
+        }
+        self.interrupt.restore(st.interrupt_status, st.needs_reset);
+        Ok(())
     }
 
     fn selected_queue(&mut self) -> Option<&mut QueueConfig> {

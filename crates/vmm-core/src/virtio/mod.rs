@@ -119,6 +119,12 @@ impl Interrupt {
         self.needs_reset.load(Ordering::Acquire)
     }
 
+    /// Restore interrupt status and the needs-reset flag (snapshot restore; no injection).
+    pub fn restore(&self, status: u32, needs_reset: bool) {
+        self.status.store(status, Ordering::Release);
+        self.needs_reset.store(needs_reset, Ordering::Release);
+    }
+
     /// Clear everything on device reset.
     pub fn reset(&self) {
         self.status.store(0, Ordering::Release);
@@ -174,4 +180,6 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// The driver wrote 0 to the status register: drop all queue state.
     fn reset(&mut self);
+    /// Next avail (= next used, at rest) index of each queue while active (snapshots).
+    fn queue_next_indices(&self) -> Option<Vec<u16>>;
 }

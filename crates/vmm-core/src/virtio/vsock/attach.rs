@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use super::{VsockConfig, VsockDevice, VsockHost};
 use crate::virtio::mmio::{regs, MmioTransport};
-use crate::vm::{DeviceContext, VmError};
+use crate::vm::{DeviceContext, MmioSlot, VmError};
 
 fn dev_err(ctx: &DeviceContext<'_>, detail: String) -> VmError {
     VmError::Device {
@@ -15,9 +15,23 @@ fn dev_err(ctx: &DeviceContext<'_>, detail: String) -> VmError {
     }
 }
 
-/// Create a vsock device for `cfg`, wire it into the VM through `ctx`, and return its host
-/// endpoint.
-pub fn attach(ctx: &mut DeviceContext<'_>, cfg: VsockConfig) -> Result<VsockHost, VmError> {
+/// A vsock device attached to a VM: its host endpoint, and the device and transport for
+/// snapshot save/restore (lock the transport only with the vCPUs paused).
+#[derive(Debug)]
+pub struct AttachedVsock {
+    /// Host endpoint.
+    pub host: VsockHost,
+    /// The device (also an event-loop subscriber).
+    pub device: Arc<Mutex<VsockDevice>>,
+    /// Its virtio-mmio transport (also on the MMIO bus).
+    pub transport: Arc<Mutex<MmioTransport<VsockDevice>>>,
+    /// MMIO window and GSI.
+    pub slot: MmioSlot,
+}
+
+/// Create a vsock device for `cfg`, wire it into the VM through `ctx`, and return its
+/// handles.
+pub fn attach(ctx: &mut DeviceContext<'_>, cfg: VsockConfig) -> Result<AttachedVsock, VmError> {
     let slot = ctx.allocate_mmio_slot()?;
     let irq = ctx.irqfd(slot.gsi)?;
     let queue_evts = (0..3u32)
@@ -29,8 +43,14 @@ pub fn attach(ctx: &mut DeviceContext<'_>, cfg: VsockConfig) -> Result<VsockHost
     let dev = Arc::new(Mutex::new(dev));
     let transport = MmioTransport::new(ctx.memory().clone(), dev.clone())
         .map_err(|e| dev_err(ctx, format!("transport: {e}")))?;
-    ctx.register_mmio(slot, Arc::new(Mutex::new(transport)))?;
+    let transport = Arc::new(Mutex::new(transport));
+    ctx.register_mmio(slot, transport.clone())?;
     ctx.add_cmdline(slot.virtio_cmdline());
-    ctx.add_subscriber(dev);
-    Ok(host)
+    ctx.add_subscriber(dev.clone());
+    Ok(AttachedVsock {
+        host,
+        device: dev,
+        transport,
+        slot,
+    })
 }

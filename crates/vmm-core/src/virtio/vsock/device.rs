@@ -557,6 +557,12 @@ impl VirtioDevice for VsockDevice {
         Ok(())
     }
 
+    fn queue_next_indices(&self) -> Option<Vec<u16>> {
+        self.active
+            .as_ref()
+            .map(|a| a.queues.iter().map(|q| q.next_used()).collect())
+    }
+
     fn reset(&mut self) {
         self.muxer.reset_all(CloseReason::DeviceReset);
         self.active = None;

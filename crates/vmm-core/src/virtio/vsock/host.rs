@@ -317,7 +317,7 @@ impl VsockHost {
                 cid: self.guest_cid(),
             });
         }
-        if reg.listeners.contains_key(&port) {
+        if reg.listeners.contains_key(&port) || reg.ephemeral_ports.contains(&port) {
             return Err(VsockError::PortInUse { port });
         }
         let l = Arc::new(ListenerShared::default());

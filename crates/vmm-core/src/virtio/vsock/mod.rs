@@ -17,6 +17,7 @@ pub mod device;
 pub mod host;
 pub mod muxer;
 pub mod packet;
+pub mod unix;
 
 #[cfg(test)]
 mod tests;
@@ -25,6 +26,7 @@ use std::time::Duration;
 
 pub use device::VsockDevice;
 pub use host::{VsockHost, VsockListener, VsockStream};
+pub use unix::UnixFront;
 
 /// Virtio device id of vsock.
 pub const VIRTIO_ID_VSOCK: u32 = 19;

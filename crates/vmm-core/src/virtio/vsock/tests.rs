@@ -1028,3 +1028,61 @@ fn event_loop_thread_drives_the_device() {
     t.join().unwrap();
     let _ = CloseReason::Local;
 }
+
+#[test]
+fn transport_state_save_restore_continues_the_rings() {
+    let mut g = TestGuest::new();
+    g.post_rx(8);
+    let l = g.host.listen(1024).unwrap();
+    let _s = guest_connect(&mut g, &l, 40000);
+    g.send(OP_RW, 40000, 1024, b"before");
+    let saved = g.transport.save_state();
+    assert!(saved.activated);
+    assert_eq!(saved.queues[TXQ].next_index, 2, "REQUEST and RW consumed");
+    assert_eq!(saved.queues[RXQ].next_index, 1, "RESPONSE delivered");
+
+    // A fresh device + transport over the same guest memory, as after a restore.
+    let dev = Arc::new(std::sync::Mutex::new(
+        VsockDevice::new(VsockConfig::default()).unwrap(),
+    ));
+    let mut t = crate::virtio::mmio::MmioTransport::new(g.mem.clone(), dev.clone()).unwrap();
+    t.restore_state(&saved).unwrap();
+    assert!(t.is_activated());
+    assert_eq!(t.save_state(), saved);
+    let host = dev.lock().unwrap().host();
+    g.dev = dev;
+    g.transport = t;
+    g.host = host;
+    g.dev.lock().unwrap().transport_reset();
+    assert_eq!(g.events(), vec![EVENT_TRANSPORT_RESET]);
+    // The guest reconnects through the restored rings.
+    let l2 = g.host.listen(1024).unwrap();
+    let mut s2 = guest_connect(&mut g, &l2, 40001);
+    g.send(OP_RW, 40001, 1024, b"after");
+    let mut b = [0u8; 5];
+    s2.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"after");
+}
+
+#[test]
+fn transport_restore_rejects_mismatched_or_invalid_state() {
+    let g = TestGuest::new();
+    let mut saved = g.transport.save_state();
+    let fresh = || {
+        let dev = Arc::new(std::sync::Mutex::new(
+            VsockDevice::new(VsockConfig::default()).unwrap(),
+        ));
+        crate::virtio::mmio::MmioTransport::new(g.mem.clone(), dev).unwrap()
+    };
+    let mut bad = saved.clone();
+    bad.queues.pop();
+    assert!(fresh().restore_state(&bad).is_err());
+    let mut bad = saved.clone();
+    bad.queues[0].max_size = 128;
+    assert!(fresh().restore_state(&bad).is_err());
+    saved.queues[1].size = 3;
+    let mut t = fresh();
+    assert!(t.restore_state(&saved).is_err());
+    assert!(!t.is_activated());
+    assert_eq!(t.status(), 0);
+}
