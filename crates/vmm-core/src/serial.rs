@@ -256,6 +256,32 @@ impl SerialDevice {
     }
 }
 
+// ---- Snapshot hook: UART register state (see snapshot/) ----
+impl SerialDevice {
+    /// The UART's registers and receive FIFO.
+    pub fn snapshot_state(&self) -> vm_superio::serial::SerialState {
+        self.uart.state()
+    }
+
+    /// A UART with the registers of `state` that signals `irq` and writes to `console`;
+    /// re-raises its interrupt if the state has one pending.
+    pub fn from_snapshot_state(
+        irq: EventFd,
+        console: Arc<Console>,
+        state: &vm_superio::serial::SerialState,
+    ) -> io::Result<Self> {
+        let uart = Serial::from_state(
+            state,
+            EventFdTrigger(irq),
+            vm_superio::serial::NoEvents,
+            ConsoleWriter(console),
+        )
+        .map_err(|e| io::Error::other(format!("serial state: {e:?}")))?;
+        Ok(Self { uart })
+    }
+}
+// ---- end snapshot hook ----
+
 impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if data.len() == 1 && offset < COM1_LEN {

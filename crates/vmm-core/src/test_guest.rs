@@ -25,6 +25,9 @@ pub enum Action {
     Reset,
     /// Print `cpus=<hex> memkib=<hex> cmdline=<...>`, then triple fault.
     Info,
+    /// Print `C=<hex>` lines forever, counting up from 0 with a short busy delay between
+    /// lines; the counter lives in guest memory (snapshot tests).
+    Count,
 }
 
 impl Action {
@@ -36,8 +39,23 @@ impl Action {
             Action::Halt => "kiln.test=halt",
             Action::Reset => "kiln.test=reset",
             Action::Info => "kiln.test=info",
+            Action::Count => "kiln.test=count",
         }
     }
+}
+
+/// The counter values of the complete `C=<hex>` lines in `serial` output of [`Action::Count`].
+pub fn counter_values(serial: &str) -> Vec<u64> {
+    serial
+        .split('\n')
+        .rev()
+        .skip(1) // the last piece is an unfinished line (or empty)
+        .filter_map(|l| l.strip_prefix("C="))
+        .filter_map(|h| u64::from_str_radix(h.trim_end_matches('\r'), 16).ok())
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect()
 }
 
 /// Writes the guest to `dir/kiln-test-guest.elf` (if not already identical) and returns the

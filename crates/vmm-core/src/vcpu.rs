@@ -120,11 +120,12 @@ const REQ_PAUSE: u8 = 1;
 const REQ_STOP: u8 = 2;
 
 /// Host-side control of one vCPU: the requested state and the current one.
-#[derive(Debug)]
 pub struct VcpuControl {
     request: AtomicU8,
     state: Mutex<VcpuState>,
     cond: Condvar,
+    /// A job to run on the vCPU thread while it is paused (snapshot hook).
+    job: Mutex<Option<VcpuJob>>,
 }
 
 impl Default for VcpuControl {
@@ -133,6 +134,7 @@ impl Default for VcpuControl {
             request: AtomicU8::new(REQ_RUN),
             state: Mutex::new(VcpuState::Running),
             cond: Condvar::new(),
+            job: Mutex::new(None),
         }
     }
 }
@@ -183,6 +185,37 @@ impl VcpuControl {
         }
     }
 }
+
+// ---- Snapshot hook: jobs that run on a paused vCPU's own thread (see snapshot/) ----
+
+/// Work done with a vCPU's fd on its own thread while it is paused (saving its state).
+pub type VcpuJob = Box<dyn FnOnce(&mut VcpuFd) + Send>;
+
+impl VcpuControl {
+    /// Hands `job` to the vCPU thread, which runs it if and while it is paused (replacing a
+    /// job not yet picked up). The job should report back through a channel it captured.
+    pub fn post_job(&self, job: VcpuJob) {
+        *self.job.lock().unwrap_or_else(|p| p.into_inner()) = Some(job);
+        // Take the state lock so a thread between "check job" and "wait" cannot miss this.
+        drop(self.lock());
+        self.cond.notify_all();
+    }
+
+    fn take_job(&self) -> Option<VcpuJob> {
+        self.job.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+impl std::fmt::Debug for VcpuControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuControl")
+            .field("request", &self.request)
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+// ---- end snapshot hook ----
 
 thread_local! {
     /// The running vCPU's `kvm_run` page, for the kick signal handler.
@@ -378,6 +411,13 @@ impl VcpuRunner {
                     ctl.set_state(VcpuState::Paused);
                     let mut g = ctl.lock();
                     while ctl.request.load(Ordering::SeqCst) == REQ_PAUSE {
+                        // Snapshot hook: run a job posted while paused, on this thread.
+                        if let Some(job) = ctl.take_job() {
+                            drop(g);
+                            job(&mut self.fd);
+                            g = ctl.lock();
+                            continue;
+                        }
                         g = ctl
                             .cond
                             .wait_timeout(g, Duration::from_millis(100))

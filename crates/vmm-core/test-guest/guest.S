@@ -15,6 +15,8 @@
  *   halt    cli; hlt forever (vCPU blocked inside KVM_RUN)
  *   reset   write 0xFE to the i8042 command port 0x64
  *   info    print "cpus=<hex> memkib=<hex> cmdline=<...>" then triple fault
+ *   count   print "C=<hex>\n" forever with a busy delay between lines; the counter
+ *           lives in guest memory (snapshot tests: a restored guest continues it)
  *
  * Any failed check prints "ERR:<reason>" and triple-faults.
  */
@@ -115,12 +117,29 @@ found:
 	je	reset
 	cmp	$'i', %al
 	je	info
+	cmp	$'c', %al
+	je	count
 	lea	msg_badaction(%rip), %rdi
 	call	puts
 	jmp	triple_fault
 
 spin:
 	jmp	spin
+
+	/* count (snapshot tests): counter in memory, ~1M-iteration delay per line. */
+	.equ COUNT_DELAY, 0x100000
+count:
+	lea	msg_count(%rip), %rdi
+	call	puts
+	mov	counter(%rip), %rax
+	call	puthex
+	lea	msg_nl(%rip), %rdi
+	call	puts
+	incq	counter(%rip)
+	mov	$COUNT_DELAY, %ecx
+1:	dec	%ecx
+	jnz	1b
+	jmp	count
 
 halt:
 	cli
@@ -251,6 +270,7 @@ msg_cpus:	.asciz "cpus="
 msg_mem:	.asciz " memkib="
 msg_cmdline:	.asciz " cmdline="
 msg_nl:		.asciz "\n"
+msg_count:	.asciz "C="
 msg_nomp:	.asciz "ERR:no MP table\n"
 msg_badaction:	.asciz "ERR:unknown kiln.test action\n"
 
@@ -269,6 +289,8 @@ pd:
 	.endr
 
 	.bss
+	.balign 8
+counter:	.skip 8
 	.balign 4096
 stack:	.skip 4096
 stack_top:
