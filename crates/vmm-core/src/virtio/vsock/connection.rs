@@ -229,6 +229,7 @@ impl Conn {
                 }
                 if hdr.flags & SHUTDOWN_RCV != 0 {
                     st.peer_rcv_closed = true;
+                    st.tx_discarded |= !st.tx_buf.is_empty();
                     st.tx_buf.clear();
                 }
                 if st.peer_eof && st.peer_rcv_closed {

@@ -87,6 +87,8 @@ pub struct ConnState {
     pub peer_rcv_closed: bool,
     /// Host->guest bytes waiting for RX buffers and credit (bounded by `conn_buffer_size`).
     pub tx_buf: VecDeque<u8>,
+    /// Written bytes were discarded undelivered (the guest shut down its receive side).
+    pub tx_discarded: bool,
     /// The host shut down its write side.
     pub host_wr_shut: bool,
     /// The host shut down its read side.
@@ -105,6 +107,7 @@ impl ConnState {
             peer_eof: false,
             peer_rcv_closed: false,
             tx_buf: VecDeque::new(),
+            tx_discarded: false,
             host_wr_shut: false,
             host_rd_shut: false,
             handles: 1,
@@ -552,6 +555,12 @@ impl VsockStream {
         let deadline = self.write_timeout.map(|t| Instant::now() + t);
         let mut st = self.conn.lock();
         loop {
+            if st.tx_discarded {
+                return Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "vsock: guest shut down its receive side; written data was discarded",
+                ));
+            }
             if st.tx_buf.is_empty() {
                 return Ok(());
             }

@@ -1086,3 +1086,118 @@ fn transport_restore_rejects_mismatched_or_invalid_state() {
     assert!(!t.is_activated());
     assert_eq!(t.status(), 0);
 }
+
+#[test]
+fn guest_shutdown_rcv_makes_host_writes_fail() {
+    let mut g = TestGuest::new();
+    g.buf_alloc = 0; // keep host data queued
+    g.post_rx(8);
+    let l = g.host.listen(1024).unwrap();
+    let mut s = guest_connect(&mut g, &l, 40000);
+    s.write_all(b"queued").unwrap();
+    let mut h = g.hdr(OP_SHUTDOWN, 40000, 1024);
+    h.flags = SHUTDOWN_RCV;
+    g.send_hdr(h, &[]);
+    assert_eq!(
+        s.write(b"x").unwrap_err().kind(),
+        std::io::ErrorKind::BrokenPipe
+    );
+    assert_eq!(
+        s.flush().unwrap_err().kind(),
+        std::io::ErrorKind::BrokenPipe
+    );
+    // Reading still works.
+    g.send(OP_RW, 40000, 1024, b"still here");
+    let mut b = [0u8; 10];
+    s.read_exact(&mut b).unwrap();
+}
+
+#[test]
+fn host_shutdown_read_discards_but_keeps_credit_flowing() {
+    let cfg = VsockConfig {
+        conn_buffer_size: 8192,
+        ..VsockConfig::default()
+    };
+    let mut g = TestGuest::with_config(cfg);
+    g.post_rx(16);
+    let l = g.host.listen(1024).unwrap();
+    let mut s = guest_connect(&mut g, &l, 40000);
+    s.shutdown(Shutdown::Read).unwrap();
+    g.pump();
+    let p = g.recv_all();
+    assert_eq!(ops(&p), vec![OP_SHUTDOWN]);
+    assert_eq!(p[0].0.flags, SHUTDOWN_RCV);
+    // Twice the buffer: never an overrun, because nothing is kept.
+    g.send(OP_RW, 40000, 1024, &[1u8; 8192]);
+    g.send(OP_CREDIT_REQUEST, 40000, 1024, &[]);
+    let p = g.recv_all();
+    assert_eq!(ops(&p), vec![OP_CREDIT_UPDATE]);
+    assert_eq!(p[0].0.fwd_cnt, 8192);
+    g.send(OP_RW, 40000, 1024, &[1u8; 8192]);
+    assert!(g.recv_all().iter().all(|(h, _)| h.op != OP_RST));
+    let mut b = [0u8; 4];
+    assert_eq!(s.read(&mut b).unwrap(), 0);
+    assert_eq!(s.available(), 0);
+}
+
+#[test]
+fn zero_length_rw_is_harmless() {
+    let mut g = TestGuest::new();
+    g.post_rx(8);
+    let l = g.host.listen(1024).unwrap();
+    let mut s = guest_connect(&mut g, &l, 40000);
+    g.send(OP_RW, 40000, 1024, &[]);
+    assert!(g.recv_all().is_empty());
+    s.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
+    let mut b = [0u8; 4];
+    assert_eq!(
+        s.read(&mut b).unwrap_err().kind(),
+        std::io::ErrorKind::TimedOut
+    );
+}
+
+#[test]
+fn buffered_data_survives_transport_reset_then_error() {
+    let mut g = TestGuest::new();
+    g.post_rx(8);
+    let l = g.host.listen(1024).unwrap();
+    let mut s = guest_connect(&mut g, &l, 40000);
+    g.send(OP_RW, 40000, 1024, b"tail");
+    g.host.transport_reset();
+    g.pump();
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"tail");
+    assert_eq!(
+        s.read(&mut b).unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionAborted
+    );
+}
+
+#[test]
+fn listen_refuses_ports_in_use() {
+    let mut g = TestGuest::new();
+    g.post_rx(8);
+    let s = host_connect(&mut g, GPORT);
+    assert!(matches!(
+        g.host.listen(s.local_port()),
+        Err(VsockError::PortInUse { .. })
+    ));
+}
+
+#[test]
+fn host_ports_are_reused_after_close() {
+    let mut g = TestGuest::new();
+    g.post_rx(16);
+    let a = host_connect(&mut g, GPORT);
+    let pa = a.local_port();
+    let b = host_connect(&mut g, GPORT);
+    assert_ne!(pa, b.local_port(), "distinct ephemeral ports");
+    drop(a);
+    g.pump();
+    g.recv_all();
+    g.send(OP_RST, GPORT, pa, &[]);
+    assert_eq!(g.host.connection_count(), 1);
+    // The registry no longer holds the port.
+    assert!(g.host.listen(pa).is_ok());
+}
