@@ -7,6 +7,7 @@
 # stderr on the virtio serial ports named kiln.stdout / kiln.stderr, writes the exit status to
 # /scratch/status and powers off. Marker lines on the console (ttyS0) tell the host the phases:
 #   KILN-HARNESS-INIT, KILN-HARNESS-START, KILN-HARNESS-END <status>, KILN-HARNESS-FAIL <why>.
+# It ends L1 with `reboot -f`, which QEMU's -no-reboot turns into its exit.
 
 /bin/busybox --install -s /bin
 export PATH=/bin
@@ -14,10 +15,11 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 echo "KILN-HARNESS-INIT"
+phase() { echo "kiln-harness: $1 at uptime $(cut -d' ' -f1 /proc/uptime)"; }
 
 fail() {
     echo "KILN-HARNESS-FAIL $*"
-    poweroff -f
+    reboot -f
     sleep 10
     exit 1
 }
@@ -30,6 +32,7 @@ while read -r mod args; do
     insmod "/lib/modules/$mod.ko" $args || fail "insmod $mod $args failed"
 done < /modules.load
 
+phase "modules loaded"
 [ -c /dev/kvm ] || fail "/dev/kvm is missing after loading kvm-amd (does the CPU model have svm?)"
 
 mount -t 9p -o "$NINEP,cache=none" scratch /scratch || fail "mounting the scratch share failed"
@@ -70,6 +73,7 @@ port() {
 OUT=$(port kiln.stdout) || fail "virtio serial port kiln.stdout not found"
 ERR=$(port kiln.stderr) || fail "virtio serial port kiln.stderr not found"
 
+phase "mounts done"
 mkdir -p "$R/run/kiln-harness"
 cp /scratch/run.sh "$R/run/kiln-harness/run.sh" || fail "copying run.sh failed"
 
@@ -79,5 +83,5 @@ status=$?
 echo "$status" > /scratch/status
 sync
 echo "KILN-HARNESS-END $status"
-poweroff -f
+reboot -f
 sleep 10
