@@ -214,8 +214,11 @@ impl VsockDevice {
                 let _ = self.queue_evts[idx].read();
             }
             DeviceEvent::HostWake => {
-                self.host.wake_pending.store(false, Ordering::Release);
+                // Drain the eventfd first, then clear the flag: a handle that sets the flag
+                // after this point writes the eventfd again, and one that found it still set
+                // made its change before we poll below.
                 let _ = self.host.wake.read();
+                self.host.wake_pending.store(false, Ordering::SeqCst);
                 if self.active.is_some() && self.muxer.poll_host(Instant::now()) {
                     self.evq_pending = true;
                 }

@@ -227,7 +227,7 @@ impl HostShared {
 
     /// Wake the device thread (coalesced).
     pub fn wake_device(&self) {
-        if !self.wake_pending.swap(true, Ordering::AcqRel) {
+        if !self.wake_pending.swap(true, Ordering::SeqCst) {
             if let Err(e) = self.wake.write(1) {
                 tracing::warn!(error = %e, "vsock: failed to wake the device thread");
             }

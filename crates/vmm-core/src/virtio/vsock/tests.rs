@@ -1201,3 +1201,74 @@ fn host_ports_are_reused_after_close() {
     // The registry no longer holds the port.
     assert!(g.host.listen(pa).is_ok());
 }
+
+/// Run the device on an event-manager thread, as in a VM.
+fn spawn_event_loop(g: &mut TestGuest) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+    use event_manager::{EventManager, SubscriberOps};
+    g.direct = false;
+    let mut em = EventManager::<Arc<std::sync::Mutex<VsockDevice>>>::new().unwrap();
+    em.add_subscriber(g.dev.clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let t = std::thread::spawn(move || {
+        while !stop2.load(Ordering::Acquire) {
+            em.run_with_timeout(20).unwrap();
+        }
+    });
+    (stop, t)
+}
+
+#[test]
+fn event_loop_many_small_writes_from_several_threads_never_stall() {
+    let mut g = TestGuest::new();
+    let (stop, t) = spawn_event_loop(&mut g);
+    g.post_rx(128);
+    let l = g.host.listen(1024).unwrap();
+    let mut streams = Vec::new();
+    for i in 0..4u32 {
+        g.send(OP_REQUEST, 42000 + i, 1024, &[]);
+        assert_eq!(g.recv_wait(T).unwrap().0.op, OP_RESPONSE);
+        streams.push(l.accept(T).unwrap());
+    }
+    const PER_CONN: usize = 1 << 20;
+    let writers: Vec<_> = streams
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let mut w = s.try_clone().unwrap();
+            std::thread::spawn(move || {
+                let data = pattern(PER_CONN, 10 + i as u32);
+                for c in data.chunks(1000) {
+                    w.write_all(c).unwrap();
+                }
+                w.flush().unwrap();
+            })
+        })
+        .collect();
+    let mut got = vec![Vec::new(); 4];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while got.iter().any(|v| v.len() < PER_CONN) {
+        assert!(
+            Instant::now() < deadline,
+            "stalled: {:?}",
+            got.iter().map(Vec::len).collect::<Vec<_>>()
+        );
+        let Some((h, d)) = g.recv_wait(Duration::from_millis(100)) else {
+            continue;
+        };
+        if h.op == OP_RW {
+            let i = (h.dst_port - 42000) as usize;
+            got[i].extend_from_slice(&d);
+            g.consume(h.dst_port, d.len() as u32);
+            g.send(OP_CREDIT_UPDATE, h.dst_port, 1024, &[]);
+        }
+    }
+    for w in writers {
+        w.join().unwrap();
+    }
+    for (i, v) in got.iter().enumerate() {
+        assert!(*v == pattern(PER_CONN, 10 + i as u32), "conn {i} differs");
+    }
+    stop.store(true, Ordering::Release);
+    t.join().unwrap();
+}
