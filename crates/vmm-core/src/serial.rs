@@ -279,6 +279,17 @@ impl SerialDevice {
         .map_err(|e| io::Error::other(format!("serial state: {e:?}")))?;
         Ok(Self { uart })
     }
+
+    /// Loads the registers of `state` into this UART, keeping its interrupt and console.
+    pub fn restore_snapshot_state(
+        &mut self,
+        state: &vm_superio::serial::SerialState,
+    ) -> io::Result<()> {
+        let irq = self.uart.interrupt_evt().0.try_clone()?;
+        let console = self.uart.writer().0.clone();
+        *self = Self::from_snapshot_state(irq, console, state)?;
+        Ok(())
+    }
 }
 // ---- end snapshot hook ----
 

@@ -29,6 +29,9 @@ use crate::vcpu::{self, VcpuRunner, VcpuState, VmShared};
 
 pub use crate::vcpu::ExitReason;
 
+/// `Vm::snapshot` / `Vm::restore` (snapshot module's entry points; vm/snapshot.rs).
+mod snapshot;
+
 /// Most vCPUs a VM may have.
 pub const MAX_VCPUS: u8 = 8;
 /// Least guest memory (MiB): the kernel loads at 1 MiB.
@@ -473,6 +476,8 @@ pub struct Vm {
     devices: AttachedDevices,
     cmdline: String,
     started: Instant,
+    /// The UART (snapshots read and restore its registers).
+    serial: Arc<Mutex<SerialDevice>>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -524,6 +529,7 @@ impl Vm {
             subscribers,
             devices,
             vcpu_fds,
+            serial,
         } = build_machine(&cfg, kvm, &vm_fd, &mem)?;
         let loaded = boot::load_kernel(&mem, cfg.mem_mib, &cfg.kernel, cfg.initramfs.as_deref())
             .map_err(boot_err)?;
@@ -556,6 +562,7 @@ impl Vm {
             devices,
             cmdline: cmdline_str,
             started: Instant::now(),
+            serial,
         };
         if subscribers > 0 {
             vm.event_loop = Some(EventLoop::spawn(&name, events).map_err(os_err("device thread"))?);
@@ -839,6 +846,8 @@ struct Machine {
     subscribers: usize,
     devices: AttachedDevices,
     vcpu_fds: Vec<VcpuFd>,
+    /// The UART (kept typed for snapshots).
+    serial: Arc<Mutex<SerialDevice>>,
 }
 
 /// In-kernel irqchip and PIT, the serial port, the devices and the vCPUs.
@@ -877,7 +886,8 @@ fn build_machine(
         .register_irqfd(&serial_irq, COM1_IRQ)
         .map_err(kvm_err("register serial irqfd"))?;
     let mut pio = Bus::new();
-    let serial: SharedDevice = Arc::new(Mutex::new(SerialDevice::new(serial_irq, console.clone())));
+    let serial_dev = Arc::new(Mutex::new(SerialDevice::new(serial_irq, console.clone())));
+    let serial: SharedDevice = serial_dev.clone();
     pio.insert(COM1_PORT, COM1_LEN, serial)
         .map_err(|source| VmError::Bus {
             vm: name.to_owned(),
@@ -921,5 +931,6 @@ fn build_machine(
         subscribers,
         devices,
         vcpu_fds,
+        serial: serial_dev,
     })
 }

@@ -126,8 +126,11 @@ found:
 spin:
 	jmp	spin
 
-	/* count (snapshot tests): counter in memory, ~1M-iteration delay per line. */
-	.equ COUNT_DELAY, 0x100000
+	/*
+	 * count (snapshot tests): counter in memory, then wait COUNT_TSC TSC ticks (~0.5 ms at 2 GHz)
+	 * before the next line. A time-based wait: on kvm-pvm a plain dec/jnz loop crawls.
+	 */
+	.equ COUNT_TSC, 0x100000
 count:
 	lea	msg_count(%rip), %rdi
 	call	puts
@@ -136,9 +139,16 @@ count:
 	lea	msg_nl(%rip), %rdi
 	call	puts
 	incq	counter(%rip)
-	mov	$COUNT_DELAY, %ecx
-1:	dec	%ecx
-	jnz	1b
+	rdtsc
+	shl	$32, %rdx
+	or	%rax, %rdx
+	mov	%rdx, %r10
+1:	rdtsc
+	shl	$32, %rdx
+	or	%rax, %rdx
+	sub	%r10, %rdx
+	cmp	$COUNT_TSC, %rdx
+	jb	1b
 	jmp	count
 
 halt:

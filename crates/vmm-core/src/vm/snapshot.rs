@@ -1,0 +1,465 @@
+//! [`Vm::snapshot`] and [`Vm::restore`]: where the snapshot module (crate::snapshot) meets
+//! the VM core. A child of `vm` so it can reach the VM's fds, threads and devices.
+//!
+//! Snapshot: pause -> save each vCPU on its own thread (after completing pending I/O) ->
+//! lock serial, vsock transport and device -> save VM/device state -> write memory (temp +
+//! rename) -> write state (temp + rename) -> unlock -> resume if it was running.
+//!
+//! Restore: load and check the state file, map the memory file `MAP_PRIVATE` and check it —
+//! all before any KVM object exists — then build the machine as [`Vm::start`] does (minus
+//! kernel loading), load VM state, vCPU state, serial and transport registers, send the vsock
+//! TRANSPORT_RESET, and start the device loop and the vCPU threads.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Instant;
+
+use kvm_ioctls::{Kvm, VcpuFd};
+use vmm_sys_util::signal::Killable;
+
+use super::{build_machine, kvm, register_memory, Machine, Vm, VmConfig, VmError};
+use crate::event_loop::EventLoop;
+use crate::snapshot::kvm_state::{self, VmKvmState};
+use crate::snapshot::state::{
+    MmioSnapshot, QueueSnapshot, SerialSnapshot, VcpuSnapshot, VmSnapshot, VsockSnapshot,
+};
+use crate::snapshot::{
+    self, format, memory_file, RestoreConfig, SnapshotError, SnapshotInfo, VCPU_TIMEOUT,
+};
+use crate::vcpu::{self, VcpuRunner, VcpuState, VmShared};
+use crate::virtio::mmio::{MmioState, QueueRegs};
+use crate::virtio::VirtioDevice;
+
+/// How often snapshotting retries when the device thread moved a queue between reading the
+/// transport and locking the device.
+const DEVICE_QUIESCE_TRIES: usize = 100;
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// KVM's MSR index list, read once per process.
+fn msr_indices(kvm: &Kvm, vm: &str) -> Result<&'static [u32], SnapshotError> {
+    static LIST: OnceLock<Vec<u32>> = OnceLock::new();
+    if let Some(l) = LIST.get() {
+        return Ok(l);
+    }
+    let l = kvm
+        .get_msr_index_list()
+        .map_err(|source| VmError::Kvm {
+            vm: vm.to_owned(),
+            op: "get MSR index list",
+            source,
+        })?
+        .as_slice()
+        .to_vec();
+    Ok(LIST.get_or_init(|| l))
+}
+
+impl From<&MmioState> for MmioSnapshot {
+    fn from(s: &MmioState) -> Self {
+        MmioSnapshot {
+            queues: s
+                .queues
+                .iter()
+                .map(|q| QueueSnapshot {
+                    max_size: q.max_size,
+                    size: q.size,
+                    ready: q.ready,
+                    desc: q.desc,
+                    avail: q.avail,
+                    used: q.used,
+                    next_index: q.next_index,
+                })
+                .collect(),
+            queue_sel: s.queue_sel,
+            device_features_sel: s.device_features_sel,
+            driver_features_sel: s.driver_features_sel,
+            driver_features: s.driver_features,
+            bad_driver_features: s.bad_driver_features,
+            status: s.status,
+            activated: s.activated,
+            interrupt_status: s.interrupt_status,
+            needs_reset: s.needs_reset,
+        }
+    }
+}
+
+impl From<&MmioSnapshot> for MmioState {
+    fn from(s: &MmioSnapshot) -> Self {
+        MmioState {
+            queues: s
+                .queues
+                .iter()
+                .map(|q| QueueRegs {
+                    max_size: q.max_size,
+                    size: q.size,
+                    ready: q.ready,
+                    desc: q.desc,
+                    avail: q.avail,
+                    used: q.used,
+                    next_index: q.next_index,
+                })
+                .collect(),
+            queue_sel: s.queue_sel,
+            device_features_sel: s.device_features_sel,
+            driver_features_sel: s.driver_features_sel,
+            driver_features: s.driver_features,
+            bad_driver_features: s.bad_driver_features,
+            status: s.status,
+            activated: s.activated,
+            interrupt_status: s.interrupt_status,
+            needs_reset: s.needs_reset,
+        }
+    }
+}
+
+fn io_err(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> SnapshotError {
+    let path = path.to_owned();
+    move |source| SnapshotError::Io { path, op, source }
+}
+
+impl Vm {
+    /// Saves this VM to `dir` (created if missing; an existing snapshot there is replaced).
+    /// The vCPUs are paused for the duration and resumed afterwards if they were running; a
+    /// VM that was paused stays paused. Open vsock connections are not saved (a restored VM
+    /// starts without them and its guest gets a TRANSPORT_RESET).
+    pub fn snapshot(&self, dir: &Path) -> Result<SnapshotInfo, SnapshotError> {
+        let not = |what: String| SnapshotError::NotSnapshottable {
+            vm: self.name.clone(),
+            what,
+        };
+        if let Some(r) = self.shared.exit_reason() {
+            return Err(not(format!("it has exited ({r})")));
+        }
+        let origin = snapshot::current_origin()?;
+        std::fs::create_dir_all(dir).map_err(io_err(dir, "create directory"))?;
+        let was_running = self.vcpu_states().contains(&VcpuState::Running);
+        let t0 = Instant::now();
+        self.pause(VCPU_TIMEOUT)?;
+        let res = self.snapshot_paused(dir, &origin);
+        if was_running && self.shared.exit_reason().is_none() {
+            self.resume();
+        }
+        let mut info = res?;
+        info.paused_for = t0.elapsed();
+        Ok(info)
+    }
+
+    fn snapshot_paused(
+        &self,
+        dir: &Path,
+        origin: &format::Origin,
+    ) -> Result<SnapshotInfo, SnapshotError> {
+        let name = self.name.clone();
+        let not = |what: &str| SnapshotError::NotSnapshottable {
+            vm: name.clone(),
+            what: what.to_owned(),
+        };
+        if let Some(s) = self
+            .vcpu_states()
+            .into_iter()
+            .find(|s| *s != VcpuState::Paused)
+        {
+            return Err(not(&format!("a vCPU is {s:?}, not paused")));
+        }
+        let (Some(vm_fd), Some(mem)) = (self.vm_fd.as_ref(), self.memory.as_ref()) else {
+            return Err(not("it is being torn down"));
+        };
+        let kvm = kvm(&self.name)?;
+        let vcpus = self.save_vcpus(msr_indices(kvm, &self.name)?)?;
+
+        // Devices: serial, then the vsock transport and device, held until memory is written
+        // so the device thread cannot touch guest memory or the rings meanwhile.
+        let serial = SerialSnapshot::from(lock(&self.serial).snapshot_state());
+        let mut held = None;
+        let vsock = match &self.devices.vsock {
+            None => None,
+            Some(v) => {
+                let t = lock(&v.transport);
+                let mut found = None;
+                for _ in 0..DEVICE_QUIESCE_TRIES {
+                    let st = t.save_state();
+                    let d = lock(&v.device);
+                    let saved: Vec<u16> = st.queues.iter().map(|q| q.next_index).collect();
+                    let now = d.queue_next_indices();
+                    let same = match now {
+                        Some(n) => n == saved,
+                        None => saved.iter().all(|&x| x == 0),
+                    };
+                    if same {
+                        found = Some((st, d));
+                        break;
+                    }
+                }
+                let Some((st, d)) = found else {
+                    return Err(not("the vsock device kept moving its queues"));
+                };
+                held = Some((t, d));
+                Some(VsockSnapshot {
+                    guest_cid: v.host.guest_cid(),
+                    mmio_base: v.slot.base,
+                    gsi: v.slot.gsi,
+                    transport: MmioSnapshot::from(&st),
+                })
+            }
+        };
+        let vm_state = kvm_state::save_vm(vm_fd).map_err(|source| SnapshotError::KvmState {
+            vm: self.name.clone(),
+            what: "VM state".into(),
+            source,
+        })?;
+
+        let id = snapshot::new_snapshot_id();
+        let (state_path, mem_path) = snapshot::paths(dir);
+        let tmp_mem = tmp_name(&mem_path);
+        let written = memory_file::write(&tmp_mem, mem, &id);
+        drop(held);
+        let (regions, memory_file_len, stats) = match written {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp_mem);
+                return Err(e.into());
+            }
+        };
+        std::fs::rename(&tmp_mem, &mem_path).map_err(io_err(&mem_path, "rename"))?;
+
+        let snap = VmSnapshot {
+            snapshot_id: id,
+            vm_name: self.name.clone(),
+            mem_mib: ram_mib(&regions),
+            cmdline: self.cmdline.clone(),
+            regions,
+            memory_file_len,
+            vcpus,
+            pic_master: vm_state.pic_master,
+            pic_slave: vm_state.pic_slave,
+            ioapic: vm_state.ioapic,
+            pit: vm_state.pit,
+            clock: vm_state.clock,
+            serial,
+            vsock,
+        };
+        snap.validate()
+            .map_err(|what| SnapshotError::NotSnapshottable {
+                vm: self.name.clone(),
+                what: format!("its state does not pass validation: {what}"),
+            })?;
+        let bytes = format::encode(&snap, origin).map_err(|source| SnapshotError::StateFile {
+            path: state_path.clone(),
+            source,
+        })?;
+        snapshot::write_atomic(&state_path, &bytes)?;
+        Ok(SnapshotInfo {
+            dir: dir.to_owned(),
+            state_bytes: bytes.len() as u64,
+            guest_bytes: stats.guest_bytes,
+            written_bytes: stats.written_bytes,
+            paused_for: Default::default(),
+        })
+    }
+
+    /// Saves every (paused) vCPU on its own thread.
+    fn save_vcpus(&self, msrs: &'static [u32]) -> Result<Vec<VcpuSnapshot>, SnapshotError> {
+        let (tx, rx) = mpsc::channel();
+        for (i, ctl) in self.shared.vcpus.iter().enumerate() {
+            let tx = tx.clone();
+            ctl.post_job(Box::new(move |fd: &mut VcpuFd| {
+                // KVM completes an instruction that exited to user space for I/O only on the
+                // next KVM_RUN; with immediate_exit set it does that and returns at once.
+                fd.set_kvm_immediate_exit(1);
+                let _ = fd.run();
+                fd.set_kvm_immediate_exit(0);
+                let _ = tx.send((i, kvm_state::save_vcpu(fd, i as u8, msrs)));
+            }));
+        }
+        drop(tx);
+        let deadline = Instant::now() + VCPU_TIMEOUT;
+        let mut out: Vec<Option<VcpuSnapshot>> =
+            (0..self.shared.vcpus.len()).map(|_| None).collect();
+        for _ in 0..out.len() {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            let (i, r) = rx
+                .recv_timeout(wait)
+                .map_err(|_| SnapshotError::NotSnapshottable {
+                    vm: self.name.clone(),
+                    what: format!("a vCPU did not save its state within {VCPU_TIMEOUT:?}"),
+                })?;
+            let s = r.map_err(|source| SnapshotError::KvmState {
+                vm: self.name.clone(),
+                what: format!("vCPU {i}"),
+                source,
+            })?;
+            out[i] = Some(s);
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+
+    /// Builds a new, running VM from the snapshot in `dir`. The state file and memory file
+    /// are fully checked before anything is created; on any error nothing is left behind.
+    pub fn restore(dir: &Path, cfg: RestoreConfig) -> Result<Vm, SnapshotError> {
+        let snap = snapshot::load(dir)?;
+        let (_, mem_path) = snapshot::paths(dir);
+        Self::restore_from(snap, &mem_path, cfg)
+    }
+
+    /// [`Vm::restore`] from an already loaded (and validated) state and its memory file.
+    pub fn restore_from(
+        snap: VmSnapshot,
+        mem_path: &Path,
+        cfg: RestoreConfig,
+    ) -> Result<Vm, SnapshotError> {
+        let name = cfg.name.clone();
+        let device_err = |device: &'static str, what: String| SnapshotError::Device {
+            vm: name.clone(),
+            device,
+            what,
+        };
+        let mut vcfg = VmConfig::new(cfg.name.clone(), PathBuf::new());
+        vcfg.vcpus = snap.vcpus.len() as u8;
+        vcfg.mem_mib = snap.mem_mib;
+        vcfg.serial_ring_bytes = cfg.serial_ring_bytes;
+        vcfg.serial_log = cfg.serial_log;
+        vcfg.vsock_cid = match (&snap.vsock, cfg.vsock_cid) {
+            (Some(v), c) => Some(c.unwrap_or(v.guest_cid)),
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(device_err(
+                    "virtio-vsock",
+                    "a vsock CID was given but the snapshot has no vsock device".into(),
+                ))
+            }
+        };
+        // Everything but the kernel file (a restore has none) must pass VmConfig's checks;
+        // the kernel check is the last one validate() makes.
+        match vcfg.validate() {
+            Ok(()) | Err(VmError::FileMissing { what: "kernel", .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        // Map (and check) the memory file before creating any KVM object.
+        let mem = memory_file::map(
+            mem_path,
+            &snap.snapshot_id,
+            &snap.regions,
+            snap.memory_file_len,
+        )?;
+
+        let kvm_err = |op: &'static str| {
+            let vm = name.clone();
+            move |source| VmError::Kvm { vm, op, source }
+        };
+        let os_err = |what: &'static str| {
+            let vm = name.clone();
+            move |source| VmError::Os { vm, what, source }
+        };
+        let state_err = |what: String| {
+            let vm = name.clone();
+            move |source| SnapshotError::KvmState { vm, what, source }
+        };
+        vcpu::install_kick_handler().map_err(os_err("install vCPU kick handler"))?;
+        let kvm = kvm(&name)?;
+        let vm_fd = kvm.create_vm().map_err(kvm_err("create VM"))?;
+        register_memory(&vm_fd, &mem, &name)?;
+        let Machine {
+            console,
+            pio,
+            mmio,
+            events,
+            cmdline_parts: _,
+            subscribers,
+            devices,
+            vcpu_fds,
+            serial,
+        } = build_machine(&vcfg, kvm, &vm_fd, &mem)?;
+
+        // The device layout must be the one the guest knows.
+        if let (Some(saved), Some(v)) = (&snap.vsock, &devices.vsock) {
+            if saved.mmio_base != v.slot.base || saved.gsi != v.slot.gsi {
+                return Err(device_err(
+                    "virtio-vsock",
+                    format!(
+                        "saved at {:#x} GSI {}, rebuilt at {:#x} GSI {}",
+                        saved.mmio_base, saved.gsi, v.slot.base, v.slot.gsi
+                    ),
+                ));
+            }
+        }
+
+        // KVM state: VM-wide first, then each vCPU; device interrupts only after the LAPICs
+        // are loaded (loading a LAPIC overwrites pending interrupts).
+        let vm_state = VmKvmState {
+            pic_master: snap.pic_master,
+            pic_slave: snap.pic_slave,
+            ioapic: snap.ioapic,
+            pit: snap.pit,
+            clock: snap.clock,
+        };
+        kvm_state::restore_vm(&vm_fd, &vm_state).map_err(state_err("VM state".into()))?;
+        for (fd, s) in vcpu_fds.iter().zip(&snap.vcpus) {
+            kvm_state::restore_vcpu(fd, s).map_err(state_err(format!("vCPU {}", s.index)))?;
+            // Tell a kvmclock guest it was stopped (no soft-lockup reports); others refuse.
+            let _ = fd.kvmclock_ctrl();
+        }
+        lock(&serial)
+            .restore_snapshot_state(&(&snap.serial).into())
+            .map_err(|e| device_err("serial", e.to_string()))?;
+        if let (Some(saved), Some(v)) = (&snap.vsock, &devices.vsock) {
+            lock(&v.transport)
+                .restore_state(&MmioState::from(&saved.transport))
+                .map_err(|e| device_err("virtio-vsock", e.to_string()))?;
+            // Connections did not survive: tell the guest so its agent reconnects.
+            lock(&v.device).transport_reset();
+        }
+
+        let shared = Arc::new(VmShared::new(&name, console, vcfg.vcpus));
+        let pio = Arc::new(pio);
+        let mmio = Arc::new(mmio);
+        let mut vm = Vm {
+            name: name.clone(),
+            shared: shared.clone(),
+            threads: Vec::new(),
+            event_loop: None,
+            vm_fd: Some(vm_fd),
+            memory: Some(mem),
+            devices,
+            cmdline: snap.cmdline,
+            started: Instant::now(),
+            serial,
+        };
+        if subscribers > 0 {
+            vm.event_loop = Some(EventLoop::spawn(&name, events).map_err(os_err("device thread"))?);
+        } else {
+            drop(events);
+        }
+        for (i, fd) in vcpu_fds.into_iter().enumerate() {
+            let runner = VcpuRunner {
+                fd,
+                index: i as u8,
+                shared: shared.clone(),
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+            };
+            // On error `vm` is dropped, which stops the threads already started.
+            let h = std::thread::Builder::new()
+                .name(format!("{name}-vcpu{i}"))
+                .spawn(move || runner.run())
+                .map_err(os_err("vCPU thread"))?;
+            shared.set_thread(i, h.pthread_handle());
+            vm.threads.push(Some(h));
+        }
+        Ok(vm)
+    }
+}
+
+/// `path` with a temporary suffix in the same directory (for write + rename).
+fn tmp_name(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(format!(".tmp.{}", std::process::id()));
+    PathBuf::from(s)
+}
+
+/// Guest RAM in MiB from the region table.
+fn ram_mib(regions: &[crate::snapshot::state::RegionSnapshot]) -> u64 {
+    regions.iter().map(|r| r.len).sum::<u64>() >> 20
+}
