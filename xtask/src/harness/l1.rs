@@ -95,10 +95,10 @@ pub fn supervise(s: Supervise) -> Result<Outcome> {
     }
     let _ = console_thread.join();
     let _ = qemu_err_thread.join();
-    let (qemu_status, mut times, fail) = waited?;
-    // Markers that arrived after the last poll.
+    let (qemu_status, mut times, mut fail) = waited?;
+    // Markers that arrived after the last poll (the console reader has finished by now).
     for ev in rx.try_iter() {
-        record(&mut times, launched, ev, &mut None);
+        record(&mut times, launched, ev, &mut fail);
     }
     times.exit = exit;
 
@@ -271,4 +271,106 @@ fn console_tail(path: &std::path::Path, lines: usize) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Stdio;
+
+    /// A stand-in for QEMU: a shell script printing on "the console" (its stdout).
+    fn fake(dir: &std::path::Path, script: &str, boot: u64, total: u64) -> Result<Outcome> {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(script)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        supervise(Supervise {
+            qemu: cmd,
+            stdout: UnixListener::bind(dir.join("o.sock")).unwrap(),
+            stderr: UnixListener::bind(dir.join("e.sock")).unwrap(),
+            console_log: dir.join("console.log"),
+            status_file: dir.join("status"),
+            boot_timeout: Duration::from_secs(boot),
+            timeout: Duration::from_secs(total),
+            verbose: false,
+        })
+    }
+
+    #[test]
+    fn status_and_phases_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = fake(
+            dir.path(),
+            "echo '[ 0.1] kernel'; echo KILN-HARNESS-INIT; echo KILN-HARNESS-START; \
+             echo 7 > status; echo 'KILN-HARNESS-END 7'",
+            10,
+            20,
+        )
+        .unwrap();
+        assert_eq!(out.status, 7);
+        assert!(out.times.init.is_some() && out.times.start.is_some() && out.times.end.is_some());
+        let log = fs::read_to_string(dir.path().join("console.log")).unwrap();
+        assert!(
+            log.starts_with("[ 0.1] kernel\nKILN-HARNESS-INIT\n"),
+            "{log}"
+        );
+    }
+
+    #[test]
+    fn init_failure_is_explained() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = fake(
+            dir.path(),
+            "echo KILN-HARNESS-INIT; echo 'KILN-HARNESS-FAIL /dev/kvm is missing'",
+            10,
+            20,
+        )
+        .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("init failed: /dev/kvm is missing"), "{msg}");
+    }
+
+    #[test]
+    fn missing_status_is_an_error_with_the_console_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = fake(
+            dir.path(),
+            "echo KILN-HARNESS-INIT; echo 'Kernel panic - not syncing'",
+            10,
+            20,
+        )
+        .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("without reporting"), "{msg}");
+        assert!(msg.contains("Kernel panic"), "{msg}");
+    }
+
+    #[test]
+    fn boot_deadline_kills_a_silent_l1() {
+        let dir = tempfile::tempdir().unwrap();
+        let started = Instant::now();
+        let err = fake(dir.path(), "exec sleep 30", 1, 20).unwrap_err();
+        assert!(format!("{err:#}").contains("did not reach its init within 1 s"));
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn overall_deadline_kills_a_long_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let started = Instant::now();
+        let err = fake(
+            dir.path(),
+            "echo KILN-HARNESS-INIT; echo KILN-HARNESS-START; exec sleep 30",
+            5,
+            1,
+        )
+        .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("longer than 1 s"), "{msg}");
+        assert!(msg.contains("while the command was running"), "{msg}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
 }
