@@ -108,7 +108,7 @@ fn echo_64mib_each_way_byte_exact() {
 
 #[test]
 fn eight_concurrent_echo_connections() {
-    let vm = boot("vsock-e2e-8", 2);
+    let vm = boot("vsock-e2e-8", 1);
     let host = vm.vsock().unwrap().clone();
     let streams: Vec<_> = (0..8).map(|_| connect_echo(&host)).collect();
     let handles: Vec<_> = streams
