@@ -103,8 +103,6 @@ pub struct RunTimes {
 /// Runs `opts.command` inside L1 and returns its exit status (128+N when killed by signal N).
 /// Fails when the assets cannot be prepared, L1 does not reach its init in time, the overall
 /// timeout passes, or L1 ends without reporting a status.
-// The callers (`cargo xtask run`, `cargo xtask test`) land separately.
-#[allow(dead_code)]
 pub fn run(opts: &HarnessOptions) -> Result<i32> {
     run_with(opts, &HarnessExtras::default())
 }
