@@ -13,6 +13,7 @@ mod exec;
 mod pool;
 mod snapshot;
 mod vmm;
+mod vsock;
 
 use std::time::Duration;
 
@@ -31,6 +32,8 @@ pub enum BenchName {
     Pool,
     /// Snapshot create / restore.
     Snapshot,
+    /// virtio-vsock connect latency and echo throughput with a Linux guest.
+    Vsock,
 }
 
 /// `cargo xtask bench` arguments.
@@ -172,6 +175,7 @@ pub fn cmd_bench(args: &BenchArgs) -> Result<()> {
         BenchName::Exec => exec::run(format),
         BenchName::Pool => pool::run(format),
         BenchName::Snapshot => snapshot::run(format),
+        BenchName::Vsock => vsock::run(format),
     }
 }
 
