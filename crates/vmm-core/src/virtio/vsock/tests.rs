@@ -1272,3 +1272,58 @@ fn event_loop_many_small_writes_from_several_threads_never_stall() {
     stop.store(true, Ordering::Release);
     t.join().unwrap();
 }
+
+#[test]
+fn tx_indirect_table_loop_and_nesting_are_dropped() {
+    const VRING_DESC_F_INDIRECT: u16 = 4;
+    let mut g = TestGuest::new();
+    g.post_rx(8);
+    let table = TX_BUF + 0x80_0000;
+    let hdr_addr = table + 0x1000;
+    let h = g.hdr(OP_REQUEST, 40000, 77);
+    g.mem
+        .write_slice(&h.to_bytes(), GuestAddress(hdr_addr))
+        .unwrap();
+    // Indirect table of 8 entries, each pointing to the next, the last back to the first.
+    for i in 0..8u16 {
+        let d = SplitDescriptor::new(hdr_addr, HDR_SIZE as u32, VRING_DESC_F_NEXT, (i + 1) % 8);
+        g.mem
+            .write_obj(
+                virtio_queue::desc::RawDescriptor::from(d),
+                GuestAddress(table + u64::from(i) * 16),
+            )
+            .unwrap();
+    }
+    let a = g.tx.take_index();
+    g.tx.write_desc(
+        &g.mem,
+        a,
+        SplitDescriptor::new(table, 8 * 16, VRING_DESC_F_INDIRECT, 0),
+    );
+    g.tx.track(a, vec![a]);
+    g.tx.publish(&g.mem, a);
+    // An indirect descriptor inside an indirect table.
+    let nested = table + 0x2000;
+    let d = SplitDescriptor::new(table, 8 * 16, VRING_DESC_F_INDIRECT, 0);
+    g.mem
+        .write_obj(
+            virtio_queue::desc::RawDescriptor::from(d),
+            GuestAddress(nested),
+        )
+        .unwrap();
+    let b = g.tx.take_index();
+    g.tx.write_desc(
+        &g.mem,
+        b,
+        SplitDescriptor::new(nested, 16, VRING_DESC_F_INDIRECT, 0),
+    );
+    g.tx.track(b, vec![b]);
+    g.tx.publish(&g.mem, b);
+    g.notify(TXQ);
+    assert_eq!(g.reclaim_tx(), vec![(a, 0), (b, 0)]);
+    assert_eq!(g.dev.lock().unwrap().stats().bad_tx_chains, 2);
+    assert_eq!(g.dev.lock().unwrap().stats().needs_reset, 0);
+    // Still serving.
+    g.send(OP_REQUEST, 40000, 77, &[]);
+    assert_eq!(ops(&g.recv_all()), vec![OP_RST]);
+}
