@@ -1327,3 +1327,89 @@ fn tx_indirect_table_loop_and_nesting_are_dropped() {
     g.send(OP_REQUEST, 40000, 77, &[]);
     assert_eq!(ops(&g.recv_all()), vec![OP_RST]);
 }
+
+// ---- the same device driven by virtio-queue's own MockSplitQueue -------------------------
+
+mod with_mock_split_queue {
+    use super::*;
+    use crate::virtio::{VirtioDevice, VIRTIO_F_VERSION_1};
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+
+    fn raw(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+    }
+
+    #[test]
+    fn request_to_unknown_port_gets_rst() {
+        let mem = test_mem();
+        let rxm = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
+        let txm = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 16);
+        let evm = MockSplitQueue::create(&mem, GuestAddress(0x3_0000), 16);
+        rxm.add_desc_chains(
+            &[
+                raw(0x10_0000, 44, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 1),
+                raw(0x10_1000, 4096, VRING_DESC_F_WRITE, 0),
+            ],
+            0,
+        )
+        .unwrap();
+        let h = Header {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port: 40000,
+            dst_port: 4444,
+            type_: TYPE_STREAM,
+            op: OP_REQUEST,
+            buf_alloc: 65536,
+            ..Header::default()
+        };
+        mem.write_slice(&h.to_bytes(), GuestAddress(0x20_0000))
+            .unwrap();
+        txm.add_desc_chains(&[raw(0x20_0000, 44, 0, 0)], 0).unwrap();
+        let mut dev = VsockDevice::new(VsockConfig::default()).unwrap();
+        let queues = vec![
+            rxm.create_queue().unwrap(),
+            txm.create_queue().unwrap(),
+            evm.create_queue().unwrap(),
+        ];
+        dev.activate(mem.clone(), queues, VIRTIO_F_VERSION_1)
+            .unwrap();
+        dev.handle_event(device::DeviceEvent::TxQueue);
+        assert_eq!(txm.used().idx().load(), 1);
+        assert_eq!(rxm.used().idx().load(), 1);
+        let e = rxm.used().ring().ref_at(0).unwrap().load();
+        assert_eq!((e.id(), e.len()), (0, HDR_SIZE as u32));
+        let mut b = [0u8; HDR_SIZE];
+        mem.read_slice(&mut b, GuestAddress(0x10_0000)).unwrap();
+        let r = Header::from_bytes(&b);
+        assert_eq!(
+            (r.op, r.src_port, r.dst_port, r.dst_cid),
+            (OP_RST, 4444, 40000, 3)
+        );
+    }
+
+    #[test]
+    fn self_referencing_descriptor_is_dropped() {
+        let mem = test_mem();
+        let rxm = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
+        let txm = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 16);
+        let evm = MockSplitQueue::create(&mem, GuestAddress(0x3_0000), 16);
+        // Descriptor 0 chains to itself.
+        txm.add_desc_chains(&[raw(0x20_0000, 44, VRING_DESC_F_NEXT, 0)], 0)
+            .unwrap();
+        let mut dev = VsockDevice::new(VsockConfig::default()).unwrap();
+        let queues = vec![
+            rxm.create_queue().unwrap(),
+            txm.create_queue().unwrap(),
+            evm.create_queue().unwrap(),
+        ];
+        dev.activate(mem.clone(), queues, VIRTIO_F_VERSION_1)
+            .unwrap();
+        dev.handle_event(device::DeviceEvent::TxQueue);
+        assert_eq!(txm.used().idx().load(), 1);
+        assert_eq!(txm.used().ring().ref_at(0).unwrap().load().len(), 0);
+        assert_eq!(dev.stats().bad_tx_chains, 1);
+        assert!(!dev.interrupt().needs_reset());
+    }
+}
