@@ -141,7 +141,8 @@ fn parse_hex(s: &str, key: &str) -> u64 {
 #[test]
 fn guest_sees_mp_table_cpus_memory_map_and_cmdline() {
     let _l = serial_lock();
-    for (vcpus, mem_mib) in [(1u8, 32u64), (2, 128), (4, 256), (8, 64)] {
+    // 4608 MiB puts 1 GiB above the MMIO hole (second memory slot, e820 entry at 4 GiB).
+    for (vcpus, mem_mib) in [(1u8, 32u64), (2, 128), (4, 4608), (8, 64)] {
         let mut c = cfg(&format!("info{vcpus}"), Action::Info);
         c.vcpus = vcpus;
         c.mem_mib = mem_mib;
@@ -226,6 +227,7 @@ fn create_destroy_cycles_leave_no_fd_or_thread_behind() {
 
 #[test]
 fn bad_configs_are_typed_errors_naming_the_problem() {
+    let _l = serial_lock();
     let check = |c: VmConfig, want: &str| {
         let e = Vm::start(c).unwrap_err();
         let msg = e.to_string();
