@@ -33,6 +33,11 @@ const TIER3_PACKAGE: &str = "kiln-agent";
 const TIER4_PACKAGE: &str = "kiln-tests";
 /// Deadline for the whole tier-4 run inside the harness.
 const HARNESS_TIMEOUT: Duration = Duration::from_secs(40 * 60);
+/// Deadline for one tier-4 test executable inside the harness (a hung test must not keep the
+/// other executables from running).
+const EXE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// `timeout`'s exit status when it had to stop the command.
+const TIMED_OUT: i32 = 124;
 
 /// `cargo xtask test` arguments.
 #[derive(Debug, Args)]
@@ -419,7 +424,6 @@ fn tier4_env(b: &Tier4Build) -> Vec<(String, String)> {
     vec![
         ("KILN_KERNEL".into(), b.kernel.display().to_string()),
         ("KILN_INITRAMFS".into(), b.initramfs.display().to_string()),
-        ("KILN_BIN".into(), b.kiln.display().to_string()),
         ("RUST_BACKTRACE".into(), "1".into()),
     ]
 }
@@ -431,6 +435,13 @@ fn tier4_inner(kind: &HostKind) -> Result<Outcome> {
             "{TIER4_PACKAGE} produced no test executables"
         )));
     }
+    eprintln!(
+        "tier 4: {} test executables; kernel {}, initramfs {}, kiln CLI {}",
+        b.executables.len(),
+        b.kernel.display(),
+        b.initramfs.display(),
+        b.kiln.display()
+    );
     let workdir = util::repo_root().join("tests");
     if kind.runs_linux_guests() {
         eprintln!("tier 4: running directly on this host ({kind})");
@@ -463,7 +474,10 @@ fn tier4_inner(kind: &HostKind) -> Result<Outcome> {
 /// Runs every tier-4 executable in one L1 boot; outputs and exit codes go to files in the
 /// target dir (shared writable into L1) and are tallied here afterwards.
 fn run_in_harness(b: &Tier4Build, workdir: &Path) -> Result<Outcome> {
-    let out_dir = util::target_dir().join("kiln-tier4");
+    // One directory per run: several `cargo xtask test` may share a target dir.
+    let out_dir = util::target_dir()
+        .join("kiln-tier4")
+        .join(std::process::id().to_string());
     let _ = fs::remove_dir_all(&out_dir);
     fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let script = out_dir.join("run.sh");
@@ -477,10 +491,9 @@ fn run_in_harness(b: &Tier4Build, workdir: &Path) -> Result<Outcome> {
         env: tier4_env(b),
         ..Default::default()
     };
-    let status = match harness::run(&opts) {
-        Ok(s) => s,
-        Err(e) => return Ok(Outcome::CouldNotRun(format!("the harness failed: {e:#}"))),
-    };
+    // Even when the harness fails (e.g. its deadline), the executables that finished count.
+    let harness_result = harness::run(&opts);
+    let mut finished = 0;
     let mut outcomes = Vec::new();
     for (i, exe) in b.executables.iter().enumerate() {
         let log = fs::read_to_string(out_dir.join(format!("{i}.log"))).unwrap_or_default();
@@ -488,8 +501,14 @@ fn run_in_harness(b: &Tier4Build, workdir: &Path) -> Result<Outcome> {
             .ok()
             .and_then(|s| s.trim().parse::<i32>().ok());
         let (counts, summaries) = count_results(&log);
+        finished += usize::from(rc.is_some());
         let error = match rc {
             Some(0) => None,
+            Some(TIMED_OUT) | Some(137) => Some(format!(
+                "{} was stopped after its {}s deadline",
+                exe.display(),
+                EXE_TIMEOUT.as_secs()
+            )),
             Some(rc) => Some(format!(
                 "{} exited {rc}{}",
                 exe.display(),
@@ -506,13 +525,20 @@ fn run_in_harness(b: &Tier4Build, workdir: &Path) -> Result<Outcome> {
         };
         outcomes.push(Outcome::Ran { counts, error });
     }
-    let mut merged = merge(outcomes);
-    if status != 0 {
-        if let Outcome::Ran { error, .. } = &mut merged {
-            if error.is_none() {
-                *error = Some(format!("the harness command exited {status}"));
-            }
+    let problem = match harness_result {
+        Ok(0) => None,
+        Ok(status) => Some(format!("the harness command exited {status}")),
+        Err(e) if finished == 0 => {
+            return Ok(Outcome::CouldNotRun(format!("the harness failed: {e:#}")))
         }
+        Err(e) => Some(format!("the harness failed: {e:#}")),
+    };
+    let mut merged = merge(outcomes);
+    if let (Some(p), Outcome::Ran { error, .. }) = (problem, &mut merged) {
+        *error = Some(match error.take() {
+            Some(e) => format!("{e}; {p}"),
+            None => p,
+        });
     }
     Ok(merged)
 }
@@ -533,7 +559,11 @@ fn harness_script(exes: &[PathBuf], workdir: &Path, out_dir: &Path) -> String {
         let log = shell_quote(&out_dir.join(format!("{i}.log")).display().to_string());
         let rc = shell_quote(&out_dir.join(format!("{i}.rc")).display().to_string());
         let _ = writeln!(s, "echo \"==== tier 4: \"{exe}");
-        let _ = writeln!(s, "{exe} 2>&1 | tee {log}");
+        let _ = writeln!(
+            s,
+            "timeout -k 10 {} {exe} 2>&1 | tee {log}",
+            EXE_TIMEOUT.as_secs()
+        );
         let _ = writeln!(s, "rc=${{PIPESTATUS[0]}}; echo \"$rc\" > {rc}");
         let _ = writeln!(s, "[ \"$rc\" = 0 ] || status=1");
     }
@@ -727,7 +757,7 @@ not json"#;
             Path::new("/out"),
         );
         assert!(s.contains("cd '/repo/tests'"));
-        assert!(s.contains("'/t/a b' 2>&1 | tee '/out/0.log'"));
+        assert!(s.contains("timeout -k 10 900 '/t/a b' 2>&1 | tee '/out/0.log'"));
         assert!(s.contains("> '/out/1.rc'"));
         assert!(s.trim_end().ends_with("exit $status"));
     }
