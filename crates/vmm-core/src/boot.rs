@@ -454,6 +454,156 @@ mod tests {
         assert_eq!((tss.type_, tss.s, tss.limit), (0xb, 0, 0x67));
     }
 
+    fn read_u32(mem: &GuestMemoryMmap, a: u64) -> u32 {
+        mem.read_obj(GuestAddress(a)).unwrap()
+    }
+
+    fn read_u64(mem: &GuestMemoryMmap, a: u64) -> u64 {
+        mem.read_obj(GuestAddress(a)).unwrap()
+    }
+
+    /// A minimal bzImage: one setup sector after the boot sector, then `payload`.
+    fn fake_bzimage(payload: &[u8]) -> Vec<u8> {
+        let mut img = vec![0u8; 1024];
+        img[0x1f1] = 1; // setup_sects
+        img[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+        img[0x202..0x206].copy_from_slice(b"HdrS");
+        img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        img[0x211] = 1; // LOADED_HIGH
+        img[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes());
+        img.extend_from_slice(payload);
+        img
+    }
+
+    fn assert_zero_page(mem: &GuestMemoryMmap, mem_mib: u64, cmdline: &str) {
+        let zp = ZERO_PAGE_START;
+        let byte = |off: u64| -> u8 { mem.read_obj(GuestAddress(zp + off)).unwrap() };
+        assert_eq!(byte(0x210), KERNEL_LOADER_OTHER, "type_of_loader");
+        assert_eq!(read_u32(mem, zp + 0x202), KERNEL_HDR_MAGIC);
+        assert_eq!(
+            read_u32(mem, zp + 0x228),
+            CMDLINE_START as u32,
+            "cmd_line_ptr"
+        );
+        assert_eq!(
+            read_u32(mem, zp + 0x238),
+            cmdline.len() as u32,
+            "cmdline_size"
+        );
+        let e820 = e820_map(mem_mib);
+        assert_eq!(byte(0x1e8) as usize, e820.len(), "e820_entries");
+        for (i, &(addr, size, ty)) in e820.iter().enumerate() {
+            let at = zp + 0x2d0 + 20 * i as u64;
+            assert_eq!(read_u64(mem, at), addr);
+            assert_eq!(read_u64(mem, at + 8), size);
+            assert_eq!(read_u32(mem, at + 16), ty);
+        }
+        let mut got = vec![0u8; cmdline.len() + 1];
+        mem.read_slice(&mut got, GuestAddress(CMDLINE_START))
+            .unwrap();
+        assert_eq!(&got[..cmdline.len()], cmdline.as_bytes());
+        assert_eq!(got[cmdline.len()], 0);
+    }
+
+    #[test]
+    fn bzimage_gets_zero_page_and_64_bit_entry() {
+        let mem = create_guest_memory(64).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let payload: Vec<u8> = (0..8192u32).map(|i| (i % 253) as u8).collect();
+        let kernel = dir.path().join("bzImage");
+        std::fs::write(&kernel, fake_bzimage(&payload)).unwrap();
+        let initrd = dir.path().join("initrd");
+        std::fs::write(&initrd, vec![0x11u8; 5000]).unwrap();
+        let c = build_cmdline(&[], "quiet").unwrap();
+        let entry = load(&mem, 64, &kernel, Some(&initrd), &c).unwrap();
+        assert_eq!(
+            entry,
+            BootEntry {
+                mode: EntryMode::Linux64,
+                entry: HIMEM_START + 0x200
+            }
+        );
+        let mut k = vec![0u8; payload.len()];
+        mem.read_slice(&mut k, GuestAddress(HIMEM_START)).unwrap();
+        assert_eq!(k, payload);
+        assert_zero_page(&mem, 64, "console=ttyS0 reboot=t panic=-1 quiet");
+        let (rd_addr, rd_size) = (
+            read_u32(&mem, ZERO_PAGE_START + 0x218) as u64,
+            read_u32(&mem, ZERO_PAGE_START + 0x21c) as u64,
+        );
+        assert_eq!(rd_size, 5000);
+        assert_eq!(rd_addr % PAGE_SIZE, 0);
+        assert!(rd_addr + rd_size <= 64 << 20);
+        let b: u8 = mem.read_obj(GuestAddress(rd_addr + 4999)).unwrap();
+        assert_eq!(b, 0x11);
+
+        // 64-bit entry: identity page tables, long mode, %rsi = zero page.
+        let (sregs, regs) = entry_registers(&mem, entry, kvm_sregs::default()).unwrap();
+        assert_eq!(regs.rip, HIMEM_START + 0x200);
+        assert_eq!(regs.rsi, ZERO_PAGE_START);
+        assert_eq!((sregs.cs.l, sregs.cs.selector), (1, BOOT_CS));
+        assert_eq!(sregs.efer & 0x500, 0x500);
+        assert_ne!(sregs.cr0 & 0x8000_0000, 0);
+        assert_eq!(sregs.cr3, PML4_START);
+        assert_eq!(read_u64(&mem, PML4_START), (PML4_START + PAGE_SIZE) | 3);
+        let pd = PML4_START + 2 * PAGE_SIZE;
+        assert_eq!(read_u64(&mem, pd + 8), (1 << 21) | 0x83);
+        assert_eq!(read_u64(&mem, pd + 511 * 8), (511 << 21) | 0x83);
+    }
+
+    #[test]
+    fn elf_with_pvh_note_gets_start_info_and_32_bit_entry() {
+        let mem = create_guest_memory(32).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = crate::test_guest::write_to(dir.path()).unwrap();
+        let c = build_cmdline(&[], "").unwrap();
+        let entry = load(&mem, 32, &kernel, None, &c).unwrap();
+        assert_eq!(entry.mode, EntryMode::Pvh);
+        assert_eq!(read_u32(&mem, PVH_INFO_START), XEN_HVM_START_MAGIC);
+        assert_eq!(read_u64(&mem, PVH_INFO_START + 24), CMDLINE_START);
+        assert_eq!(read_u64(&mem, PVH_INFO_START + 40), PVH_MEMMAP_START);
+        assert_eq!(
+            read_u32(&mem, PVH_INFO_START + 48) as usize,
+            e820_map(32).len()
+        );
+        let (sregs, regs) = entry_registers(&mem, entry, kvm_sregs::default()).unwrap();
+        assert_eq!(regs.rbx, PVH_INFO_START);
+        assert_eq!((sregs.cr0 & 1, sregs.cr0 & 0x8000_0000), (1, 0));
+        assert_eq!((sregs.cs.l, sregs.cs.db), (0, 1));
+    }
+
+    #[test]
+    fn elf_without_pvh_note_uses_the_64_bit_protocol() {
+        // The test guest with its PT_NOTE turned into PT_NULL.
+        let mut elf = crate::test_guest::ELF.to_vec();
+        let phoff = u64::from_le_bytes(elf[0x20..0x28].try_into().unwrap()) as usize;
+        let phentsize = u16::from_le_bytes([elf[0x36], elf[0x37]]) as usize;
+        let phnum = u16::from_le_bytes([elf[0x38], elf[0x39]]) as usize;
+        let mut patched = 0;
+        for i in 0..phnum {
+            let at = phoff + i * phentsize;
+            if u32::from_le_bytes(elf[at..at + 4].try_into().unwrap()) == 4 {
+                elf[at..at + 4].copy_from_slice(&0u32.to_le_bytes());
+                patched += 1;
+            }
+        }
+        assert_eq!(patched, 1);
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("vmlinux-nopvh");
+        std::fs::write(&kernel, &elf).unwrap();
+        let mem = create_guest_memory(16).unwrap();
+        let c = build_cmdline(&[], "").unwrap();
+        let entry = load(&mem, 16, &kernel, None, &c).unwrap();
+        assert_eq!(
+            entry,
+            BootEntry {
+                mode: EntryMode::Linux64,
+                entry: HIMEM_START
+            }
+        );
+        assert_zero_page(&mem, 16, BASE_CMDLINE);
+    }
+
     #[test]
     fn missing_and_garbage_kernels_are_typed_errors() {
         let mem = create_guest_memory(16).unwrap();
