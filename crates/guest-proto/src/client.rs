@@ -291,6 +291,20 @@ impl Client {
         }
     }
 
+    /// Round trip a `Ping` that must be answered within `timeout` instead of the configured
+    /// request timeout (a pool's health check).
+    pub fn ping_within(&self, timeout: Duration) -> Result<(), ClientError> {
+        let (id, rx) = self.send("ping", Request::Ping, false)?;
+        match self.recv("ping", id, &rx, Instant::now().checked_add(timeout)) {
+            Ok(Response::Pong) => Ok(()),
+            Ok(r) => Err(unexpected("ping", r)),
+            Err(ClientError::Timeout { op, .. }) => {
+                Err(ClientError::Timeout { op, after: timeout })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Start a foreground exec and return its event stream.
     pub fn exec_stream(&self, req: ExecRequest) -> Result<ExecStream, ClientError> {
         if req.background {
@@ -597,9 +611,13 @@ impl Client {
         self.call_ok("post_restore", Request::PostRestore { unix_time_ns, seed })
     }
 
-    /// Ask the agent to end the VM (or, in host mode, to exit).
+    /// Ask the agent to end the VM (or, in host mode, to exit). The connection closing before
+    /// the `Ok` arrives also counts as success: the VM may end before the answer gets out.
     pub fn shutdown(&self) -> Result<(), ClientError> {
-        self.call_ok("shutdown", Request::Shutdown)
+        match self.call_ok("shutdown", Request::Shutdown) {
+            Err(ClientError::Closed { .. }) => Ok(()),
+            r => r,
+        }
     }
 }
 
@@ -1047,5 +1065,29 @@ mod tests {
         assert_eq!((out.exec_id, out.pid), (Some(7), Some(99)));
         assert_eq!(out.stdout, b"abc");
         assert!(out.status.success());
+    }
+
+    #[test]
+    fn ping_within_has_its_own_deadline() {
+        // A long configured request timeout: the short ping deadline must win.
+        let (c, mut agent) = pair(ClientConfig {
+            request_timeout: Duration::from_secs(60),
+        });
+        let c = c.unwrap();
+        let c1 = c.clone();
+        let t = thread::spawn(move || c1.ping_within(Duration::from_secs(30)));
+        let (id, body) = next_request(&mut agent);
+        assert!(matches!(body, Request::Ping));
+        respond(&mut agent, id, Response::Pong);
+        t.join().unwrap().unwrap();
+
+        let started = Instant::now();
+        let err = c.ping_within(Duration::from_millis(100)).unwrap_err();
+        assert!(
+            matches!(err, ClientError::Timeout { op: "ping", after } if after == Duration::from_millis(100)),
+            "{err}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(30));
+        let _ = next_request(&mut agent);
     }
 }

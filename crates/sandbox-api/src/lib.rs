@@ -8,15 +8,19 @@
 //! operation. See docs/API.md.
 //!
 //! Modules: [`config`] (configuration and validation), [`error`] (the error model),
-//! [`exec`] (exec options, results and events), [`sandbox`] (the sandbox itself).
+//! [`exec`] (exec options, results and events), [`sandbox`] (the sandbox itself), [`pool`]
+//! ([`SandboxPool`], a prewarm pool of sandboxes).
 
 pub mod config;
 pub mod error;
 pub mod exec;
+pub mod pool;
 pub mod sandbox;
 
 pub use config::{ConfigError, ResolvedConfig, SandboxConfig};
 pub use error::SandboxError;
 pub use exec::{ExecEvent, ExecOptions, ExecResult, StdinSource, DEFAULT_OUTPUT_CAP};
+pub use kiln_pool::{PoolConfig, PoolStats};
 pub use kiln_proto::{DirEntry, ErrorKind, ExitStatus, FileKind, FileStat, Hello};
+pub use pool::{PooledSandbox, ResetMode, SandboxPool, SandboxPoolError};
 pub use sandbox::{BootTimings, ExecStream, Sandbox};

@@ -121,6 +121,15 @@ impl Sandbox {
             .map_err(|e| self.inner.error("ping", e))
     }
 
+    /// Round trip a ping that must be answered within `timeout` (instead of the configured
+    /// request timeout): a health check. A slow agent gives [`SandboxError::Timeout`].
+    pub fn ping_timeout(&self, timeout: Duration) -> Result<(), SandboxError> {
+        self.inner
+            .client
+            .ping_within(timeout)
+            .map_err(|e| self.inner.error("ping", e))
+    }
+
     /// Runs `argv` to completion with default options and collects its output. A command
     /// that is not found ends with exit code 127 and the agent's message on stderr.
     pub fn exec<S: AsRef<str>>(&self, argv: &[S]) -> Result<ExecResult, SandboxError> {

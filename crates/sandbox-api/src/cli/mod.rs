@@ -6,6 +6,7 @@ pub mod bench;
 pub mod boot;
 pub mod doctor;
 pub mod exit;
+pub mod pool;
 pub mod run;
 
 use std::time::Duration;
@@ -34,6 +35,8 @@ pub enum Command {
     Run(run::RunArgs),
     /// Report whether this host can run sandboxes: KVM, /dev/kvm permissions, guest assets.
     Doctor(doctor::DoctorArgs),
+    /// Sandbox pools: `kiln pool bench` measures acquire + exec `true` + release.
+    Pool(pool::PoolArgs),
     /// Exec and ping round trips in one warm sandbox, as JSON samples (for
     /// `cargo xtask bench exec`).
     #[command(hide = true)]
@@ -50,6 +53,7 @@ pub fn main() -> i32 {
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::Doctor(args) => doctor::doctor(&args),
+        Command::Pool(args) => pool::pool(&args),
         Command::BenchExec(args) => bench::bench_exec(&args),
         Command::Boot(args) => boot::boot(&args),
     }

@@ -1,0 +1,252 @@
+//! Tier-4: `kiln::SandboxPool` with real Linux guests — a returned sandbox is pristine for the
+//! next user (no file, process, mount, hostname or profile change of one user is visible to the
+//! next), the pool's hit/miss/evict counters behave with real sandboxes, a guest that died is
+//! never handed out again, and the health-check ping has its own short deadline.
+//!
+//! The assertions on counters depend on the pool's reset mode: with `ResetMode::Reboot` a
+//! returned sandbox is destroyed (evicted) and a fresh one is booted.
+
+// Test code: a failed expectation is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod sandbox_common;
+
+use std::time::{Duration, Instant};
+
+use kiln::{ExecEvent, PoolConfig, ResetMode, SandboxConfig, SandboxPool, SandboxPoolError};
+use sandbox_common::{BOOT_TIMEOUT, REQUEST_TIMEOUT};
+
+/// A pool of sandboxes with the test deadlines.
+fn pool(name: &str, min_size: usize, max_size: usize) -> SandboxPool {
+    SandboxPool::new(
+        SandboxConfig::new()
+            .name(name)
+            .memory_mib(256)
+            .vcpus(1)
+            .boot_timeout(BOOT_TIMEOUT)
+            .request_timeout(REQUEST_TIMEOUT),
+        PoolConfig {
+            min_size,
+            max_size,
+            max_in_use: 1,
+            max_idle_duration: None,
+            health_check_interval: 1,
+            acquire_timeout: Duration::from_secs(60),
+            maintenance_interval: Duration::from_millis(200),
+        },
+    )
+    .unwrap_or_else(|e| panic!("creating pool {name}: {e}"))
+}
+
+/// Waits (bounded) until the pool has `n` idle sandboxes.
+fn wait_idle(pool: &SandboxPool, n: usize) {
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    loop {
+        let s = pool.stats();
+        if s.idle_count >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pool did not reach {n} idle sandbox(es) within {BOOT_TIMEOUT:?}: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs a shell snippet, asserts it succeeded, returns its stdout.
+fn sh(sb: &kiln::Sandbox, script: &str) -> String {
+    let r = sb.exec(&["sh", "-c", script]).unwrap();
+    assert!(r.success(), "`{script}` failed: {r:?}");
+    r.stdout_str()
+}
+
+const FILES: [&str; 3] = [
+    "/tmp/kiln-user-a",
+    "/root/kiln-user-a",
+    "/dev/shm/kiln-user-a",
+];
+
+#[test]
+fn next_user_sees_nothing_of_the_previous_one() {
+    kiln_tests::require_tier4();
+    // One slot: the second user gets what the pool has for that slot after the first returned.
+    let pool = pool("pool-pristine", 1, 1);
+    wait_idle(&pool, 1);
+
+    let default_hostname;
+    {
+        let a = pool.acquire().unwrap();
+        default_hostname = sh(&a, "hostname").trim().to_owned();
+        // Files in /tmp, /root and /dev/shm.
+        for f in FILES {
+            a.write_file(f, b"secret of user A").unwrap();
+        }
+        // A background process that outlives its exec, and a foreground one still running
+        // when the handle is returned.
+        sh(&a, "sleep 1000 </dev/null >/dev/null 2>&1 &");
+        let mut fg = a.stream_exec(&["sleep", "1001"]).unwrap();
+        assert!(matches!(
+            fg.next_event().unwrap(),
+            Some(ExecEvent::Started { .. })
+        ));
+        // A mount, a hostname and a login environment.
+        sh(
+            &a,
+            "mkdir -p /mnt/kiln-a && mount -t tmpfs kiln-user-a-tmpfs /mnt/kiln-a && \
+             echo x > /mnt/kiln-a/f",
+        );
+        sh(&a, "hostname kiln-user-a");
+        sh(
+            &a,
+            "echo 'export KILN_USER_A_SECRET=1' >> /root/.profile; \
+             echo 'export KILN_USER_A_SECRET=1' >> /etc/profile",
+        );
+        // Every change is really there before the handle goes back.
+        for f in FILES {
+            assert!(a.file_exists(f).unwrap(), "{f}");
+        }
+        let ps = sh(&a, "ps");
+        assert!(ps.contains("sleep 1000"), "{ps}");
+        assert!(ps.contains("sleep 1001"), "{ps}");
+        assert!(sh(&a, "cat /proc/mounts").contains("kiln-user-a-tmpfs"));
+        assert_eq!(sh(&a, "hostname").trim(), "kiln-user-a");
+        assert!(sh(&a, "sh -l -c env").contains("KILN_USER_A_SECRET=1"));
+        drop(fg);
+    }
+
+    // Same slot again (max_size 1, max_in_use 1).
+    wait_idle(&pool, 1);
+    let b = pool.acquire().unwrap();
+    for f in FILES {
+        assert!(
+            !b.file_exists(f).unwrap(),
+            "{f} survived into the next user"
+        );
+    }
+    let ps = sh(&b, "ps");
+    assert!(
+        !ps.contains("sleep 1000") && !ps.contains("sleep 1001"),
+        "a process of user A survived: {ps}"
+    );
+    let mounts = sh(&b, "cat /proc/mounts");
+    assert!(!mounts.contains("kiln-user-a"), "{mounts}");
+    assert!(!b.file_exists("/mnt/kiln-a").unwrap());
+    assert_eq!(sh(&b, "hostname").trim(), default_hostname);
+    let env = sh(&b, "sh -l -c env");
+    assert!(!env.contains("KILN_USER_A"), "{env}");
+    assert!(!b.file_exists("/root/.profile").unwrap());
+    assert!(!sh(&b, "cat /etc/profile 2>/dev/null; true").contains("KILN_USER_A"));
+    drop(b);
+
+    let s = pool.stats();
+    assert_eq!((s.hit_count, s.miss_count), (2, 0), "{s:?}");
+    match pool.reset_mode() {
+        // Both returned sandboxes were destroyed, never reused.
+        ResetMode::Reboot => assert_eq!(s.evict_count, 2, "{s:?}"),
+        other => panic!("unexpected reset mode {other:?}"),
+    }
+    pool.shutdown();
+    let s = pool.stats();
+    assert_eq!(s.created_count, s.destroyed_count, "{s:?}");
+}
+
+#[test]
+fn stats_count_hits_misses_and_refills() {
+    kiln_tests::require_tier4();
+    let pool = pool("pool-stats", 0, 1);
+    assert_eq!(pool.stats().created_count, 0, "min_size 0 boots nothing");
+
+    // Empty pool: a miss boots in this thread.
+    {
+        let sb = pool.acquire().unwrap();
+        let s = pool.stats();
+        assert_eq!((s.hit_count, s.miss_count, s.in_use_count), (0, 1, 1));
+        assert_eq!(sb.exec(&["echo", "one"]).unwrap().stdout, b"one\n");
+    }
+    let s = pool.stats();
+    assert_eq!(s.in_use_count, 0);
+    match pool.reset_mode() {
+        ResetMode::Reboot => {
+            assert_eq!((s.evict_count, s.idle_count, s.destroyed_count), (1, 0, 1));
+        }
+        other => panic!("unexpected reset mode {other:?}"),
+    }
+
+    // warm(1) boots one now; the next acquire is a hit.
+    assert_eq!(pool.warm(1).unwrap(), 1);
+    assert_eq!(pool.stats().idle_count, 1);
+    assert_eq!(pool.warm(1).unwrap(), 0, "never beyond max_size idle");
+    {
+        let sb = pool.acquire().unwrap();
+        let s = pool.stats();
+        assert_eq!((s.hit_count, s.miss_count, s.idle_count), (1, 1, 0));
+        assert!(sb.exec(&["true"]).unwrap().success());
+        sb.ping_timeout(Duration::from_secs(30)).unwrap();
+    }
+    let s = pool.stats();
+    assert_eq!(s.created_count, 2);
+    pool.shutdown();
+    assert!(matches!(pool.acquire(), Err(SandboxPoolError::ShutDown)));
+    let s = pool.stats();
+    assert_eq!(s.created_count, s.destroyed_count, "{s:?}");
+
+    // min_size 1: the background thread boots one without any acquire, and refills after a
+    // hit while the first is still out.
+    let warm = pool_refilling("pool-refill");
+    wait_idle(&warm, 1);
+    let first = warm.acquire().unwrap();
+    assert_eq!(warm.stats().hit_count, 1);
+    drop(first);
+    wait_idle(&warm, 1);
+    let s = warm.stats();
+    assert_eq!((s.hit_count, s.miss_count), (1, 0), "{s:?}");
+    assert!(s.created_count >= 2, "{s:?}");
+}
+
+/// min_size 1, max_size 1, max_in_use 2 (the refill happens while one is out).
+fn pool_refilling(name: &str) -> SandboxPool {
+    SandboxPool::new(
+        SandboxConfig::new()
+            .name(name)
+            .memory_mib(256)
+            .boot_timeout(BOOT_TIMEOUT)
+            .request_timeout(REQUEST_TIMEOUT),
+        PoolConfig {
+            min_size: 1,
+            max_size: 1,
+            max_in_use: 2,
+            max_idle_duration: None,
+            maintenance_interval: Duration::from_millis(200),
+            ..PoolConfig::default()
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_dead_guest_is_never_handed_out_and_pings_fail_fast() {
+    kiln_tests::require_tier4();
+    let pool = pool("pool-dead", 0, 1);
+    {
+        let a = pool.acquire().unwrap();
+        let dead_name = a.name().to_owned();
+        let _ = a.exec(&["reboot", "-f"]);
+        // The health-check ping gives up on a dead guest quickly, whatever request_timeout is.
+        let t = Instant::now();
+        let err = a.ping_timeout(Duration::from_secs(2)).unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+        assert!(
+            err.is_guest_death() || matches!(err, kiln::SandboxError::Timeout { .. }),
+            "{err}"
+        );
+        drop(a);
+        let b = pool.acquire().unwrap();
+        assert_ne!(b.name(), dead_name, "the dead sandbox was handed out again");
+        assert!(b.exec(&["true"]).unwrap().success());
+        b.ping_timeout(Duration::from_secs(30)).unwrap();
+    }
+    let s = pool.stats();
+    assert!(s.evict_count >= 1, "{s:?}");
+    assert_eq!(s.in_use_count, 0);
+}
