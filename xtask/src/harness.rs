@@ -236,13 +236,12 @@ impl RunSpec {
         if let Ok(assets) = util::assets_dir() {
             ro_candidates.push(assets);
         }
-        let mut ro_binds = Vec::new();
-        for p in ro_candidates {
-            let p = canonical(&p)?;
-            if HIDDEN_PREFIXES.iter().any(|h| p.starts_with(h)) && !ro_binds.contains(&p) {
-                ro_binds.push(p);
-            }
-        }
+        let ro_binds = hidden_binds(
+            ro_candidates
+                .iter()
+                .map(|p| canonical(p))
+                .collect::<Result<Vec<_>>>()?,
+        );
         let mut env: Vec<(String, String)> = std::env::vars_os()
             .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
             .filter(|(k, _)| k != "PWD" && k != "OLDPWD" && !k.is_empty() && !k.contains('='))
@@ -300,6 +299,20 @@ impl RunSpec {
             .with_context(|| format!("writing {}/run.sh", scratch.display()))?;
         Ok(())
     }
+}
+
+/// Those of `candidates` that L1's tmpfs mounts would hide, without ones nested in another.
+fn hidden_binds(mut candidates: Vec<PathBuf>) -> Vec<PathBuf> {
+    candidates.retain(|p| HIDDEN_PREFIXES.iter().any(|h| p.starts_with(h)));
+    candidates.sort();
+    candidates.dedup();
+    let mut binds: Vec<PathBuf> = Vec::new();
+    for p in candidates {
+        if !binds.iter().any(|b| p.starts_with(b)) {
+            binds.push(p);
+        }
+    }
+    binds
 }
 
 fn rw_tag(i: usize) -> String {
@@ -412,6 +425,7 @@ impl Scratch {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
             .unwrap_or(0);
+        sweep_stale_scratch(&std::env::temp_dir());
         let path =
             std::env::temp_dir().join(format!("kiln-harness-{}-{nanos:08x}", std::process::id()));
         fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
@@ -431,6 +445,34 @@ impl Scratch {
             "harness: kept the run's scratch dir (console.log, run.sh, mounts): {}",
             self.path.display()
         );
+    }
+}
+
+/// Removes scratch dirs of harness processes that no longer run (killed before their cleanup)
+/// once they are an hour old; younger ones may be kept for someone inspecting a failure.
+fn sweep_stale_scratch(tmp: &Path) {
+    let Ok(entries) = fs::read_dir(tmp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("kiln-harness-"))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > Duration::from_secs(3600));
+        if old && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = fs::remove_dir_all(entry.path());
+        }
     }
 }
 
@@ -488,6 +530,50 @@ mod tests {
             String::from_utf8_lossy(&out.stdout),
             "it's \"quoted\"\nline2|a 'b' $c|/"
         );
+    }
+
+    #[test]
+    fn only_hidden_paths_are_bound_back_once() {
+        let binds = hidden_binds(vec![
+            PathBuf::from("/tmp/ci/checkout/crates/pool"),
+            PathBuf::from("/tmp/ci/checkout"),
+            PathBuf::from("/work/main"),
+            PathBuf::from("/tmpfoo/x"),
+            PathBuf::from("/run/user/0/kiln"),
+            PathBuf::from("/tmp/ci/checkout"),
+        ]);
+        assert_eq!(
+            binds,
+            [
+                PathBuf::from("/run/user/0/kiln"),
+                PathBuf::from("/tmp/ci/checkout")
+            ]
+        );
+    }
+
+    #[test]
+    fn stale_scratch_dirs_of_dead_processes_are_swept() {
+        let tmp = tempfile::tempdir().unwrap();
+        // pid_max is at most 2^22: this pid cannot be running.
+        let dead = tmp.path().join("kiln-harness-99999999-0000abcd");
+        let alive = tmp
+            .path()
+            .join(format!("kiln-harness-{}-0000abcd", std::process::id()));
+        let fresh_dead = tmp.path().join("kiln-harness-99999998-0000abcd");
+        let other = tmp.path().join("unrelated-99999999");
+        for d in [&dead, &alive, &fresh_dead, &other] {
+            fs::create_dir(d).unwrap();
+        }
+        let two_hours_ago = SystemTime::now() - Duration::from_secs(7200);
+        for d in [&dead, &alive, &other] {
+            fs::File::open(d)
+                .unwrap()
+                .set_modified(two_hours_ago)
+                .unwrap();
+        }
+        sweep_stale_scratch(tmp.path());
+        assert!(!dead.exists());
+        assert!(alive.exists() && fresh_dead.exists() && other.exists());
     }
 
     #[test]
