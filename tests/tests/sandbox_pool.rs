@@ -13,7 +13,9 @@ mod sandbox_common;
 
 use std::time::{Duration, Instant};
 
-use kiln::{ExecEvent, PoolConfig, ResetMode, SandboxConfig, SandboxPool, SandboxPoolError};
+use kiln::{
+    ExecEvent, PoolConfig, ResetMode, Sandbox, SandboxConfig, SandboxPool, SandboxPoolError,
+};
 use sandbox_common::{BOOT_TIMEOUT, REQUEST_TIMEOUT};
 
 /// A pool of sandboxes with the test deadlines.
@@ -55,7 +57,7 @@ fn wait_idle(pool: &SandboxPool, n: usize) {
 }
 
 /// Runs a shell snippet, asserts it succeeded, returns its stdout.
-fn sh(sb: &kiln::Sandbox, script: &str) -> String {
+fn sh(sb: &Sandbox, script: &str) -> String {
     let r = sb.exec(&["sh", "-c", script]).unwrap();
     assert!(r.success(), "`{script}` failed: {r:?}");
     r.stdout_str()
@@ -66,6 +68,83 @@ const FILES: [&str; 3] = [
     "/root/kiln-user-a",
     "/dev/shm/kiln-user-a",
 ];
+
+/// What user A leaves behind, checked to be really there; returns the still-running
+/// foreground exec (drop it without waiting, as a careless user would).
+fn leave_traces(a: &Sandbox) -> kiln::ExecStream {
+    // Files in /tmp, /root and /dev/shm.
+    for f in FILES {
+        a.write_file(f, b"secret of user A").unwrap();
+    }
+    // A background process that outlives its exec, and a foreground one still running when
+    // the handle is returned.
+    sh(a, "sleep 1000 </dev/null >/dev/null 2>&1 &");
+    let mut fg = a.stream_exec(&["sleep", "1001"]).unwrap();
+    assert!(matches!(
+        fg.next_event().unwrap(),
+        Some(ExecEvent::Started { .. })
+    ));
+    // A mount, a hostname and a login environment.
+    sh(
+        a,
+        "mkdir -p /mnt/kiln-a && mount -t tmpfs kiln-user-a-tmpfs /mnt/kiln-a && \
+         echo x > /mnt/kiln-a/f",
+    );
+    sh(a, "hostname kiln-user-a");
+    sh(
+        a,
+        "echo 'export KILN_USER_A_SECRET=1' >> /root/.profile; \
+         echo 'export KILN_USER_A_SECRET=1' >> /etc/profile",
+    );
+    // Every change is really there.
+    for f in FILES {
+        assert!(a.file_exists(f).unwrap(), "{f}");
+    }
+    let ps = sh(a, "ps");
+    assert!(
+        ps.contains("sleep 1000") && ps.contains("sleep 1001"),
+        "{ps}"
+    );
+    assert!(sh(a, "cat /proc/mounts").contains("kiln-user-a-tmpfs"));
+    assert_eq!(sh(a, "hostname").trim(), "kiln-user-a");
+    assert!(sh(a, "sh -l -c env").contains("KILN_USER_A_SECRET=1"));
+    fg
+}
+
+/// Every trace of user A that `b` still shows, by kind.
+fn leftovers(b: &Sandbox, default_hostname: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for f in FILES {
+        if b.file_exists(f).unwrap() {
+            found.push(format!("file {f}"));
+        }
+    }
+    let ps = sh(b, "ps");
+    for p in ["sleep 1000", "sleep 1001"] {
+        if ps.contains(p) {
+            found.push(format!("process {p}"));
+        }
+    }
+    if sh(b, "cat /proc/mounts").contains("kiln-user-a") {
+        found.push("mount kiln-user-a-tmpfs".into());
+    }
+    if b.file_exists("/mnt/kiln-a").unwrap() {
+        found.push("directory /mnt/kiln-a".into());
+    }
+    if sh(b, "hostname").trim() != default_hostname {
+        found.push("hostname".into());
+    }
+    if sh(b, "sh -l -c env").contains("KILN_USER_A") {
+        found.push("login environment".into());
+    }
+    if b.file_exists("/root/.profile").unwrap() {
+        found.push("file /root/.profile".into());
+    }
+    if sh(b, "cat /etc/profile 2>/dev/null; true").contains("KILN_USER_A") {
+        found.push("line in /etc/profile".into());
+    }
+    found
+}
 
 #[test]
 fn next_user_sees_nothing_of_the_previous_one() {
@@ -78,65 +157,15 @@ fn next_user_sees_nothing_of_the_previous_one() {
     {
         let a = pool.acquire().unwrap();
         default_hostname = sh(&a, "hostname").trim().to_owned();
-        // Files in /tmp, /root and /dev/shm.
-        for f in FILES {
-            a.write_file(f, b"secret of user A").unwrap();
-        }
-        // A background process that outlives its exec, and a foreground one still running
-        // when the handle is returned.
-        sh(&a, "sleep 1000 </dev/null >/dev/null 2>&1 &");
-        let mut fg = a.stream_exec(&["sleep", "1001"]).unwrap();
-        assert!(matches!(
-            fg.next_event().unwrap(),
-            Some(ExecEvent::Started { .. })
-        ));
-        // A mount, a hostname and a login environment.
-        sh(
-            &a,
-            "mkdir -p /mnt/kiln-a && mount -t tmpfs kiln-user-a-tmpfs /mnt/kiln-a && \
-             echo x > /mnt/kiln-a/f",
-        );
-        sh(&a, "hostname kiln-user-a");
-        sh(
-            &a,
-            "echo 'export KILN_USER_A_SECRET=1' >> /root/.profile; \
-             echo 'export KILN_USER_A_SECRET=1' >> /etc/profile",
-        );
-        // Every change is really there before the handle goes back.
-        for f in FILES {
-            assert!(a.file_exists(f).unwrap(), "{f}");
-        }
-        let ps = sh(&a, "ps");
-        assert!(ps.contains("sleep 1000"), "{ps}");
-        assert!(ps.contains("sleep 1001"), "{ps}");
-        assert!(sh(&a, "cat /proc/mounts").contains("kiln-user-a-tmpfs"));
-        assert_eq!(sh(&a, "hostname").trim(), "kiln-user-a");
-        assert!(sh(&a, "sh -l -c env").contains("KILN_USER_A_SECRET=1"));
+        let fg = leave_traces(&a);
         drop(fg);
     }
 
     // Same slot again (max_size 1, max_in_use 1).
     wait_idle(&pool, 1);
     let b = pool.acquire().unwrap();
-    for f in FILES {
-        assert!(
-            !b.file_exists(f).unwrap(),
-            "{f} survived into the next user"
-        );
-    }
-    let ps = sh(&b, "ps");
-    assert!(
-        !ps.contains("sleep 1000") && !ps.contains("sleep 1001"),
-        "a process of user A survived: {ps}"
-    );
-    let mounts = sh(&b, "cat /proc/mounts");
-    assert!(!mounts.contains("kiln-user-a"), "{mounts}");
-    assert!(!b.file_exists("/mnt/kiln-a").unwrap());
-    assert_eq!(sh(&b, "hostname").trim(), default_hostname);
-    let env = sh(&b, "sh -l -c env");
-    assert!(!env.contains("KILN_USER_A"), "{env}");
-    assert!(!b.file_exists("/root/.profile").unwrap());
-    assert!(!sh(&b, "cat /etc/profile 2>/dev/null; true").contains("KILN_USER_A"));
+    let found = leftovers(&b, &default_hostname);
+    assert!(found.is_empty(), "user B sees user A's {found:?}");
     drop(b);
 
     let s = pool.stats();
@@ -149,6 +178,31 @@ fn next_user_sees_nothing_of_the_previous_one() {
     pool.shutdown();
     let s = pool.stats();
     assert_eq!(s.created_count, s.destroyed_count, "{s:?}");
+}
+
+/// Control for the test above: in one sandbox reused without any reset, the same checks find
+/// every kind of trace (so an empty list above means something).
+#[test]
+fn the_leftover_checks_find_every_trace_in_a_reused_sandbox() {
+    kiln_tests::require_tier4();
+    let sb = sandbox_common::sandbox("pool-control", 256, 1);
+    let default_hostname = sh(&sb, "hostname").trim().to_owned();
+    drop(leave_traces(&sb));
+    let found = leftovers(&sb, &default_hostname);
+    let want = [
+        "file /tmp/kiln-user-a",
+        "file /root/kiln-user-a",
+        "file /dev/shm/kiln-user-a",
+        "process sleep 1000",
+        "process sleep 1001",
+        "mount kiln-user-a-tmpfs",
+        "directory /mnt/kiln-a",
+        "hostname",
+        "login environment",
+        "file /root/.profile",
+        "line in /etc/profile",
+    ];
+    assert_eq!(found, want);
 }
 
 #[test]
