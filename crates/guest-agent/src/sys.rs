@@ -255,12 +255,17 @@ pub fn post_restore(mode: Mode, unix_time_ns: u64, seed: &[u8]) -> std::io::Resu
     Ok(())
 }
 
+/// How long the guest waits after answering `Shutdown` before rebooting.
+const SHUTDOWN_LINGER: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// End the VM (guest: sync + reboot, which `reboot=t` turns into a VM exit) or the process.
 pub fn shutdown(mode: Mode) {
     match mode {
         Mode::Host => std::process::exit(0),
         Mode::Guest => {
             nix::unistd::sync();
+            // Give the transport a moment to deliver the `Ok` before the device resets.
+            std::thread::sleep(SHUTDOWN_LINGER);
             let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
             // reboot(2) does not return on success.
             std::process::exit(1);
