@@ -318,8 +318,9 @@ impl Client {
                 .checked_add(Duration::from_millis(t))?
                 .checked_add(self.shared.config.request_timeout)
         });
+        let cap = req.output_cap;
         let (id, rx) = self.send("exec", Request::Exec(req), true)?;
-        Ok(ExecStream::new(self.clone(), "exec", id, rx, deadline))
+        Ok(ExecStream::new(self.clone(), "exec", id, rx, deadline, cap))
     }
 
     /// Run a command to completion, collecting its output. Stdin must be `Null` or `Bytes`.
@@ -345,7 +346,7 @@ impl Client {
     /// Attach to a background exec: its buffered, then live, output and its exit.
     pub fn wait_stream(&self, exec_id: u64) -> Result<ExecStream, ClientError> {
         let (id, rx) = self.send("wait", Request::Wait { exec_id }, true)?;
-        Ok(ExecStream::new(self.clone(), "wait", id, rx, None))
+        Ok(ExecStream::new(self.clone(), "wait", id, rx, None, None))
     }
 
     /// Wait for a background exec to end, collecting its output.
@@ -685,6 +686,9 @@ pub struct ExecStream {
     id: u64,
     rx: Receiver<Response>,
     deadline: Option<Instant>,
+    /// The request's `output_cap`, enforced on the host too (the guest is not trusted).
+    cap: Option<u64>,
+    received: u64,
     buffered: VecDeque<ExecEvent>,
     exec_id: Option<u64>,
     done: bool,
@@ -708,6 +712,7 @@ impl ExecStream {
         id: u64,
         rx: Receiver<Response>,
         deadline: Option<Instant>,
+        cap: Option<u64>,
     ) -> Self {
         Self {
             client,
@@ -715,6 +720,8 @@ impl ExecStream {
             id,
             rx,
             deadline,
+            cap,
+            received: 0,
             buffered: VecDeque::new(),
             exec_id: None,
             done: false,
@@ -733,8 +740,8 @@ impl ExecStream {
                 self.exec_id = Some(exec_id);
                 ExecEvent::Started { exec_id, pid }
             }
-            Response::Stdout(d) => ExecEvent::Stdout(d),
-            Response::Stderr(d) => ExecEvent::Stderr(d),
+            Response::Stdout(d) => ExecEvent::Stdout(self.count(d)?),
+            Response::Stderr(d) => ExecEvent::Stderr(self.count(d)?),
             Response::Exit(s) => {
                 self.done = true;
                 ExecEvent::Exit(s)
@@ -745,6 +752,18 @@ impl ExecStream {
             }
         };
         Ok(Some(ev))
+    }
+
+    fn count(&mut self, d: Vec<u8>) -> Result<Vec<u8>, ClientError> {
+        self.received = self.received.saturating_add(d.len() as u64);
+        if self.cap.is_some_and(|c| self.received > c) {
+            self.done = true;
+            return Err(ClientError::Unexpected {
+                op: self.op,
+                got: "output beyond the exec's output_cap",
+            });
+        }
+        Ok(d)
     }
 
     /// The next event; `Ok(None)` after `Exit`.
@@ -1022,6 +1041,24 @@ mod tests {
         let err = t.join().unwrap().unwrap_err();
         assert!(matches!(err, ClientError::Closed { .. }), "{err}");
         assert!(c.closed_reason().unwrap().contains("out-of-bounds"));
+    }
+
+    #[test]
+    fn output_beyond_the_cap_is_refused_on_the_host() {
+        let (c, mut agent) = pair(ClientConfig::default());
+        let c = c.unwrap();
+        let mut req = ExecRequest::new(["yes"]);
+        req.output_cap = Some(10);
+        let c1 = c.clone();
+        let t = thread::spawn(move || c1.exec(req));
+        let (id, _) = next_request(&mut agent);
+        respond(&mut agent, id, Response::Stdout(vec![b'y'; 8]));
+        respond(&mut agent, id, Response::Stderr(vec![b'y'; 8]));
+        let err = t.join().unwrap().unwrap_err();
+        assert!(
+            matches!(err, ClientError::Unexpected { got, .. } if got.contains("output_cap")),
+            "{err}"
+        );
     }
 
     #[test]
