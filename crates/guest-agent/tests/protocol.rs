@@ -237,3 +237,47 @@ fn shutdown_ends_a_host_mode_agent() {
     assert!(common::eventually(Duration::from_secs(5), || !agent.alive()));
     assert!(c.ping().is_err());
 }
+
+#[test]
+fn connect_mode_reconnects_with_restored() {
+    use std::os::unix::net::UnixListener;
+    use std::sync::mpsc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("host.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            if tx.send(s.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kiln-agent"));
+    cmd.arg("--connect-unix").arg(&sock);
+    let _agent = Agent::spawn(cmd, dir, sock.clone());
+
+    let s = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("agent connected");
+    let c = kiln_proto::Client::connect(
+        s.try_clone().unwrap(),
+        s.try_clone().unwrap(),
+        Default::default(),
+    )
+    .unwrap();
+    assert!(!c.hello().restored);
+    let out = c.exec(ExecRequest::new(["echo", "first"])).unwrap();
+    assert_eq!(out.stdout, b"first\n");
+    // Lose the connection: the agent comes back on its own and says so.
+    s.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(s);
+    let s2 = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("agent reconnected");
+    let c2 = kiln_proto::Client::connect(s2.try_clone().unwrap(), s2, Default::default()).unwrap();
+    assert!(c2.hello().restored);
+    c2.ping().unwrap();
+    assert!(c.ping().is_err());
+}
