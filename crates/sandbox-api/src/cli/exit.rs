@@ -4,7 +4,7 @@
 //! own failures use codes from a block just below the shell's 126/127, so a script can tell
 //! "the sandbox failed" from "the command failed" in all common cases.
 
-use kiln::{ConfigError, ErrorKind, SandboxError};
+use kiln::{ConfigError, SandboxError};
 
 /// Invalid flags or arguments (clap's own code).
 pub const USAGE: i32 = 2;
@@ -22,7 +22,9 @@ pub const TIMEOUT: i32 = 124;
 pub const INTERNAL: i32 = 125;
 /// The command was found but could not be started (not executable, bad cwd...).
 pub const CANNOT_EXEC: i32 = 126;
-/// The command was not found in the guest.
+/// The command was not found in the guest. The agent itself ends such an exec with this code
+/// (and its message on stderr), so kiln only passes it through.
+#[allow(dead_code)]
 pub const NOT_FOUND: i32 = 127;
 
 /// The exit-code table shown by `kiln --help` and documented in docs/API.md.
@@ -53,10 +55,9 @@ pub fn for_error(e: &SandboxError) -> i32 {
         | SandboxError::Handshake { .. } => BOOT,
         SandboxError::GuestDied { op: "boot", .. } => BOOT,
         SandboxError::GuestDied { .. } => GUEST_DIED,
-        SandboxError::ExecFailed { kind, .. } => match kind {
-            ErrorKind::NotFound => NOT_FOUND,
-            _ => CANNOT_EXEC,
-        },
+        // A command that is not found is not an error (the agent ends it with exit code 127
+        // and its message on stderr); a refused start (bad cwd, invalid env) is.
+        SandboxError::ExecFailed { .. } => CANNOT_EXEC,
         SandboxError::InvalidArgument { .. } => USAGE,
         SandboxError::Guest { .. }
         | SandboxError::Timeout { .. }
@@ -152,7 +153,7 @@ mod tests {
                     vm: vm(),
                     op: "exec",
                     program: "x".into(),
-                    kind: ErrorKind::NotADirectory,
+                    kind: kiln::ErrorKind::NotFound,
                     message: String::new(),
                 },
                 CANNOT_EXEC,

@@ -8,6 +8,7 @@ pub mod doctor;
 pub mod exit;
 pub mod pool;
 pub mod run;
+pub mod vm_snapshot;
 
 use std::time::Duration;
 
@@ -45,6 +46,10 @@ pub enum Command {
     /// `cargo xtask bench vmm` and VMM-level checks).
     #[command(hide = true)]
     Boot(boot::BootArgs),
+    /// Snapshot / restore a bare kernel on the VMM and time it (for
+    /// `cargo xtask bench snapshot`).
+    #[command(hide = true)]
+    VmSnapshot(vm_snapshot::VmSnapshotArgs),
 }
 
 /// Parses the command line and runs the subcommand; returns the process exit code.
@@ -56,6 +61,7 @@ pub fn main() -> i32 {
         Command::Pool(args) => pool::pool(&args),
         Command::BenchExec(args) => bench::bench_exec(&args),
         Command::Boot(args) => boot::boot(&args),
+        Command::VmSnapshot(args) => vm_snapshot::vm_snapshot(&args),
     }
 }
 

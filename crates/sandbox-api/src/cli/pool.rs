@@ -1,9 +1,9 @@
 //! `kiln pool bench`: warms a [`SandboxPool`] and measures acquire + exec `true` + release
 //! with real sandboxes (the real-sandbox half of `cargo xtask bench pool`).
 //!
-//! Before each iteration it waits, untimed, until the pool has an idle sandbox again, so every
+//! Before each iteration it waits, untimed, until the pool is full again (`size` idle), so every
 //! measured acquire is a hit (a miss — none idle — would measure a cold boot instead; misses
-//! are counted and reported). Samples are milliseconds: `acquire`, `exec` (`exec(["true"])`),
+//! are counted and reported) and no background refill competes with the measured path. Samples are milliseconds: `acquire`, `exec` (`exec(["true"])`),
 //! `release` (dropping the handle) and `total` (the three together), plus `boot` (how long each
 //! sandbox handed out took to boot, paid in the background by the pool's refill).
 
@@ -85,7 +85,7 @@ pub struct PoolBenchSamples {
     pub total_ms: Vec<f64>,
     /// Boot time of each sandbox handed out (paid by the pool in the background).
     pub boot_ms: Vec<f64>,
-    /// Untimed waits for the pool to have an idle sandbox before an iteration.
+    /// Untimed waits for the pool to be full again before an iteration.
     pub refill_wait_ms: Vec<f64>,
     /// Measured acquires served by an idle sandbox.
     pub hits: u64,
@@ -132,7 +132,7 @@ enum BenchError {
     Sandbox(#[from] SandboxError),
     #[error("`true` exited with {0:?} in {1}")]
     TrueFailed(kiln::ExitStatus, String),
-    #[error("the pool had no idle sandbox within {0:?} (stats: {1:?})")]
+    #[error("the pool did not refill within {0:?} (stats: {1:?})")]
     RefillTimeout(Duration, PoolStats),
     #[error("writing {path}: {source}")]
     Write {
@@ -173,12 +173,12 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// Waits until the pool has an idle sandbox; returns how long that took.
-fn wait_idle(pool: &SandboxPool, limit: Duration) -> Result<Duration, BenchError> {
+/// Waits until the pool has `n` idle sandboxes; returns how long that took.
+fn wait_idle(pool: &SandboxPool, n: usize, limit: Duration) -> Result<Duration, BenchError> {
     let t = Instant::now();
     loop {
         let s = pool.stats();
-        if s.idle_count > 0 {
+        if s.idle_count >= n {
             return Ok(t.elapsed());
         }
         if t.elapsed() >= limit {
@@ -233,7 +233,7 @@ fn bench(args: &PoolBenchArgs) -> Result<(), BenchError> {
     };
     for i in 0..args.warmup + args.iterations {
         let measured = i >= args.warmup;
-        let waited = wait_idle(&pool, args.boot_timeout)?;
+        let waited = wait_idle(&pool, size, args.boot_timeout)?;
         let before = pool.stats();
 
         let t0 = Instant::now();
