@@ -424,7 +424,33 @@ fn build_initramfs(version: &str, dir: &Path) -> Result<PathBuf> {
     file.flush()?;
     drop(file);
     fs::rename(&tmp, &out).with_context(|| format!("writing {}", out.display()))?;
+    prune_old_initramfs(dir, &out);
     Ok(out)
+}
+
+/// Removes initramfs files of earlier init scripts once they are an hour old (a younger one may
+/// be about to be booted by a concurrent run of another checkout).
+fn prune_old_initramfs(dir: &Path, keep: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if path == keep || !(name.starts_with("initramfs-") && name.ends_with(".cpio")) {
+            continue;
+        }
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > std::time::Duration::from_secs(3600));
+        if old {
+            let _ = fs::remove_file(&path);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -485,6 +511,34 @@ kernel/drivers/virtio/virtio_pci_modern_dev.ko:
         assert!(err.to_string().contains("9p"), "{err}");
         let err = resolve_modules("a.ko: b.ko\nb.ko: a.ko\n", "", &[("a", "")]).unwrap_err();
         assert!(err.to_string().contains("too deep"), "{err}");
+    }
+
+    #[test]
+    fn old_initramfs_files_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n);
+        for n in [
+            "initramfs-old.cpio",
+            "initramfs-new.cpio",
+            "initramfs-young.cpio",
+            "vmlinux",
+        ] {
+            fs::write(p(n), b"x").unwrap();
+        }
+        let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        for n in ["initramfs-old.cpio", "initramfs-new.cpio", "vmlinux"] {
+            fs::File::options()
+                .write(true)
+                .open(p(n))
+                .unwrap()
+                .set_modified(two_hours_ago)
+                .unwrap();
+        }
+        prune_old_initramfs(dir.path(), &p("initramfs-new.cpio"));
+        assert!(!p("initramfs-old.cpio").exists());
+        assert!(p("initramfs-new.cpio").exists());
+        assert!(p("initramfs-young.cpio").exists());
+        assert!(p("vmlinux").exists());
     }
 
     #[test]
