@@ -21,3 +21,5 @@ pub mod virtio;
 pub mod vm;
 
 pub use vm::{ExitReason, Vm, VmConfig, VmError};
+/// vm-memory, whose `GuestMemoryMmap` [`Vm::memory`] returns.
+pub use vm_memory;

@@ -28,6 +28,8 @@ pub enum Action {
     /// Print `C=<hex>` lines forever, counting up from 0 with a short busy delay between
     /// lines; the counter lives in guest memory (snapshot tests).
     Count,
+    /// [`Action::Count`] without the delay: output never pauses (snapshot benchmark).
+    FastCount,
 }
 
 impl Action {
@@ -40,6 +42,7 @@ impl Action {
             Action::Reset => "kiln.test=reset",
             Action::Info => "kiln.test=info",
             Action::Count => "kiln.test=count",
+            Action::FastCount => "kiln.test=fastcount",
         }
     }
 }
