@@ -12,7 +12,7 @@
 //! The real-sandbox half runs `kiln pool bench` (release build; crates/sandbox-api/src/cli/pool.rs)
 //! directly on a hardware-virtualization host, elsewhere inside the emulated-virtualization
 //! harness, with a warm `kiln::SandboxPool` of [`REAL_SIZE`] sandboxes. Metrics (ms; every
-//! measured acquire is a hit — the bench waits, untimed, for the pool to refill):
+//! measured acquire is a hit — the bench waits, untimed, until the pool is full again):
 //! - `pool.sandbox.acquire_exec_release`: acquire + `exec(["true"])` + release;
 //! - `pool.sandbox.acquire`, `pool.sandbox.exec_true`, `pool.sandbox.release`: its parts;
 //! - `pool.sandbox.boot`: boot time of each sandbox handed out (the refill cost the pool pays in
