@@ -10,8 +10,9 @@
 //! - `vmm.peer.qemu_microvm.launch_to_ready`: the same guest under
 //!   `qemu-system-x86_64 -accel kvm -M microvm` measured the same way, when QEMU runs here.
 //!
-//! Firecracker v1.16.1's 8.4 ms min / 8.7 ms median (docs: /work/shared DESIGN.md, same guest
-//! kind, this machine kind) is printed as a labelled reference; it is not measured here.
+//! Firecracker v1.16.1's 8.4 ms min / 8.7 ms median (DESIGN.md: same guest kind, this machine
+//! kind) is printed as a labelled reference; it is not measured here. The host's load average
+//! is printed too: on a shared 2-core machine it moves the medians (docs/VMM.md).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -103,6 +104,14 @@ pub fn run(format: Format) -> Result<()> {
         ),
         Err(e) => eprintln!("bench vmm: QEMU peer not measured: {e:#}"),
     }
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    eprintln!(
+        "bench vmm: load average during the run: {}",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     let (fc_min, fc_median) = FIRECRACKER_REF;
     let line = format!(
         "reference (not measured here): Firecracker v1.16.1 launch -> READY min {fc_min} / \
@@ -144,9 +153,8 @@ fn finish(mut child: Child) {
 /// Spawns `cmd` with stdout piped and returns the time from spawn until a stdout line
 /// containing `needle`; the child is then killed and reaped.
 fn time_to_line(mut cmd: Command, needle: &str) -> Result<Duration> {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+    // stderr stays with the caller's unless `make` redirected it: a failing run says why.
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped());
     let t0 = Instant::now();
     let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
     let stdout = child.stdout.take().context("child has no stdout")?;
@@ -202,7 +210,8 @@ fn qemu_samples(guest: &Path, needle: &str) -> Result<Stats> {
             .args(["-M", "microvm,x-option-roms=off,rtc=off"])
             .args(["-nographic", "-nodefaults", "-no-user-config", "-no-reboot"])
             .args(["-serial", "stdio", "-kernel"])
-            .arg(guest);
+            .arg(guest)
+            .stderr(Stdio::null());
         c
     };
     let samples = launch_samples(needle, make)?;
