@@ -383,3 +383,39 @@ fn exited_vm_cannot_be_snapshotted() {
     assert!(matches!(e, SnapshotError::NotSnapshottable { .. }), "{e:?}");
     assert!(e.to_string().contains("VM exited"), "{e}");
 }
+
+#[test]
+fn restore_with_runs_its_hook_before_the_vcpus_start() {
+    let _l = serial_lock();
+    let d = snap_dir("hook");
+    let mut c = cfg("hook", Action::Count);
+    c.vsock_cid = Some(3);
+    let vm = Vm::start(c).unwrap();
+    wait_counter(&vm, 1);
+    vm.snapshot(&d).unwrap();
+    vm.stop();
+    let (r, listener) = Vm::restore_with(&d, RestoreConfig::new("hook-r"), |vm| {
+        // Not started yet: nothing printed, no vCPU ran.
+        assert_eq!(vm.serial_tail(100), "");
+        Ok(vm.vsock().unwrap().listen(1024).unwrap())
+    })
+    .unwrap();
+    wait_counter(&r, 0);
+    assert!(matches!(
+        r.vsock().unwrap().listen(1024),
+        Err(kiln_vmm::virtio::vsock::VsockError::PortInUse { port: 1024 })
+    ));
+    drop(listener);
+    r.stop();
+    // A failing hook: the error comes back and nothing is left running.
+    let threads = count_dir("/proc/self/task");
+    let e = Vm::restore_with(&d, RestoreConfig::new("hook-fail"), |vm| -> Result<(), _> {
+        Err(SnapshotError::NotSnapshottable {
+            vm: vm.name().into(),
+            what: "test hook refused".into(),
+        })
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("test hook refused"), "{e}");
+    assert_eq!(count_dir("/proc/self/task"), threads);
+}

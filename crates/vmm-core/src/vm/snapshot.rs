@@ -299,17 +299,30 @@ impl Vm {
     /// Builds a new, running VM from the snapshot in `dir`. The state file and memory file
     /// are fully checked before anything is created; on any error nothing is left behind.
     pub fn restore(dir: &Path, cfg: RestoreConfig) -> Result<Vm, SnapshotError> {
-        let snap = snapshot::load(dir)?;
-        let (_, mem_path) = snapshot::paths(dir);
-        Self::restore_from(snap, &mem_path, cfg)
+        Self::restore_with(dir, cfg, |_| Ok(())).map(|(vm, ())| vm)
     }
 
-    /// [`Vm::restore`] from an already loaded (and validated) state and its memory file.
-    pub fn restore_from(
+    /// [`Vm::restore`], calling `before_start` with the fully restored VM just before its
+    /// vCPUs start (the device thread already runs). Use it to set up what the guest will
+    /// use at once, e.g. the vsock listener its agent reconnects to after the
+    /// TRANSPORT_RESET. An error from it stops the VM and is returned.
+    pub fn restore_with<T>(
+        dir: &Path,
+        cfg: RestoreConfig,
+        before_start: impl FnOnce(&Vm) -> Result<T, SnapshotError>,
+    ) -> Result<(Vm, T), SnapshotError> {
+        let snap = snapshot::load(dir)?;
+        let (_, mem_path) = snapshot::paths(dir);
+        Self::restore_from(snap, &mem_path, cfg, before_start)
+    }
+
+    /// [`Vm::restore_with`] from an already loaded (and validated) state and its memory file.
+    pub fn restore_from<T>(
         snap: VmSnapshot,
         mem_path: &Path,
         cfg: RestoreConfig,
-    ) -> Result<Vm, SnapshotError> {
+        before_start: impl FnOnce(&Vm) -> Result<T, SnapshotError>,
+    ) -> Result<(Vm, T), SnapshotError> {
         let name = cfg.name.clone();
         let device_err = |device: &'static str, what: String| SnapshotError::Device {
             vm: name.clone(),
@@ -432,6 +445,8 @@ impl Vm {
         } else {
             drop(events);
         }
+        // On error `vm` is dropped (and stopped) here.
+        let hook = before_start(&vm)?;
         for (i, fd) in vcpu_fds.into_iter().enumerate() {
             let runner = VcpuRunner {
                 fd,
@@ -448,7 +463,7 @@ impl Vm {
             shared.set_thread(i, h.pthread_handle());
             vm.threads.push(Some(h));
         }
-        Ok(vm)
+        Ok((vm, hook))
     }
 }
 
