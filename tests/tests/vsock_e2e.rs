@@ -130,6 +130,29 @@ fn eight_concurrent_echo_connections() {
 }
 
 #[test]
+fn transport_reset_drops_connections_and_guest_keeps_serving() {
+    let vm = boot("vsock-e2e-reset", 1);
+    let host = vm.vsock().unwrap().clone();
+    let mut s = connect_echo(&host);
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(b"before reset").unwrap();
+    let mut b = [0u8; 12];
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"before reset");
+    host.transport_reset();
+    let e = s.read(&mut b).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionAborted, "{e}");
+    // The guest driver processed the event (its sockets were reset) and still listens.
+    let (got, _) = echo_roundtrip(
+        connect_echo(&host),
+        pattern(1 << 20, 7),
+        Duration::from_secs(60),
+    );
+    assert!(got == pattern(1 << 20, 7));
+    vm.stop();
+}
+
+#[test]
 fn connect_to_closed_guest_port_is_refused() {
     let vm = boot("vsock-e2e-refused", 1);
     let host = vm.vsock().unwrap().clone();

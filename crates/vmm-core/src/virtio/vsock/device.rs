@@ -224,8 +224,13 @@ impl VsockDevice {
                 }
             }
             DeviceEvent::Timer => {
-                if self.timer.is_armed().unwrap_or(false) {
+                // Only a timer we armed and that has expired is readable; reading it clears
+                // the readiness (otherwise the level-triggered epoll would spin on it).
+                if self.timer_armed_for.is_none() || self.timer.is_armed().unwrap_or(true) {
                     return;
+                }
+                if let Err(e) = self.timer.wait() {
+                    tracing::warn!(error = %e, "vsock: reading the close timer failed");
                 }
                 self.timer_armed_for = None;
                 self.muxer.sweep(Instant::now());

@@ -1204,18 +1204,58 @@ fn host_ports_are_reused_after_close() {
 
 /// Run the device on an event-manager thread, as in a VM.
 fn spawn_event_loop(g: &mut TestGuest) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+    let (stop, t, _) = spawn_counting_event_loop(g);
+    (stop, t)
+}
+
+/// Like `spawn_event_loop`, also counting dispatched events.
+fn spawn_counting_event_loop(
+    g: &mut TestGuest,
+) -> (
+    Arc<AtomicBool>,
+    std::thread::JoinHandle<()>,
+    Arc<std::sync::atomic::AtomicUsize>,
+) {
     use event_manager::{EventManager, SubscriberOps};
     g.direct = false;
     let mut em = EventManager::<Arc<std::sync::Mutex<VsockDevice>>>::new().unwrap();
     em.add_subscriber(g.dev.clone());
     let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (stop2, count2) = (stop.clone(), count.clone());
     let t = std::thread::spawn(move || {
         while !stop2.load(Ordering::Acquire) {
-            em.run_with_timeout(20).unwrap();
+            let n = em.run_with_timeout(20).unwrap();
+            count2.fetch_add(n, Ordering::Relaxed);
         }
     });
-    (stop, t)
+    (stop, t, count)
+}
+
+#[test]
+fn expired_close_timer_does_not_spin_the_event_loop() {
+    let mut g = TestGuest::new();
+    g.dev
+        .lock()
+        .unwrap()
+        .set_close_timeout(Duration::from_millis(30));
+    let (stop, t, count) = spawn_counting_event_loop(&mut g);
+    g.post_rx(8);
+    let l = g.host.listen(1024).unwrap();
+    g.send(OP_REQUEST, 40000, 1024, &[]);
+    assert_eq!(g.recv_wait(T).unwrap().0.op, OP_RESPONSE);
+    drop(l.accept(T).unwrap());
+    assert_eq!(g.recv_wait(T).unwrap().0.op, OP_SHUTDOWN);
+    // The guest never answers: the deadline forces an RST.
+    let rst = g.recv_wait(T).unwrap();
+    assert_eq!(rst.0.op, OP_RST);
+    std::thread::sleep(Duration::from_millis(100));
+    let before = count.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(300));
+    let events = count.load(Ordering::Relaxed) - before;
+    assert!(events < 5, "{events} events dispatched while idle");
+    stop.store(true, Ordering::Release);
+    t.join().unwrap();
 }
 
 #[test]
