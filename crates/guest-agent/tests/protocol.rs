@@ -91,16 +91,16 @@ fn garbage_payload_gets_an_error_and_the_connection_survives() {
     s.write_all(&payload).unwrap();
     let (id, r) = expect_response(&mut s);
     assert_eq!(id, 42);
-    assert!(
-        matches!(
-            r,
-            Response::Error {
-                kind: ErrorKind::Malformed,
-                ..
-            }
+    match &r {
+        Response::Error {
+            kind: ErrorKind::Malformed,
+            message,
+        } => assert!(
+            message.contains("Request 42: unknown variant 127"),
+            "{message}"
         ),
-        "{r:?}"
-    );
+        other => panic!("unexpected {other:?}"),
+    }
     // A message the host must not send.
     s.write_all(
         &encode_frame(&Message::Response {

@@ -25,11 +25,13 @@ pub enum ProtoError {
     /// The stream ended cleanly between frames.
     #[error("connection closed")]
     Closed,
-    /// A complete frame whose payload is not a valid message. `request_id` is the id when the
-    /// payload at least starts like a request, so the receiver can answer that request.
-    #[error("cannot decode a {len}-byte frame payload as a message: {source}")]
+    /// A complete frame whose payload is not a valid message. `what` names how far decoding
+    /// got (e.g. `Request 42: Exec`); `request_id` is the id when the payload at least starts
+    /// like a request, so the receiver can answer that request.
+    #[error("cannot decode a {len}-byte frame payload ({what}): {source}")]
     Decode {
         len: usize,
+        what: String,
         request_id: Option<u64>,
         #[source]
         source: postcard::Error,
@@ -93,6 +95,7 @@ pub fn encode_frame(msg: &Message) -> Result<Vec<u8>, ProtoError> {
 pub fn decode_payload(payload: &[u8]) -> Result<Message, ProtoError> {
     let (msg, rest) = postcard::take_from_bytes(payload).map_err(|source| ProtoError::Decode {
         len: payload.len(),
+        what: describe_payload(payload),
         request_id: peek_request_id(payload),
         source,
     })?;
@@ -104,6 +107,65 @@ pub fn decode_payload(payload: &[u8]) -> Result<Message, ProtoError> {
         });
     }
     Ok(msg)
+}
+
+/// Names of `Request` variants by encoded index (checked against the enum by a test).
+const REQUEST_NAMES: &[&str] = &[
+    "Ping",
+    "Exec",
+    "StdinData",
+    "StdinEof",
+    "Signal",
+    "Wait",
+    "ReadFile",
+    "WriteFile",
+    "ListDir",
+    "Stat",
+    "Mkdir",
+    "Remove",
+    "Rename",
+    "Exists",
+    "PostRestore",
+    "Shutdown",
+];
+
+/// Names of `Response` variants by encoded index (checked against the enum by a test).
+const RESPONSE_NAMES: &[&str] = &[
+    "Pong",
+    "Ok",
+    "ExecStarted",
+    "Stdout",
+    "Stderr",
+    "Exit",
+    "Data",
+    "Written",
+    "DirEntries",
+    "Stat",
+    "Bool",
+    "Error",
+];
+
+/// Describe how far a payload decodes: message kind, id and body variant.
+fn describe_payload(payload: &[u8]) -> String {
+    let Ok((variant, rest)) = postcard::take_from_bytes::<u32>(payload) else {
+        return "no message variant".into();
+    };
+    let (kind, names) = match variant {
+        0 => return "Hello".into(),
+        1 => ("Request", REQUEST_NAMES),
+        2 => ("Response", RESPONSE_NAMES),
+        v => return format!("unknown message variant {v}"),
+    };
+    let Ok((id, rest)) = postcard::take_from_bytes::<u64>(rest) else {
+        return format!("{kind} without an id");
+    };
+    match postcard::take_from_bytes::<u32>(rest) {
+        Ok((b, _)) => match names.get(b as usize) {
+            Some(name) => format!("{kind} {id}: {name}"),
+            None => format!("{kind} {id}: unknown variant {b}"),
+        },
+        Err(_) => format!("{kind} {id} without a body"),
+    }
 }
 
 /// The request id of a payload that starts like `Message::Request`, even when the rest of it
@@ -332,13 +394,116 @@ mod tests {
             Err(ProtoError::Decode {
                 request_id: Some(300),
                 len: 5,
+                what,
                 ..
-            }) => {}
+            }) => assert_eq!(what, "Request 300: unknown variant 200"),
             other => panic!("unexpected {other:?}"),
         }
         assert_eq!(d.next_message().unwrap(), Some(good));
         assert_eq!(d.next_message().unwrap(), None);
         d.finish().unwrap();
+    }
+
+    #[test]
+    fn variant_name_tables_match_the_enums() {
+        use crate::msg::*;
+        let st = ExitStatus {
+            code: None,
+            signal: None,
+            timed_out: false,
+            truncated: false,
+        };
+        let p = String::new;
+        let reqs = [
+            Request::Ping,
+            Request::Exec(ExecRequest::new(["x"])),
+            Request::StdinData {
+                exec_id: 0,
+                data: vec![],
+            },
+            Request::StdinEof { exec_id: 0 },
+            Request::Signal {
+                exec_id: 0,
+                signal: 0,
+            },
+            Request::Wait { exec_id: 0 },
+            Request::ReadFile {
+                path: p(),
+                offset: 0,
+                len: 0,
+            },
+            Request::WriteFile {
+                path: p(),
+                offset: 0,
+                data: vec![],
+                create: false,
+                truncate: false,
+                mode: None,
+            },
+            Request::ListDir {
+                path: p(),
+                start: 0,
+            },
+            Request::Stat { path: p() },
+            Request::Mkdir {
+                path: p(),
+                parents: false,
+                mode: None,
+            },
+            Request::Remove {
+                path: p(),
+                recursive: false,
+            },
+            Request::Rename { from: p(), to: p() },
+            Request::Exists { path: p() },
+            Request::PostRestore {
+                unix_time_ns: 0,
+                seed: vec![],
+            },
+            Request::Shutdown,
+        ];
+        assert_eq!(reqs.len(), REQUEST_NAMES.len());
+        for r in reqs {
+            let name = r.name();
+            let f = encode_frame(&Message::Request { id: 5, body: r }).unwrap();
+            assert_eq!(describe_payload(&f[4..]), format!("Request 5: {name}"));
+        }
+        let resps = [
+            Response::Pong,
+            Response::Ok,
+            Response::ExecStarted { exec_id: 0, pid: 0 },
+            Response::Stdout(vec![]),
+            Response::Stderr(vec![]),
+            Response::Exit(st),
+            Response::Data {
+                data: vec![],
+                eof: false,
+            },
+            Response::Written { len: 0 },
+            Response::DirEntries {
+                entries: vec![],
+                more: false,
+            },
+            Response::Stat(FileStat {
+                kind: FileKind::File,
+                size: 0,
+                mode: 0,
+                mtime_ns: 0,
+            }),
+            Response::Bool(true),
+            Response::error(ErrorKind::Io, ""),
+        ];
+        assert_eq!(resps.len(), RESPONSE_NAMES.len());
+        for r in resps {
+            let name = r.name();
+            let f = encode_frame(&Message::Response { id: 6, body: r }).unwrap();
+            assert_eq!(describe_payload(&f[4..]), format!("Response 6: {name}"));
+        }
+        // Hello, and garbage.
+        assert_eq!(describe_payload(&[0]), "Hello");
+        assert_eq!(describe_payload(&[9]), "unknown message variant 9");
+        assert_eq!(describe_payload(&[]), "no message variant");
+        assert_eq!(describe_payload(&[1]), "Request without an id");
     }
 
     #[test]
