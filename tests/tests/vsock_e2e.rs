@@ -131,25 +131,32 @@ fn eight_concurrent_echo_connections() {
 
 #[test]
 fn transport_reset_drops_connections_and_guest_keeps_serving() {
+    let t0 = Instant::now();
+    let step = |what: &str| eprintln!("[{:>7.3}s] {what}", t0.elapsed().as_secs_f64());
     let vm = boot("vsock-e2e-reset", 1);
+    step("guest ready");
     let host = vm.vsock().unwrap().clone();
     let mut s = connect_echo(&host);
+    step("connected");
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
     s.write_all(b"before reset").unwrap();
     let mut b = [0u8; 12];
     s.read_exact(&mut b).unwrap();
     assert_eq!(&b, b"before reset");
+    step("echoed before reset");
     host.transport_reset();
     let e = s.read(&mut b).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionAborted, "{e}");
+    step("old connection aborted");
     // The guest driver processed the event (its sockets were reset) and still listens.
-    let (got, _) = echo_roundtrip(
-        connect_echo(&host),
-        pattern(1 << 20, 7),
-        Duration::from_secs(60),
-    );
+    let s2 = connect_echo(&host);
+    step("reconnected");
+    let (got, _) = echo_roundtrip(s2, pattern(1 << 20, 7), Duration::from_secs(60));
     assert!(got == pattern(1 << 20, 7));
+    step("echoed 1 MiB after reset");
     vm.stop();
+    step("stopped");
 }
 
 #[test]
