@@ -174,6 +174,19 @@ pub enum SandboxError {
         /// What is wrong.
         message: String,
     },
+
+    /// Taking or restoring a snapshot failed: the files were refused (other Kiln version or
+    /// KVM kind, truncated, corrupted) or KVM refused the state. (snapshots)
+    #[error("sandbox {vm}: {op}: {source}")]
+    Snapshot {
+        /// The sandbox.
+        vm: String,
+        /// The operation.
+        op: &'static str,
+        /// The VMM's snapshot error (boxed: it is large).
+        #[source]
+        source: Box<kiln_vmm::snapshot::SnapshotError>,
+    },
 }
 
 impl SandboxError {

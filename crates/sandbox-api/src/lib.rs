@@ -22,5 +22,6 @@ pub use error::SandboxError;
 pub use exec::{ExecEvent, ExecOptions, ExecResult, StdinSource, DEFAULT_OUTPUT_CAP};
 pub use kiln_pool::{PoolConfig, PoolStats};
 pub use kiln_proto::{DirEntry, ErrorKind, ExitStatus, FileKind, FileStat, Hello};
+pub use kiln_vmm::snapshot::SnapshotInfo;
 pub use pool::{PooledSandbox, ResetMode, SandboxPool, SandboxPoolError};
 pub use sandbox::{BootTimings, ExecStream, Sandbox};

@@ -27,6 +27,10 @@ use crate::exec::{
     ExecEvent, ExecOptions, ExecResult, ExitStatus, StdinSource, DEFAULT_OUTPUT_CAP,
 };
 
+/// `Sandbox::snapshot`, `Sandbox::restore`, `Sandbox::fork` (sandbox/snapshot.rs).
+mod snapshot;
+pub use snapshot::MAX_FORKS;
+
 /// Guest CID of every sandbox VM (each VM has its own in-process vsock device).
 pub const GUEST_CID: u64 = 3;
 /// How often the boot wait checks whether the VM already ended.

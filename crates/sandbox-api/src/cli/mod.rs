@@ -8,6 +8,7 @@ pub mod doctor;
 pub mod exit;
 pub mod pool;
 pub mod run;
+pub mod snapshot;
 pub mod vm_snapshot;
 
 use std::time::Duration;
@@ -50,6 +51,12 @@ pub enum Command {
     /// `cargo xtask bench snapshot`).
     #[command(hide = true)]
     VmSnapshot(vm_snapshot::VmSnapshotArgs),
+    /// Boot a sandbox, run an optional setup command, and save it to a directory.
+    Snapshot(snapshot::SnapshotArgs),
+    /// Restore a sandbox from a snapshot directory, run one command in it, exit with its status.
+    Restore(snapshot::RestoreArgs),
+    /// Restore N sandboxes from one snapshot at once and run a command in each.
+    Fork(snapshot::ForkArgs),
 }
 
 /// Parses the command line and runs the subcommand; returns the process exit code.
@@ -62,6 +69,9 @@ pub fn main() -> i32 {
         Command::BenchExec(args) => bench::bench_exec(&args),
         Command::Boot(args) => boot::boot(&args),
         Command::VmSnapshot(args) => vm_snapshot::vm_snapshot(&args),
+        Command::Snapshot(args) => snapshot::snapshot(args),
+        Command::Restore(args) => snapshot::restore(args),
+        Command::Fork(args) => snapshot::fork(args),
     }
 }
 

@@ -1,0 +1,218 @@
+//! `kiln snapshot`, `kiln restore`, `kiln fork`: snapshots from the command line.
+//!
+//! - `kiln snapshot --dir DIR [-- SETUP-CMD...]`: boot a sandbox, run an optional setup command
+//!   (its output is shown; a failure aborts), save the sandbox to DIR.
+//! - `kiln restore --dir DIR -- CMD...`: restore a sandbox from DIR, run CMD, print its
+//!   output and exit with its status.
+//! - `kiln fork --dir DIR -n N -- CMD...`: restore N sandboxes from DIR at once and run CMD in
+//!   each; prints each fork's output prefixed with `[fork i]`; exits 0 when all succeeded,
+//!   else with the first failing status.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use kiln::config::{DEFAULT_MEMORY_MIB, DEFAULT_VCPUS};
+use kiln::sandbox::MAX_FORKS;
+use kiln::{ExecResult, Sandbox, SandboxConfig, SandboxError};
+
+use super::exit;
+
+/// Boot / restore deadline default (seconds).
+const DEFAULT_BOOT_TIMEOUT_SECS: &str = "60";
+
+/// `kiln snapshot` arguments.
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    /// Snapshot directory (created; a snapshot there is replaced).
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_VCPUS)]
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = DEFAULT_MEMORY_MIB)]
+    pub memory: u32,
+    /// Deadline for the guest to boot.
+    #[arg(long, value_name = "SECS", value_parser = super::parse_secs,
+          default_value = DEFAULT_BOOT_TIMEOUT_SECS)]
+    pub boot_timeout: Duration,
+    /// Guest kernel (default: $KILN_KERNEL or <assets>/guest/vmlinux).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Guest initramfs (default: $KILN_INITRAMFS or <assets>/guest/initramfs.cpio).
+    #[arg(long, value_name = "PATH")]
+    pub initramfs: Option<PathBuf>,
+    /// Setup command run before the snapshot (after `--`).
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
+    pub command: Vec<String>,
+}
+
+/// `kiln restore` arguments.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// Snapshot directory.
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Deadline for the restored guest's agent to reconnect.
+    #[arg(long, value_name = "SECS", value_parser = super::parse_secs,
+          default_value = DEFAULT_BOOT_TIMEOUT_SECS)]
+    pub boot_timeout: Duration,
+    /// The command and its arguments (after `--`).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true,
+          num_args = 1.., value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+/// `kiln fork` arguments.
+#[derive(Debug, Args)]
+pub struct ForkArgs {
+    /// Snapshot directory.
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Number of forks.
+    #[arg(short = 'n', long, default_value_t = 2)]
+    pub count: usize,
+    /// Deadline for each restored guest's agent to reconnect.
+    #[arg(long, value_name = "SECS", value_parser = super::parse_secs,
+          default_value = DEFAULT_BOOT_TIMEOUT_SECS)]
+    pub boot_timeout: Duration,
+    /// The command and its arguments (after `--`).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true,
+          num_args = 1.., value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+fn fail(e: &SandboxError) -> i32 {
+    eprintln!("kiln: error: {e}");
+    exit::for_error(e)
+}
+
+fn show(prefix: &str, r: &ExecResult) {
+    let mut out = std::io::stdout().lock();
+    let mut err = std::io::stderr().lock();
+    // Nothing useful to do if our own stdout/stderr are gone.
+    if prefix.is_empty() {
+        let _ = out.write_all(&r.stdout);
+        let _ = err.write_all(&r.stderr);
+    } else {
+        for l in String::from_utf8_lossy(&r.stdout).lines() {
+            let _ = writeln!(out, "{prefix} {l}");
+        }
+        for l in String::from_utf8_lossy(&r.stderr).lines() {
+            let _ = writeln!(err, "{prefix} {l}");
+        }
+    }
+    let _ = out.flush();
+}
+
+/// Runs `kiln snapshot`; returns the exit code.
+pub fn snapshot(args: SnapshotArgs) -> i32 {
+    let mut config = SandboxConfig::new()
+        .vcpus(args.vcpus)
+        .memory_mib(args.memory)
+        .boot_timeout(args.boot_timeout);
+    config.kernel = args.kernel;
+    config.initramfs = args.initramfs;
+    let sandbox = match Sandbox::create(config) {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    if !args.command.is_empty() {
+        match sandbox.exec(&args.command) {
+            Ok(r) => {
+                show("", &r);
+                let code = exit::for_status(&r.status);
+                if code != 0 {
+                    eprintln!("kiln: the setup command failed (status {code}); no snapshot");
+                    return code;
+                }
+            }
+            Err(e) => return fail(&e),
+        }
+    }
+    let t0 = Instant::now();
+    match sandbox.snapshot(&args.dir) {
+        Ok(info) => {
+            eprintln!(
+                "kiln: snapshot of {} written to {} in {:.1} ms ({} of {} MiB of guest RAM \
+                 stored)",
+                sandbox.name(),
+                args.dir.display(),
+                t0.elapsed().as_secs_f64() * 1e3,
+                info.written_bytes >> 20,
+                info.guest_bytes >> 20
+            );
+            0
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+fn restore_config(boot_timeout: Duration) -> SandboxConfig {
+    SandboxConfig::new().boot_timeout(boot_timeout)
+}
+
+fn restore_and_run(
+    dir: &Path,
+    timeout: Duration,
+    cmd: &[String],
+) -> Result<ExecResult, SandboxError> {
+    let sandbox = Sandbox::restore(dir, restore_config(timeout))?;
+    sandbox.exec(cmd)
+}
+
+/// Runs `kiln restore`; returns the exit code.
+pub fn restore(args: RestoreArgs) -> i32 {
+    match restore_and_run(&args.dir, args.boot_timeout, &args.command) {
+        Ok(r) => {
+            show("", &r);
+            exit::for_status(&r.status)
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// Runs `kiln fork`; returns the exit code.
+pub fn fork(args: ForkArgs) -> i32 {
+    if args.count == 0 || args.count > MAX_FORKS {
+        eprintln!("kiln: error: -n {} is not in 1..={MAX_FORKS}", args.count);
+        return exit::USAGE;
+    }
+    let results: Vec<Result<ExecResult, SandboxError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..args.count)
+            .map(|_| s.spawn(|| restore_and_run(&args.dir, args.boot_timeout, &args.command)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(SandboxError::InvalidArgument {
+                        vm: "fork".into(),
+                        op: "fork",
+                        message: "a fork thread panicked".into(),
+                    })
+                })
+            })
+            .collect()
+    });
+    let mut code = 0;
+    for (i, r) in results.iter().enumerate() {
+        let c = match r {
+            Ok(r) => {
+                show(&format!("[fork {i}]"), r);
+                exit::for_status(&r.status)
+            }
+            Err(e) => fail(e),
+        };
+        if code == 0 {
+            code = c;
+        }
+    }
+    code
+}

@@ -1,0 +1,197 @@
+//! Sandbox snapshots: [`Sandbox::snapshot`], [`Sandbox::restore`], [`Sandbox::fork`].
+//! A child of `sandbox` so a restored sandbox is assembled exactly like a booted one.
+//!
+//! Restore: `Vm::restore_with` rebuilds the VM from the snapshot and, before its vCPUs start,
+//! listens on [`kiln_proto::AGENT_PORT`]; the restore sends the guest a vsock
+//! TRANSPORT_RESET, so the agent drops its old connection and reconnects at once. We accept
+//! it, check its `Hello` as at boot, then send `PostRestore` with the host's wall-clock time
+//! and 32 fresh random bytes, so the guest clock is current and forks do not share random
+//! streams. See docs/SNAPSHOT.md.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use kiln_vmm::snapshot::{RestoreConfig, SnapshotError, SnapshotInfo};
+
+use super::*;
+
+/// Random bytes sent to each restored guest to reseed its RNG.
+const SEED_BYTES: usize = 32;
+/// Most forks one [`Sandbox::fork`] call makes.
+pub const MAX_FORKS: usize = 256;
+
+fn snap_err(vm: &str, op: &'static str, source: SnapshotError) -> SandboxError {
+    SandboxError::Snapshot {
+        vm: vm.to_owned(),
+        op,
+        source: Box::new(source),
+    }
+}
+
+/// A unique name for a restored sandbox without one.
+fn restored_name() -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "kiln-{}-r{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn seed(vm: &str) -> Result<Vec<u8>, SandboxError> {
+    let mut seed = vec![0u8; SEED_BYTES];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut seed))
+        .map_err(|source| SandboxError::Io {
+            vm: vm.to_owned(),
+            op: "reading /dev/urandom for the restore seed",
+            source,
+        })?;
+    Ok(seed)
+}
+
+impl Sandbox {
+    /// Saves this sandbox's VM to `dir` (created if needed; a snapshot there is replaced).
+    /// The VM is paused meanwhile and then continues. Requests in flight while it is paused
+    /// just wait; open streams of the guest's agent are not part of the snapshot.
+    pub fn snapshot(&self, dir: &Path) -> Result<SnapshotInfo, SandboxError> {
+        let guard = self.inner.vm_guard();
+        let Some(vm) = guard.as_ref() else {
+            return Err(self.inner.died("snapshot", "the VM has stopped".into()));
+        };
+        vm.snapshot(dir)
+            .map_err(|e| snap_err(&self.inner.name, "snapshot", e))
+    }
+
+    /// Builds a new sandbox from the snapshot in `dir`. From `config` only the name and the
+    /// deadlines are used (vCPUs, memory and the guest come from the snapshot). The guest
+    /// continues where the snapshot was taken, with its clock set to now and its RNG
+    /// reseeded.
+    pub fn restore(dir: &Path, config: SandboxConfig) -> Result<Sandbox, SandboxError> {
+        let t0 = Instant::now();
+        let name = config.name.clone().unwrap_or_else(restored_name);
+        check_host(&name)?;
+        let mut rc = RestoreConfig::new(name.clone());
+        rc.serial_ring_bytes = SERIAL_RING_BYTES;
+        rc.vsock_cid = Some(GUEST_CID);
+        let (vm, listener) = Vm::restore_with(dir, rc, |vm| {
+            let device = |what: String| SnapshotError::Device {
+                vm: vm.name().to_owned(),
+                device: "virtio-vsock",
+                what,
+            };
+            vm.vsock()
+                .ok_or_else(|| device("the snapshot has no vsock device".into()))?
+                .listen(kiln_proto::AGENT_PORT)
+                .map_err(|e| device(e.to_string()))
+        })
+        .map_err(|e| snap_err(&name, "restoring the VM", e))?;
+        let vm_start = t0.elapsed();
+        let deadline = Instant::now() + config.boot_timeout;
+        let stream = accept_agent(&vm, &listener, &name, deadline, config.boot_timeout)?;
+        drop(listener);
+        let (hello, reader, writer, conn) = match handshake(stream, deadline) {
+            Ok(parts) => parts,
+            Err(reason) => {
+                let serial_tail = vm.serial_tail(SERIAL_TAIL_BYTES);
+                vm.stop();
+                return Err(SandboxError::Handshake {
+                    vm: name,
+                    reason,
+                    serial_tail,
+                });
+            }
+        };
+        let client = Client::from_hello(
+            hello.clone(),
+            reader,
+            writer,
+            ClientConfig {
+                request_timeout: config.request_timeout,
+            },
+        );
+        let client = match client {
+            Ok(c) => c,
+            Err(e) => {
+                let serial_tail = vm.serial_tail(SERIAL_TAIL_BYTES);
+                vm.stop();
+                return Err(SandboxError::Handshake {
+                    vm: name,
+                    reason: e.to_string(),
+                    serial_tail,
+                });
+            }
+        };
+        let ready = t0.elapsed();
+        let (stop_tx, stop_rx) = mpsc::channel();
+        let inner = Arc::new(Inner {
+            name,
+            vm: Mutex::new(Some(vm)),
+            client,
+            conn,
+            hello,
+            timings: BootTimings { vm_start, ready },
+            _watchdog_stop: stop_tx,
+        });
+        let weak = Arc::downgrade(&inner);
+        thread::Builder::new()
+            .name(format!("{}-watchdog", inner.name))
+            .spawn(move || watchdog(weak, stop_rx))
+            .map_err(|source| SandboxError::Io {
+                vm: inner.name.clone(),
+                op: "spawning the watchdog thread",
+                source,
+            })?;
+        let sandbox = Sandbox { inner };
+        let now_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+            .unwrap_or_default();
+        sandbox
+            .inner
+            .client
+            .post_restore(now_ns, seed(&sandbox.inner.name)?)
+            .map_err(|e| sandbox.inner.error("post-restore", e))?;
+        tracing::debug!(vm = %sandbox.inner.name, ?vm_start, ?ready, "sandbox restored");
+        Ok(sandbox)
+    }
+
+    /// `n` new sandboxes, each a copy of this one as it is now (snapshot + `n` restores).
+    /// They share the snapshot's memory copy-on-write; a change in one is invisible to the
+    /// others and to this sandbox, which keeps running. Deadlines are `config`'s; names are
+    /// `<this name>-fork<i>`.
+    pub fn fork_with(&self, n: usize, config: SandboxConfig) -> Result<Vec<Sandbox>, SandboxError> {
+        if n == 0 || n > MAX_FORKS {
+            return Err(SandboxError::InvalidArgument {
+                vm: self.inner.name.clone(),
+                op: "fork",
+                message: format!("fork count {n} is not in 1..={MAX_FORKS}"),
+            });
+        }
+        static N: AtomicU64 = AtomicU64::new(0);
+        let dir: PathBuf = std::env::temp_dir().join(format!(
+            "kiln-fork-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let res = (|| {
+            self.snapshot(&dir)?;
+            let mut forks = Vec::with_capacity(n);
+            for i in 0..n {
+                let mut c = config.clone();
+                c.name = Some(format!("{}-fork{i}", self.inner.name));
+                forks.push(Sandbox::restore(&dir, c)?);
+            }
+            Ok(forks)
+        })();
+        // The forks map the memory file; unlinking it keeps their mappings alive.
+        let _ = std::fs::remove_dir_all(&dir);
+        res
+    }
+
+    /// [`Sandbox::fork_with`] with the default deadlines.
+    pub fn fork(&self, n: usize) -> Result<Vec<Sandbox>, SandboxError> {
+        self.fork_with(n, SandboxConfig::default())
+    }
+}
