@@ -30,6 +30,9 @@ pub enum Action {
     Count,
     /// [`Action::Count`] without the delay: output never pauses (snapshot benchmark).
     FastCount,
+    /// Print `mmio magic=<hex> version=<hex> devid=<hex>` from the first virtio-mmio window
+    /// (0xd0000000), then triple fault.
+    Mmio,
 }
 
 impl Action {
@@ -43,6 +46,7 @@ impl Action {
             Action::Info => "kiln.test=info",
             Action::Count => "kiln.test=count",
             Action::FastCount => "kiln.test=fastcount",
+            Action::Mmio => "kiln.test=mmio",
         }
     }
 }

@@ -4,7 +4,8 @@
  * Boots exactly like a Linux vmlinux through PVH: the VMM finds the Xen
  * PHYS32_ENTRY ELF note, enters `pvh_start` in 32-bit protected mode with
  * paging off and %ebx pointing at hvm_start_info. Like Linux's PVH entry it
- * switches to its own identity page tables (1 GiB, 2 MiB pages), enables long mode
+ * switches to its own identity page tables (RAM's first GiB and the 3-4 GiB MMIO
+ * range, 2 MiB pages), enables long mode
  * and continues in 64-bit code. There it prints "READY\n" on the 8250 at
  * 0x3f8 and then does what `kiln.test=<action>` on the command line asks:
  *
@@ -18,6 +19,8 @@
  *   count   print "C=<hex>\n" forever with a busy delay between lines; the counter
  *           lives in guest memory (snapshot tests: a restored guest continues it)
  *   fastcount  the same without the delay (snapshot benchmark: output never pauses)
+ *   mmio    print "mmio magic=<hex> version=<hex> devid=<hex>" read from the first
+ *           virtio-mmio window (0xd0000000), then triple fault
  *
  * Any failed check prints "ERR:<reason>" and triple-faults.
  */
@@ -122,6 +125,8 @@ found:
 	je	count
 	cmp	$'f', %al
 	je	fastcount
+	cmp	$'m', %al
+	je	mmio
 	lea	msg_badaction(%rip), %rdi
 	call	puts
 	jmp	triple_fault
@@ -221,6 +226,25 @@ info:
 	call	puts
 	jmp	triple_fault
 
+mmio:
+	/* Read the first virtio-mmio window's magic, version and device id. */
+	mov	$0xd0000000, %ebx
+	lea	msg_magic(%rip), %rdi
+	call	puts
+	mov	(%rbx), %eax
+	call	puthex
+	lea	msg_version(%rip), %rdi
+	call	puts
+	mov	4(%rbx), %eax
+	call	puthex
+	lea	msg_devid(%rip), %rdi
+	call	puts
+	mov	8(%rbx), %eax
+	call	puthex
+	lea	msg_nl(%rip), %rdi
+	call	puts
+	jmp	triple_fault
+
 no_mp:
 	lea	msg_nomp(%rip), %rdi
 	call	puts
@@ -289,20 +313,31 @@ msg_mem:	.asciz " memkib="
 msg_cmdline:	.asciz " cmdline="
 msg_nl:		.asciz "\n"
 msg_count:	.asciz "C="
+msg_magic:	.asciz "mmio magic="
+msg_version:	.asciz " version="
+msg_devid:	.asciz " devid="
 msg_nomp:	.asciz "ERR:no MP table\n"
 msg_badaction:	.asciz "ERR:unknown kiln.test action\n"
 
-	/* Identity map of the first 1 GiB with 2 MiB pages. */
+	/* Identity map of the first 1 GiB (RAM) and of 3-4 GiB (MMIO, uncached), 2 MiB pages. */
 	.data
 	.balign 4096
 pml4:	.quad	pdpt + 3
 	.fill	511, 8, 0
 pdpt:	.quad	pd + 3
-	.fill	511, 8, 0
+	.quad	0, 0
+	.quad	pd_mmio + 3
+	.fill	508, 8, 0
 pd:
 	.set	i, 0
 	.rept	512
 	.quad	(i << 21) | 0x83		/* present | rw | 2 MiB */
+	.set	i, i + 1
+	.endr
+pd_mmio:
+	.set	i, 0
+	.rept	512
+	.quad	(0xc0000000 + (i << 21)) | 0x9b	/* present | rw | PWT | PCD | 2 MiB */
 	.set	i, i + 1
 	.endr
 
