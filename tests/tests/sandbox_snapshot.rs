@@ -169,3 +169,57 @@ fn cli_snapshot_restore_and_fork() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("checksum mismatch"), "{err}");
 }
+
+#[test]
+fn restore_mode_pool_hands_out_pristine_restored_sandboxes() {
+    kiln_tests::require_tier4();
+    use kiln::{PoolConfig, ResetMode, SandboxPool};
+    let pool = SandboxPool::with_reset_mode(
+        SandboxConfig::new()
+            .name("rpool")
+            .memory_mib(256)
+            .boot_timeout(BOOT_TIMEOUT)
+            .request_timeout(REQUEST_TIMEOUT),
+        PoolConfig {
+            min_size: 0,
+            max_size: 1,
+            max_in_use: 1,
+            max_idle_duration: None,
+            acquire_timeout: Duration::from_secs(60),
+            ..PoolConfig::default()
+        },
+        ResetMode::Restore,
+    )
+    .unwrap();
+    assert_eq!(pool.reset_mode(), ResetMode::Restore);
+    let boot_id = |sb: &Sandbox| {
+        sb.exec(&["cat", "/proc/sys/kernel/random/boot_id"])
+            .unwrap()
+            .stdout
+    };
+    // The first sandbox boots and becomes the pristine snapshot.
+    let first_boot = {
+        let a = pool.acquire().unwrap();
+        a.write_file("/tmp/user-a", b"a\n").unwrap();
+        boot_id(&a)
+    };
+    for user in ["b", "c"] {
+        let sb = pool.acquire().unwrap();
+        // Restored from the snapshot of the first sandbox (same kernel boot), before user A
+        // wrote anything.
+        assert_eq!(boot_id(&sb), first_boot, "user {user}: not restored");
+        assert!(
+            !sb.file_exists("/tmp/user-a").unwrap(),
+            "user {user} sees user a"
+        );
+        assert!(
+            !sb.file_exists("/tmp/user-b").unwrap(),
+            "user {user} sees user b"
+        );
+        sb.write_file(&format!("/tmp/user-{user}"), b"x\n").unwrap();
+        assert!(sb.exec(&["true"]).unwrap().success());
+    }
+    pool.shutdown();
+    let s = pool.stats();
+    assert_eq!(s.created_count, s.destroyed_count, "{s:?}");
+}

@@ -46,6 +46,10 @@ pub enum ResetMode {
     /// The returned sandbox is destroyed (never reused); the pool boots fresh ones. Each use
     /// costs one cold boot, in the background while the pool keeps up.
     Reboot,
+    /// The pool's first sandbox is snapshotted right after it boots (pristine); a returned
+    /// sandbox is destroyed and every new one is restored from that snapshot (milliseconds
+    /// instead of a boot; forks share the snapshot's memory copy-on-write). docs/SNAPSHOT.md.
+    Restore,
 }
 
 /// Errors of [`SandboxPool`].
@@ -181,6 +185,10 @@ pub struct SandboxManager {
     next: AtomicU64,
     reaper: Reaper,
     health_check_timeout: Duration,
+    /// How returned sandboxes are replaced (snapshots).
+    mode: ResetMode,
+    /// ResetMode::Restore: the pristine snapshot, once taken (snapshots).
+    pristine: Mutex<Option<crate::sandbox::snapshot::PristineSnapshot>>,
 }
 
 impl std::fmt::Debug for SandboxManager {
@@ -193,12 +201,22 @@ impl std::fmt::Debug for SandboxManager {
 }
 
 impl SandboxManager {
+    #[cfg(test)]
     fn new(config: SandboxConfig) -> Result<SandboxManager, SandboxPoolError> {
+        Self::with_mode(config, ResetMode::Reboot)
+    }
+
+    fn with_mode(
+        config: SandboxConfig,
+        mode: ResetMode,
+    ) -> Result<SandboxManager, SandboxPoolError> {
         Ok(SandboxManager {
             config,
             next: AtomicU64::new(0),
             reaper: Reaper::start()?,
             health_check_timeout: HEALTH_CHECK_TIMEOUT,
+            mode,
+            pristine: Mutex::new(None),
         })
     }
 
@@ -209,7 +227,7 @@ impl SandboxManager {
 
     /// How returned sandboxes are made pristine.
     pub fn reset_mode(&self) -> ResetMode {
-        ResetMode::Reboot
+        self.mode
     }
 
     /// The configuration of the next sandbox: a configured name gets a `-p<N>` suffix so every
@@ -241,7 +259,12 @@ impl Manager for SandboxManager {
     type Error = SandboxError;
 
     fn create(&self) -> Result<Sandbox, SandboxError> {
-        let sb = Sandbox::create(self.next_config())?;
+        let sb = match self.mode {
+            ResetMode::Reboot => Sandbox::create(self.next_config())?,
+            ResetMode::Restore => {
+                crate::sandbox::snapshot::pooled_sandbox(&self.pristine, self.next_config())?
+            }
+        };
         tracing::debug!(vm = sb.name(), ready = ?sb.boot_timings().ready, "sandbox pool: booted");
         Ok(sb)
     }
@@ -305,9 +328,19 @@ impl SandboxPool {
     /// acquire), starts the pool's threads and, when `pool.min_size > 0`, starts warming
     /// `min_size` sandboxes in the background (use [`warm`](Self::warm) to wait for them).
     pub fn new(sandbox: SandboxConfig, pool: PoolConfig) -> Result<SandboxPool, SandboxPoolError> {
+        Self::with_reset_mode(sandbox, pool, ResetMode::Reboot)
+    }
+
+    /// [`new`](Self::new) with an explicit [`ResetMode`] (`Restore`: sandboxes after the first
+    /// are restored from a pristine snapshot of it).
+    pub fn with_reset_mode(
+        sandbox: SandboxConfig,
+        pool: PoolConfig,
+        mode: ResetMode,
+    ) -> Result<SandboxPool, SandboxPoolError> {
         sandbox.validate()?;
         pool.validate()?;
-        let manager = SandboxManager::new(sandbox)?;
+        let manager = SandboxManager::with_mode(sandbox, mode)?;
         Ok(SandboxPool {
             pool: Pool::new(manager, pool)?,
         })

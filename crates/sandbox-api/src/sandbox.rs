@@ -28,7 +28,7 @@ use crate::exec::{
 };
 
 /// `Sandbox::snapshot`, `Sandbox::restore`, `Sandbox::fork` (sandbox/snapshot.rs).
-mod snapshot;
+pub(crate) mod snapshot;
 pub use snapshot::MAX_FORKS;
 
 /// Guest CID of every sandbox VM (each VM has its own in-process vsock device).

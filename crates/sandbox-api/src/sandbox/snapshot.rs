@@ -195,3 +195,45 @@ impl Sandbox {
         self.fork_with(n, SandboxConfig::default())
     }
 }
+
+/// The pristine snapshot of a [`crate::SandboxPool`] in `ResetMode::Restore`: taken of the
+/// pool's first sandbox right after it booted (before any user touched it); every later
+/// sandbox of the pool is restored from it. The directory is removed when this is dropped
+/// (restored sandboxes keep their memory mapped).
+#[derive(Debug)]
+pub(crate) struct PristineSnapshot {
+    dir: PathBuf,
+}
+
+impl Drop for PristineSnapshot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A sandbox for a restore-mode pool: restored from `slot`'s snapshot, or — the first time —
+/// booted from `config` and snapshotted into a new pristine snapshot (the lock is held
+/// meanwhile, so concurrent callers restore from it instead of booting too).
+pub(crate) fn pooled_sandbox(
+    slot: &Mutex<Option<PristineSnapshot>>,
+    config: SandboxConfig,
+) -> Result<Sandbox, SandboxError> {
+    let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(p) = guard.as_ref() {
+        let dir = p.dir.clone();
+        drop(guard);
+        return Sandbox::restore(&dir, config);
+    }
+    let sandbox = Sandbox::create(config)?;
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "kiln-pool-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let pristine = PristineSnapshot { dir };
+    sandbox.snapshot(&pristine.dir)?;
+    tracing::debug!(vm = sandbox.name(), dir = %pristine.dir.display(), "sandbox pool: pristine snapshot taken");
+    *guard = Some(pristine);
+    Ok(sandbox)
+}
