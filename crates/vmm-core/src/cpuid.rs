@@ -1,5 +1,6 @@
 //! Guest CPUID: KVM's supported set (read once per process) with per-vCPU fixups for APIC
-//! ids and a flat topology (one package, one core per vCPU, no SMT).
+//! ids and a flat topology (one package, one core per vCPU, no SMT), for Intel (leaves 1, 4,
+//! 0xb, 0x1f) and AMD (0x8000_0008, 0x8000_001e) guests; no virtual PMU (leaf 0xa).
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
@@ -8,6 +9,8 @@ const LEAF_CACHE: u32 = 0x4;
 const LEAF_PMU: u32 = 0xa;
 const LEAF_TOPOLOGY: u32 = 0xb;
 const LEAF_TOPOLOGY_V2: u32 = 0x1f;
+const LEAF_AMD_SIZES: u32 = 0x8000_0008;
+const LEAF_AMD_TOPOLOGY: u32 = 0x8000_001e;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
 
@@ -63,6 +66,17 @@ fn fix_entry(e: &mut kvm_cpuid_entry2, index: u8, count: u8) {
                 }
             }
         }
+        LEAF_AMD_SIZES => {
+            // AMD: ECX[15:12] APIC-id bits per package, ECX[7:0] cores per package - 1.
+            e.ecx = (e.ecx & !0xf0ff) | (id_bits(count) << 12) | (u32::from(count) - 1);
+        }
+        LEAF_AMD_TOPOLOGY => {
+            // AMD: extended APIC id; compute unit = vCPU, one thread each; node 0.
+            e.eax = apic_id;
+            e.ebx = apic_id & 0xff;
+            e.ecx = 0;
+            e.edx = 0;
+        }
         _ => {}
     }
 }
@@ -100,6 +114,8 @@ mod tests {
             entry(0xb, 1),
             entry(0xb, 2),
             entry(0xa, 0),
+            entry(0x8000_0008, 0),
+            entry(0x8000_001e, 0),
         ])
         .unwrap();
         let c = for_vcpu(&sup, 3, 4);
@@ -113,6 +129,8 @@ mod tests {
         assert_eq!(s[2].eax, 2);
         assert_eq!(s[3].ecx, 2);
         assert_eq!(s[4].eax, 0);
+        assert_eq!(s[5].ecx & 0xf0ff, (2 << 12) | 3);
+        assert_eq!((s[6].eax, s[6].ebx, s[6].ecx), (3, 3, 0));
         let one = for_vcpu(&sup, 0, 1);
         assert_eq!(one.as_slice()[0].edx & EDX_HTT, 0);
         assert_eq!(id_bits(1), 0);
