@@ -14,8 +14,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use kiln_proto::{
-    Client, ClientConfig, ClientError, DirEntry, ErrorKind, ExecRequest, FileStat, Hello,
-    ProtoError, Stdin, MAX_CHUNK, PROTOCOL_VERSION,
+    Client, ClientConfig, ClientError, DirEntry, ExecRequest, FileStat, Hello, ProtoError, Stdin,
+    MAX_CHUNK, PROTOCOL_VERSION,
 };
 use kiln_vmm::host::{self, HostKind};
 use kiln_vmm::virtio::vsock::{VsockListener, VsockStream};
@@ -525,63 +525,25 @@ impl Inner {
         vm.wait_exit(grace).ok().map(|r| r.to_string())
     }
 
+    /// The guest died during `op`: `what` was observed; adds the VM's exit reason and tail.
     fn died(&self, op: &'static str, what: String) -> SandboxError {
-        let reason = match self.vm_exit(DEATH_GRACE) {
-            Some(exit) => format!("{what} (VM exit: {exit})"),
-            None => what,
-        };
-        SandboxError::GuestDied {
-            vm: self.name.clone(),
+        map_client_error(
+            &self.name,
             op,
-            reason,
-            serial_tail: self.serial_tail(SERIAL_TAIL_BYTES),
-        }
+            None,
+            ClientError::Closed { op, reason: what },
+            self,
+        )
     }
 
     /// Maps a client error to a sandbox error.
     fn error(&self, op: &'static str, e: ClientError) -> SandboxError {
-        let vm = self.name.clone();
-        match e {
-            ClientError::Remote { kind, message, .. } => SandboxError::Guest {
-                vm,
-                op,
-                kind,
-                message,
-            },
-            ClientError::Closed { reason, .. } => self.died(op, reason),
-            ClientError::Timeout { after, .. } => match self.vm_exit(Duration::ZERO) {
-                Some(_) => self.died(op, format!("no response within {after:?}")),
-                None => SandboxError::Timeout { vm, op, after },
-            },
-            ClientError::Proto(ProtoError::Io(err)) => {
-                self.died(op, format!("connection to the agent failed: {err}"))
-            }
-            ClientError::Proto(p) => SandboxError::Protocol {
-                vm,
-                op,
-                message: p.to_string(),
-            },
-            ClientError::Unexpected { got, .. } => SandboxError::Protocol {
-                vm,
-                op,
-                message: format!("unexpected response {got}"),
-            },
-            ClientError::Usage { message, .. } => SandboxError::InvalidArgument { vm, op, message },
-        }
+        map_client_error(&self.name, op, None, e, self)
     }
 
     /// Like [`error`](Self::error), but a refused exec names the program.
     fn exec_error(&self, op: &'static str, program: &str, e: ClientError) -> SandboxError {
-        match e {
-            ClientError::Remote { kind, message, .. } => SandboxError::ExecFailed {
-                vm: self.name.clone(),
-                op,
-                program: program.to_owned(),
-                kind,
-                message,
-            },
-            other => self.error(op, other),
-        }
+        map_client_error(&self.name, op, Some(program), e, self)
     }
 
     fn stop_vm(&self) {
@@ -592,6 +554,87 @@ impl Inner {
             let reason = vm.stop();
             tracing::debug!(vm = %self.name, %reason, "sandbox VM stopped");
         }
+    }
+}
+
+/// What the error mapping needs to know about the VM (a trait so the mapping is unit-tested
+/// without KVM).
+trait VmProbe {
+    /// The VM's exit reason, waiting up to `grace` for it to end; `None` while it runs.
+    fn exit_within(&self, grace: Duration) -> Option<String>;
+    /// The end of the serial console.
+    fn tail(&self) -> String;
+}
+
+impl VmProbe for Inner {
+    fn exit_within(&self, grace: Duration) -> Option<String> {
+        self.vm_exit(grace)
+    }
+
+    fn tail(&self) -> String {
+        self.serial_tail(SERIAL_TAIL_BYTES)
+    }
+}
+
+/// Maps a client error of operation `op` to a sandbox error: agent errors keep their kind (an
+/// exec's name the program), a closed or broken connection is the guest's death (with the
+/// VM's exit reason and serial tail), a missed deadline is a timeout while the VM runs and a
+/// death once it ended.
+fn map_client_error(
+    name: &str,
+    op: &'static str,
+    program: Option<&str>,
+    e: ClientError,
+    probe: &dyn VmProbe,
+) -> SandboxError {
+    let vm = name.to_owned();
+    let died = |what: String| {
+        let reason = match probe.exit_within(DEATH_GRACE) {
+            Some(exit) => format!("{what} (VM exit: {exit})"),
+            None => what,
+        };
+        SandboxError::GuestDied {
+            vm: name.to_owned(),
+            op,
+            reason,
+            serial_tail: probe.tail(),
+        }
+    };
+    match e {
+        ClientError::Remote { kind, message, .. } => match program {
+            Some(program) => SandboxError::ExecFailed {
+                vm,
+                op,
+                program: program.to_owned(),
+                kind,
+                message,
+            },
+            None => SandboxError::Guest {
+                vm,
+                op,
+                kind,
+                message,
+            },
+        },
+        ClientError::Closed { reason, .. } => died(reason),
+        ClientError::Timeout { after, .. } => match probe.exit_within(Duration::ZERO) {
+            Some(_) => died(format!("no response within {after:?}")),
+            None => SandboxError::Timeout { vm, op, after },
+        },
+        ClientError::Proto(ProtoError::Io(err)) => {
+            died(format!("connection to the agent failed: {err}"))
+        }
+        ClientError::Proto(p) => SandboxError::Protocol {
+            vm,
+            op,
+            message: p.to_string(),
+        },
+        ClientError::Unexpected { got, .. } => SandboxError::Protocol {
+            vm,
+            op,
+            message: format!("unexpected response {got}"),
+        },
+        ClientError::Usage { message, .. } => SandboxError::InvalidArgument { vm, op, message },
     }
 }
 
@@ -828,9 +871,131 @@ fn handshake(
     Ok((hello, reader, writer, conn))
 }
 
-#[allow(dead_code)]
-fn _assert_send_sync() {
-    fn is<T: Send + Sync>() {}
-    is::<Sandbox>();
-    let _ = ErrorKind::Io;
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_proto::ErrorKind;
+
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn sandbox_and_streams_cross_threads() {
+        assert_send_sync::<Sandbox>();
+        fn assert_send<T: Send>() {}
+        assert_send::<ExecStream>();
+    }
+
+    /// A VM that is running (`exit = None`) or ended, with a console.
+    struct FakeVm {
+        exit: Option<&'static str>,
+        tail: &'static str,
+    }
+
+    impl VmProbe for FakeVm {
+        fn exit_within(&self, _grace: Duration) -> Option<String> {
+            self.exit.map(str::to_owned)
+        }
+        fn tail(&self) -> String {
+            self.tail.to_owned()
+        }
+    }
+
+    const RUNNING: FakeVm = FakeVm {
+        exit: None,
+        tail: "booted\n",
+    };
+    const DEAD: FakeVm = FakeVm {
+        exit: Some("triple fault on vCPU 0"),
+        tail: "Kernel panic - not syncing\n",
+    };
+
+    fn remote() -> ClientError {
+        ClientError::Remote {
+            op: "x",
+            kind: ErrorKind::NotFound,
+            message: "/nope: No such file or directory".into(),
+        }
+    }
+
+    #[test]
+    fn agent_errors_keep_their_kind_and_name_the_program() {
+        let e = map_client_error("vm1", "read_file", None, remote(), &RUNNING);
+        assert!(
+            matches!(
+                e,
+                SandboxError::Guest {
+                    kind: ErrorKind::NotFound,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(
+            e.to_string().starts_with("sandbox vm1: read_file failed"),
+            "{e}"
+        );
+        let e = map_client_error("vm1", "exec", Some("ls"), remote(), &RUNNING);
+        assert!(
+            matches!(&e, SandboxError::ExecFailed { program, .. } if program == "ls"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_closed_connection_is_a_death_with_exit_reason_and_serial_tail() {
+        let closed = ClientError::Closed {
+            op: "exec",
+            reason: "agent closed the connection".into(),
+        };
+        let e = map_client_error("vm1", "exec", Some("sleep"), closed, &DEAD);
+        assert!(e.is_guest_death(), "{e}");
+        let s = e.to_string();
+        assert!(s.contains("the guest died during exec"), "{s}");
+        assert!(s.contains("VM exit: triple fault on vCPU 0"), "{s}");
+        assert!(s.contains("Kernel panic - not syncing"), "{s}");
+        let io = ClientError::Proto(ProtoError::Io(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "reset",
+        )));
+        assert!(map_client_error("vm1", "ping", None, io, &DEAD).is_guest_death());
+    }
+
+    #[test]
+    fn a_timeout_is_a_timeout_while_the_vm_runs_and_a_death_after() {
+        let t = || ClientError::Timeout {
+            op: "ping",
+            after: Duration::from_secs(3),
+        };
+        let e = map_client_error("vm1", "ping", None, t(), &RUNNING);
+        assert!(matches!(e, SandboxError::Timeout { op: "ping", .. }), "{e}");
+        let e = map_client_error("vm1", "ping", None, t(), &DEAD);
+        assert!(e.is_guest_death(), "{e}");
+    }
+
+    #[test]
+    fn protocol_and_usage_errors() {
+        let e = map_client_error(
+            "vm1",
+            "stat",
+            None,
+            ClientError::Unexpected {
+                op: "stat",
+                got: "Pong",
+            },
+            &RUNNING,
+        );
+        assert!(matches!(e, SandboxError::Protocol { .. }), "{e}");
+        assert!(e.to_string().contains("Pong"), "{e}");
+        let e = map_client_error(
+            "vm1",
+            "exec",
+            None,
+            ClientError::Usage {
+                op: "exec",
+                message: "bad".into(),
+            },
+            &RUNNING,
+        );
+        assert!(matches!(e, SandboxError::InvalidArgument { .. }), "{e}");
+    }
 }
