@@ -51,6 +51,16 @@ fn restored_sandboxes_share_the_snapshot_and_diverge_independently() {
     let r = a.exec(&["cat", "/tmp/snap.txt"]).unwrap();
     assert_eq!(r.stdout, b"before\n", "{r:?}");
     let b = Sandbox::restore(dir.path(), restore_config("snap-b")).unwrap();
+    // Informational (never asserted): boot vs restore under this host's virtualization.
+    eprintln!(
+        "timings: boot {:?} (VM {:?}); restore {:?} / {:?} (VM {:?} / {:?})",
+        orig.boot_timings().ready,
+        orig.boot_timings().vm_start,
+        a.boot_timings().ready,
+        b.boot_timings().ready,
+        a.boot_timings().vm_start,
+        b.boot_timings().vm_start
+    );
     assert_eq!(b.read_file("/tmp/snap.txt").unwrap(), b"before\n");
 
     // A change in one fork is invisible to the other and to the original.
