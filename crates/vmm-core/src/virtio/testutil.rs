@@ -453,8 +453,21 @@ impl TestGuest {
         *e = e.wrapping_add(n);
     }
 
-    /// Event ids delivered on the event queue.
+    /// Event ids delivered on the event queue; like Linux, each consumed buffer is posted
+    /// again and the queue kicked (which tells the device the guest handled the events).
     pub fn events(&mut self) -> Vec<u32> {
+        let v = self.events_no_refill();
+        for _ in 0..v.len() {
+            self.ev.add_chain(&self.mem, &[(EV_BUF, 8, true)]).unwrap();
+        }
+        if !v.is_empty() {
+            self.notify(super::vsock::EVQ);
+        }
+        v
+    }
+
+    /// Event ids delivered on the event queue, without reposting buffers.
+    pub fn events_no_refill(&mut self) -> Vec<u32> {
         let mut v = Vec::new();
         while let Some((id, len)) = self.ev.pop_used(&self.mem) {
             assert_eq!(len, 4);

@@ -192,7 +192,7 @@ impl Conn {
                 let len32 = len as u32;
                 let buffered = (self.rx_cnt - st.fwd_cnt).0;
                 if u64::from(buffered) + len as u64 > u64::from(self.buf_alloc) {
-                    tracing::warn!(
+                    tracing::debug!(
                         peer_port = self.peer_port(),
                         len,
                         buffered,

@@ -36,6 +36,9 @@ use crate::virtio::{ActivateError, GuestMem, Interrupt, VirtioDevice, VIRTIO_F_V
 
 /// Rounds of TX/RX processing per wake-up before yielding to other event sources.
 const MAX_ROUNDS: usize = 64;
+/// Longest time host connects are held back after a TRANSPORT_RESET event was delivered,
+/// waiting for the guest to show (by refilling its event queue) that it handled the event.
+pub const RESET_SETTLE_MAX: Duration = Duration::from_millis(500);
 
 /// Event sources of the device (the `data` of its epoll registrations).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,6 +104,10 @@ pub struct VsockDevice {
     active: Option<Active>,
     acked_features: u64,
     evq_pending: bool,
+    /// After delivering TRANSPORT_RESET: the event queue's avail index then, and the deadline.
+    /// Host connects wait until the guest refilled the queue (it handled the event, so it
+    /// will not reset the new connections) or the deadline passes.
+    settle: Option<(u16, Instant)>,
     broken: bool,
     stats: DeviceStats,
     queue_max_sizes: [u16; 3],
@@ -159,6 +166,7 @@ impl VsockDevice {
             active: None,
             acked_features: 0,
             evq_pending: false,
+            settle: None,
             broken: false,
             stats: DeviceStats::default(),
             queue_max_sizes: [QUEUE_MAX_SIZE; 3],
@@ -198,6 +206,7 @@ impl VsockDevice {
     pub fn transport_reset(&mut self) {
         self.muxer.reset_all(CloseReason::TransportReset);
         self.evq_pending = true;
+        self.settle = None;
         self.process_all();
     }
 
@@ -219,9 +228,7 @@ impl VsockDevice {
                 // made its change before we poll below.
                 let _ = self.host.wake.read();
                 self.host.wake_pending.store(false, Ordering::SeqCst);
-                if self.active.is_some() && self.muxer.poll_host(Instant::now()) {
-                    self.evq_pending = true;
-                }
+                self.poll_host();
             }
             DeviceEvent::Timer => {
                 // Only a timer we armed and that has expired is readable; reading it clears
@@ -236,7 +243,39 @@ impl VsockDevice {
                 self.muxer.sweep(Instant::now());
             }
         }
+        if self.settle.is_some() && self.check_settled() {
+            self.poll_host();
+        }
         self.process_all();
+    }
+
+    /// Pick up host-side requests (connects, closes, transport reset).
+    fn poll_host(&mut self) {
+        if self.active.is_none() {
+            return;
+        }
+        let accept_connects = self.settle.is_none() || self.check_settled();
+        if self.muxer.poll_host(Instant::now(), accept_connects) {
+            self.evq_pending = true;
+            self.settle = None;
+        }
+    }
+
+    /// Whether the guest handled the last TRANSPORT_RESET (or we stopped waiting).
+    fn check_settled(&mut self) -> bool {
+        let Some((idx, deadline)) = self.settle else {
+            return true;
+        };
+        let refilled = self.active.as_ref().is_some_and(|a| {
+            a.queues[EVQ]
+                .avail_idx(&a.mem, std::sync::atomic::Ordering::Acquire)
+                .is_ok_and(|i| i.0 != idx)
+        });
+        if refilled || Instant::now() >= deadline {
+            self.settle = None;
+            return true;
+        }
+        false
     }
 
     /// Process every queue until no more progress (bounded), then re-arm the close timer.
@@ -265,7 +304,12 @@ impl VsockDevice {
     }
 
     fn arm_timer(&mut self) {
-        let Some(next) = self.muxer.next_deadline() else {
+        let settle = self.settle.map(|(_, d)| d);
+        let Some(next) = [self.muxer.next_deadline(), settle]
+            .into_iter()
+            .flatten()
+            .min()
+        else {
             return;
         };
         if self.timer_armed_for.is_some_and(|t| t <= next) {
@@ -314,10 +358,30 @@ impl VsockDevice {
         let q = &mut a.queues[TXQ];
         let mut used = false;
         let mut fatal = None;
-        while !self.muxer.rst_queue_full() {
+        // The guest need not kick while we drain (VRING_USED_F_NO_NOTIFY); re-enabling
+        // reports chains that arrived meanwhile.
+        if let Err(e) = q.disable_notification(mem) {
+            fatal = Some(format!("tx used flags: {e}"));
+        }
+        while fatal.is_none() {
+            if self.muxer.rst_queue_full() {
+                // Paused until RX drains the RST queue; process_all comes back here.
+                let _ = q.enable_notification(mem);
+                break;
+            }
             let mut chain = match Self::pop(q, mem) {
                 Ok(Some(c)) => c,
-                Ok(None) => break,
+                Ok(None) => match q.enable_notification(mem) {
+                    Ok(true) => {
+                        let _ = q.disable_notification(mem);
+                        continue;
+                    }
+                    Ok(false) => break,
+                    Err(e) => {
+                        fatal = Some(format!("tx used flags: {e}"));
+                        break;
+                    }
+                },
                 Err(e) => {
                     fatal = Some(format!("tx queue: {e}"));
                     break;
@@ -462,6 +526,10 @@ impl VsockDevice {
             if len == 4 {
                 self.evq_pending = false;
                 self.stats.transport_resets += 1;
+                let idx = q
+                    .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+                    .map_or(0, |i| i.0);
+                self.settle = Some((idx, Instant::now() + RESET_SETTLE_MAX));
             } else {
                 self.stats.bad_evq_chains += 1;
             }
@@ -575,6 +643,7 @@ impl VirtioDevice for VsockDevice {
         self.muxer.reset_all(CloseReason::DeviceReset);
         self.active = None;
         self.evq_pending = false;
+        self.settle = None;
         self.broken = false;
         self.acked_features = 0;
     }

@@ -231,11 +231,19 @@ impl Muxer {
     /// Pick up host requests: new connects, transport reset, and per-connection host-side
     /// changes. Returns true if a transport reset was requested (the device must send the
     /// event).
-    pub fn poll_host(&mut self, now: Instant) -> bool {
+    ///
+    /// With `accept_connects` false (right after a transport reset, until the guest has
+    /// handled the event) new host connects stay queued in the registry.
+    pub fn poll_host(&mut self, now: Instant, accept_connects: bool) -> bool {
         let (connects, reset) = {
             let mut reg = self.host.registry();
             let reset = std::mem::take(&mut reg.transport_reset_requested);
-            (std::mem::take(&mut reg.connects), reset)
+            let connects = if accept_connects && !reset {
+                std::mem::take(&mut reg.connects)
+            } else {
+                VecDeque::new()
+            };
+            (connects, reset)
         };
         if reset {
             self.reset_all(CloseReason::TransportReset);

@@ -297,6 +297,21 @@ fn unknown_op_on_connection_resets_it() {
 }
 
 #[test]
+fn tx_notifications_are_enabled_when_idle() {
+    let mut g = TestGuest::new();
+    g.post_rx(8);
+    for i in 0..5 {
+        g.send(OP_REQUEST, 40000 + i, 99, &[]);
+    }
+    let flags: u16 = g.mem.read_obj(GuestAddress(g.tx.used_addr())).unwrap();
+    assert_eq!(
+        flags, 0,
+        "VRING_USED_F_NO_NOTIFY must be clear once drained"
+    );
+    assert_eq!(g.recv_all().len(), 5);
+}
+
+#[test]
 fn unknown_op_without_connection_gets_rst() {
     let mut g = TestGuest::new();
     g.post_rx(8);
@@ -598,6 +613,48 @@ fn transport_reset_drops_connections_and_sends_event() {
 }
 
 #[test]
+fn host_connect_after_transport_reset_waits_for_the_guest_to_handle_it() {
+    let mut g = TestGuest::new();
+    g.post_rx(8);
+    g.host.transport_reset();
+    g.pump();
+    assert_eq!(g.events_no_refill(), vec![EVENT_TRANSPORT_RESET]);
+    let host = g.host.clone();
+    let t = std::thread::spawn(move || host.connect(GPORT, T));
+    std::thread::sleep(Duration::from_millis(50));
+    g.pump();
+    assert!(
+        g.recv_all().is_empty(),
+        "REQUEST held until the guest handled the reset"
+    );
+    // The guest handles the event and refills its event queue: the REQUEST goes out.
+    g.ev.add_chain(&g.mem, &[(EV_BUF, 8, true)]).unwrap();
+    g.notify(EVQ);
+    let p = g.recv_all();
+    assert_eq!(ops(&p), vec![OP_REQUEST]);
+    g.send(OP_RESPONSE, GPORT, p[0].0.src_port, &[]);
+    t.join().unwrap().unwrap();
+}
+
+#[test]
+fn host_connect_after_transport_reset_proceeds_after_settle_deadline() {
+    let mut g = TestGuest::new();
+    g.post_rx(8);
+    g.host.transport_reset();
+    g.pump();
+    assert_eq!(g.events_no_refill(), vec![EVENT_TRANSPORT_RESET]);
+    let host = g.host.clone();
+    let t0 = Instant::now();
+    let t = std::thread::spawn(move || host.connect(GPORT, T));
+    // This guest never refills its event queue.
+    let req = g.recv_wait(T).expect("REQUEST after the settle deadline");
+    assert_eq!(req.0.op, OP_REQUEST);
+    assert!(t0.elapsed() >= device::RESET_SETTLE_MAX - Duration::from_millis(50));
+    g.send(OP_RESPONSE, GPORT, req.0.src_port, &[]);
+    t.join().unwrap().unwrap();
+}
+
+#[test]
 fn transport_reset_waits_for_an_event_buffer() {
     let mut g = TestGuest::new();
     g.post_rx(4);
@@ -605,9 +662,9 @@ fn transport_reset_waits_for_an_event_buffer() {
     for _ in 0..4 {
         g.dev.lock().unwrap().transport_reset();
     }
-    assert_eq!(g.events().len(), 4);
+    assert_eq!(g.events_no_refill().len(), 4);
     g.dev.lock().unwrap().transport_reset();
-    assert!(g.events().is_empty());
+    assert!(g.events_no_refill().is_empty());
     g.ev.add_chain(&g.mem, &[(EV_BUF, 8, true)]).unwrap();
     g.notify(EVQ);
     assert_eq!(g.events(), vec![EVENT_TRANSPORT_RESET]);
@@ -880,6 +937,8 @@ fn rst_flood_without_rx_buffers_is_bounded() {
     g.notify(TXQ);
     let used = g.reclaim_tx().len();
     assert_eq!(used, RST_QUEUE_MAX.min(QSIZE as usize - 1));
+    let flags: u16 = g.mem.read_obj(GuestAddress(g.tx.used_addr())).unwrap();
+    assert_eq!(flags, 0, "TX notifications re-enabled while paused");
     // Give RX buffers: the RSTs drain and TX resumes.
     g.post_rx(100);
     let mut rsts = 0;
@@ -1452,4 +1511,29 @@ mod with_mock_split_queue {
         assert_eq!(dev.stats().bad_tx_chains, 1);
         assert!(!dev.interrupt().needs_reset());
     }
+}
+
+#[test]
+fn event_loop_settle_deadline_fires_through_the_timer() {
+    let mut g = TestGuest::new();
+    let (stop, t) = spawn_event_loop(&mut g);
+    g.post_rx(8);
+    g.host.transport_reset();
+    let deadline = Instant::now() + T;
+    let mut ev = Vec::new();
+    while ev.is_empty() && Instant::now() < deadline {
+        ev = g.events_no_refill();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(ev, vec![EVENT_TRANSPORT_RESET]);
+    let host = g.host.clone();
+    let c = std::thread::spawn(move || host.connect(GPORT, T));
+    let req = g
+        .recv_wait(T)
+        .expect("REQUEST once the settle deadline passed");
+    assert_eq!(req.0.op, OP_REQUEST);
+    g.send(OP_RESPONSE, GPORT, req.0.src_port, &[]);
+    c.join().unwrap().unwrap();
+    stop.store(true, Ordering::Release);
+    t.join().unwrap();
 }
