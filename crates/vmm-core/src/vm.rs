@@ -934,3 +934,65 @@ fn build_machine(
         serial: serial_dev,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn virtio_slot_cmdline_format() {
+        let slot = MmioSlot {
+            base: MMIO_START,
+            len: MMIO_SLOT_SIZE,
+            gsi: FIRST_DEVICE_GSI,
+        };
+        assert_eq!(slot.virtio_cmdline(), "virtio_mmio.device=4K@0xd0000000:5");
+    }
+
+    #[test]
+    fn config_validation_names_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("vmlinux");
+        std::fs::write(&kernel, b"x").unwrap();
+        let ok = VmConfig::new("v", &kernel);
+        ok.validate().unwrap();
+        type Mutation = Box<dyn Fn(&mut VmConfig)>;
+        let cases: Vec<(Mutation, &str)> = vec![
+            (Box::new(|c| c.vcpus = 0), "vcpus = 0"),
+            (Box::new(|c| c.vcpus = MAX_VCPUS + 1), "vcpus = 9"),
+            (Box::new(|c| c.mem_mib = 1), "mem_mib = 1"),
+            (Box::new(|c| c.mem_mib = MAX_MEM_MIB + 1), "mem_mib = 65537"),
+            (
+                Box::new(|c| c.serial_ring_bytes = 0),
+                "serial_ring_bytes = 0",
+            ),
+            (Box::new(|c| c.vsock_cid = Some(1)), "vsock_cid = 1"),
+            (Box::new(|c| c.vsock_cid = Some(1 << 32)), "vsock_cid"),
+            (Box::new(|c| c.name = String::new()), "name"),
+            (Box::new(|c| c.name = "a\nb".into()), "name"),
+            (Box::new(|c| c.name = "x".repeat(65)), "name"),
+        ];
+        for (mutate, want) in cases {
+            let mut c = ok.clone();
+            mutate(&mut c);
+            let e = c.validate().unwrap_err();
+            assert!(matches!(e, VmError::Config { .. }), "{e}");
+            assert!(e.to_string().contains(want), "{e} should mention {want}");
+        }
+        let mut c = ok.clone();
+        c.initramfs = Some(dir.path().join("missing.cpio"));
+        assert!(matches!(
+            c.validate(),
+            Err(VmError::FileMissing {
+                what: "initramfs",
+                ..
+            })
+        ));
+        let mut c = ok;
+        c.kernel = dir.path().to_path_buf(); // a directory is not a kernel file
+        assert!(matches!(
+            c.validate(),
+            Err(VmError::FileMissing { what: "kernel", .. })
+        ));
+    }
+}
