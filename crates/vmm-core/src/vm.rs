@@ -31,6 +31,7 @@ pub use crate::vcpu::ExitReason;
 
 /// `Vm::snapshot` / `Vm::restore` (snapshot module's entry points; vm/snapshot.rs).
 mod snapshot;
+pub use snapshot::PreparedRestore;
 
 /// Most vCPUs a VM may have.
 pub const MAX_VCPUS: u8 = 8;

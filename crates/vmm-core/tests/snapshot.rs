@@ -419,3 +419,32 @@ fn restore_with_runs_its_hook_before_the_vcpus_start() {
     assert!(e.to_string().contains("test hook refused"), "{e}");
     assert_eq!(count_dir("/proc/self/task"), threads);
 }
+
+#[test]
+fn prepared_restores_start_later_and_unused_ones_leave_nothing() {
+    let _l = serial_lock();
+    let d = snap_dir("prepared");
+    let last = counting_snapshot("prepared", 2, &d);
+    Vm::prepare_restore(&d, RestoreConfig::new("prep-warm"))
+        .unwrap()
+        .start()
+        .unwrap()
+        .stop();
+    let fds = count_dir("/proc/self/fd");
+    let threads = count_dir("/proc/self/task");
+    let p = Vm::prepare_restore(&d, RestoreConfig::new("prep")).unwrap();
+    assert_eq!(p.name(), "prep");
+    // Nothing runs before start().
+    std::thread::sleep(Duration::from_millis(50));
+    let vm = p.start().unwrap();
+    let v = wait_counter(&vm, last + 3);
+    assert!(v[0] == last + 1 || v[0] == last + 2, "{last} {v:?}");
+    assert_consecutive(&v);
+    vm.stop();
+    // Prepared but never started: dropping frees everything.
+    for i in 0..10 {
+        drop(Vm::prepare_restore(&d, RestoreConfig::new(format!("prep{i}"))).unwrap());
+    }
+    assert_eq!(count_dir("/proc/self/fd"), fds, "fds leaked");
+    assert_eq!(count_dir("/proc/self/task"), threads, "threads leaked");
+}

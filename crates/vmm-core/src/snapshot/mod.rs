@@ -22,6 +22,8 @@ pub mod state;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// A restore prepared ahead of time ([`crate::Vm::prepare_restore`]).
+pub use crate::vm::PreparedRestore;
 pub use format::{FormatError, KvmKind};
 pub use kvm_state::KvmStateError;
 pub use memory_file::MemFileError;

@@ -323,6 +323,29 @@ impl Vm {
         cfg: RestoreConfig,
         before_start: impl FnOnce(&Vm) -> Result<T, SnapshotError>,
     ) -> Result<(Vm, T), SnapshotError> {
+        Self::prepare_from(snap, mem_path, cfg)?.start_with(before_start)
+    }
+
+    /// The first half of a restore, done ahead of time: checks the snapshot in `dir`, maps
+    /// its memory file and builds the VM's kernel objects, devices and vCPUs. What is left
+    /// for [`PreparedRestore::start`] is loading the guest state and starting the threads —
+    /// no memory-slot, irqchip or device registration (each of those can wait for an SRCU
+    /// grace period). Use it to keep restores ready (pool refill); dropping it frees all.
+    pub fn prepare_restore(
+        dir: &Path,
+        cfg: RestoreConfig,
+    ) -> Result<PreparedRestore, SnapshotError> {
+        let snap = snapshot::load(dir)?;
+        let (_, mem_path) = snapshot::paths(dir);
+        Self::prepare_from(snap, &mem_path, cfg)
+    }
+
+    /// [`Vm::prepare_restore`] from an already loaded (and validated) state.
+    pub fn prepare_from(
+        snap: VmSnapshot,
+        mem_path: &Path,
+        cfg: RestoreConfig,
+    ) -> Result<PreparedRestore, SnapshotError> {
         let name = cfg.name.clone();
         let device_err = |device: &'static str, what: String| SnapshotError::Device {
             vm: name.clone(),
@@ -366,28 +389,14 @@ impl Vm {
             let vm = name.clone();
             move |source| VmError::Os { vm, what, source }
         };
-        let state_err = |what: String| {
-            let vm = name.clone();
-            move |source| SnapshotError::KvmState { vm, what, source }
-        };
         vcpu::install_kick_handler().map_err(os_err("install vCPU kick handler"))?;
         let kvm = kvm(&name)?;
         let vm_fd = kvm.create_vm().map_err(kvm_err("create VM"))?;
         register_memory(&vm_fd, &mem, &name)?;
-        let Machine {
-            console,
-            pio,
-            mmio,
-            events,
-            cmdline_parts: _,
-            subscribers,
-            devices,
-            vcpu_fds,
-            serial,
-        } = build_machine(&vcfg, kvm, &vm_fd, &mem)?;
+        let machine = build_machine(&vcfg, kvm, &vm_fd, &mem)?;
 
         // The device layout must be the one the guest knows.
-        if let (Some(saved), Some(v)) = (&snap.vsock, &devices.vsock) {
+        if let (Some(saved), Some(v)) = (&snap.vsock, &machine.devices.vsock) {
             if saved.mmio_base != v.slot.base || saved.gsi != v.slot.gsi {
                 return Err(device_err(
                     "virtio-vsock",
@@ -398,6 +407,86 @@ impl Vm {
                 ));
             }
         }
+        Ok(PreparedRestore {
+            machine,
+            vm_fd,
+            mem,
+            snap,
+            name,
+            vcpus: vcfg.vcpus,
+        })
+    }
+}
+
+/// A VM built for a snapshot by [`Vm::prepare_restore`] whose guest state is not loaded yet.
+/// Dropping it frees everything (no thread runs yet).
+pub struct PreparedRestore {
+    // Drop order: devices and vCPU fds, then the VM fd, then the memory they use.
+    machine: Machine,
+    vm_fd: kvm_ioctls::VmFd,
+    mem: vm_memory::GuestMemoryMmap,
+    snap: VmSnapshot,
+    name: String,
+    vcpus: u8,
+}
+
+impl std::fmt::Debug for PreparedRestore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedRestore")
+            .field("name", &self.name)
+            .field("vcpus", &self.vcpus)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PreparedRestore {
+    /// The VM's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Loads the guest state and starts the VM.
+    pub fn start(self) -> Result<Vm, SnapshotError> {
+        self.start_with(|_| Ok(())).map(|(vm, ())| vm)
+    }
+
+    /// [`start`](Self::start), calling `before_start` as [`Vm::restore_with`] does.
+    pub fn start_with<T>(
+        self,
+        before_start: impl FnOnce(&Vm) -> Result<T, SnapshotError>,
+    ) -> Result<(Vm, T), SnapshotError> {
+        let PreparedRestore {
+            machine,
+            vm_fd,
+            mem,
+            snap,
+            name,
+            vcpus,
+        } = self;
+        let Machine {
+            console,
+            pio,
+            mmio,
+            events,
+            cmdline_parts: _,
+            subscribers,
+            devices,
+            vcpu_fds,
+            serial,
+        } = machine;
+        let device_err = |device: &'static str, what: String| SnapshotError::Device {
+            vm: name.clone(),
+            device,
+            what,
+        };
+        let os_err = |what: &'static str| {
+            let vm = name.clone();
+            move |source| VmError::Os { vm, what, source }
+        };
+        let state_err = |what: String| {
+            let vm = name.clone();
+            move |source| SnapshotError::KvmState { vm, what, source }
+        };
 
         // KVM state: VM-wide first, then each vCPU; device interrupts only after the LAPICs
         // are loaded (loading a LAPIC overwrites pending interrupts).
@@ -425,7 +514,7 @@ impl Vm {
             lock(&v.device).transport_reset();
         }
 
-        let shared = Arc::new(VmShared::new(&name, console, vcfg.vcpus));
+        let shared = Arc::new(VmShared::new(&name, console, vcpus));
         let pio = Arc::new(pio);
         let mmio = Arc::new(mmio);
         let mut vm = Vm {
