@@ -7,6 +7,9 @@
 //!   guest wrote its first complete serial line (the `fastcount` guest prints without pause),
 //!   restores one after another in one warm `kiln vm-snapshot restore --repeat` process;
 //!   `snapshot.in_process.restore_call` is the `Vm::restore` call alone (vCPUs started);
+//! - `snapshot.prepared.start_call` / `start_to_running` (ms): the same with each restore
+//!   prepared first (`Vm::prepare_restore`, untimed: what a pool refill does ahead of time)
+//!   and only `PreparedRestore::start` timed;
 //! - `snapshot.fresh_process.restore_to_running` (ms): spawning `kiln vm-snapshot restore`
 //!   until its `RUNNING` line reaches us (process start, /dev/kvm open, restore, guest output)
 //!   — comparable with Firecracker's "new process -> resumed";
@@ -107,6 +110,28 @@ pub fn run(format: Format) -> Result<()> {
     );
     report(
         "snapshot.in_process.restore_to_running",
+        "ms",
+        &running,
+        None,
+        format,
+    );
+
+    // Prepared restores: kernel objects, devices and memory mapping done ahead of time (as a
+    // pool refill would), only loading the state and starting the threads timed.
+    let out = kiln_json::<RestoreOut>(
+        Command::new(&kiln)
+            .args(["vm-snapshot", "restore", "--prepared", "--dir"])
+            .arg(&fast)
+            .args(["--repeat", &(WARMUP + RUNS).to_string()]),
+    )
+    .context("prepared restores")?;
+    let call = Stats::from_samples(out.restore_ms.get(WARMUP..).unwrap_or_default())
+        .context("no prepared restore samples")?;
+    let running = Stats::from_samples(out.running_ms.get(WARMUP..).unwrap_or_default())
+        .context("no prepared restore samples")?;
+    report("snapshot.prepared.start_call", "ms", &call, None, format);
+    report(
+        "snapshot.prepared.start_to_running",
         "ms",
         &running,
         None,

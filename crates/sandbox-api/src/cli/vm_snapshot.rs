@@ -7,7 +7,8 @@
 //! - `restore`: restore `--dir`; prints `RESTORED <ms>` when `Vm::restore` returned (vCPUs
 //!   started) and `RUNNING <ms>` when the guest wrote its first line after the restore.
 //!   With `--repeat N` it restores N times in this process and prints JSON
-//!   `{"restore_ms":[..],"running_ms":[..]}`.
+//!   `{"restore_ms":[..],"running_ms":[..]}`; with `--prepared` each restore is prepared
+//!   first (untimed) and only `PreparedRestore::start` is timed.
 //! - `forks`: restore `--count` VMs at once, let them idle, print the process's memory per
 //!   fork as JSON (`rss_anon_kib_per_fork`, `pss_kib_per_fork`, ...).
 //!
@@ -87,6 +88,10 @@ pub struct RestoreArgs {
     /// Give up after this many seconds per restore.
     #[arg(long, default_value = "10", value_parser = parse_secs)]
     pub timeout: Duration,
+    /// Prepare each restore first (`Vm::prepare_restore`, untimed) and time only
+    /// `PreparedRestore::start` (a pool keeping restores ready).
+    #[arg(long)]
+    pub prepared: bool,
 }
 
 /// `kiln vm-snapshot forks`.
@@ -211,9 +216,18 @@ fn restore(a: &RestoreArgs) -> Result<(), String> {
         running_ms: Vec::with_capacity(a.repeat),
     };
     for i in 0..a.repeat {
+        let cfg = RestoreConfig::new(format!("restore{i}"));
+        let prepared = if a.prepared {
+            Some(Vm::prepare_restore(&a.dir, cfg.clone()).map_err(|e| e.to_string())?)
+        } else {
+            None
+        };
         let t0 = Instant::now();
-        let vm = Vm::restore(&a.dir, RestoreConfig::new(format!("restore{i}")))
-            .map_err(|e| e.to_string())?;
+        let vm = match prepared {
+            Some(p) => p.start(),
+            None => Vm::restore(&a.dir, cfg),
+        }
+        .map_err(|e| e.to_string())?;
         let restored = ms(t0.elapsed());
         if a.repeat == 1 {
             let mut o = std::io::stdout().lock();
