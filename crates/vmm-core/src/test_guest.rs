@@ -33,6 +33,8 @@ pub enum Action {
     /// Print `mmio magic=<hex> version=<hex> devid=<hex>` from the first virtio-mmio window
     /// (0xd0000000), then triple fault.
     Mmio,
+    /// Print `rep outsb OK` with one `rep outsb` (string port I/O), then triple fault.
+    Outs,
 }
 
 impl Action {
@@ -47,6 +49,7 @@ impl Action {
             Action::Count => "kiln.test=count",
             Action::FastCount => "kiln.test=fastcount",
             Action::Mmio => "kiln.test=mmio",
+            Action::Outs => "kiln.test=outs",
         }
     }
 }

@@ -442,16 +442,30 @@ impl VcpuRunner {
 
     fn step(&mut self) -> Step {
         let vcpu = self.index;
+        let run_ptr: *const kvm_run = self.fd.get_kvm_run();
+        // String port I/O (`rep outs`/`rep ins`) arrives as one exit carrying `count`
+        // accesses of `size` bytes each; devices get them one at a time.
+        let io_size = || {
+            // SAFETY: `run_ptr` is this vCPU's kvm_run mapping, alive as long as `self.fd`;
+            // after KVM_EXIT_IO the `io` member of the exit union is the one KVM filled in.
+            // It lies in the header, apart from the data bytes borrowed as `data` below.
+            let size = unsafe { std::ptr::addr_of!((*run_ptr).__bindgen_anon_1.io.size).read() };
+            usize::from(size).clamp(1, 8)
+        };
         match self.fd.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
-                if port == I8042_COMMAND_PORT && data.first() == Some(&I8042_RESET) {
-                    return Step::Exit(ExitReason::I8042Reset { vcpu });
+                for access in data.chunks(io_size()) {
+                    if port == I8042_COMMAND_PORT && access.first() == Some(&I8042_RESET) {
+                        return Step::Exit(ExitReason::I8042Reset { vcpu });
+                    }
+                    self.pio.write(u64::from(port), access);
                 }
-                self.pio.write(u64::from(port), data);
                 Step::Continue
             }
             Ok(VcpuExit::IoIn(port, data)) => {
-                self.pio.read(u64::from(port), data);
+                for access in data.chunks_mut(io_size()) {
+                    self.pio.read(u64::from(port), access);
+                }
                 Step::Continue
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {

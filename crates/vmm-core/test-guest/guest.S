@@ -21,6 +21,7 @@
  *   fastcount  the same without the delay (snapshot benchmark: output never pauses)
  *   mmio    print "mmio magic=<hex> version=<hex> devid=<hex>" read from the first
  *           virtio-mmio window (0xd0000000), then triple fault
+ *   outs    print "rep outsb OK\n" with one `rep outsb`, then triple fault
  *
  * Any failed check prints "ERR:<reason>" and triple-faults.
  */
@@ -127,6 +128,8 @@ found:
 	je	fastcount
 	cmp	$'m', %al
 	je	mmio
+	cmp	$'o', %al
+	je	outs
 	lea	msg_badaction(%rip), %rdi
 	call	puts
 	jmp	triple_fault
@@ -245,6 +248,14 @@ mmio:
 	call	puts
 	jmp	triple_fault
 
+outs:
+	/* String port I/O: one exit carries the whole string (KVM_EXIT_IO with count > 1). */
+	lea	msg_outs(%rip), %rsi
+	mov	$(msg_outs_end - msg_outs), %ecx
+	mov	$COM1, %dx
+	rep outsb
+	jmp	triple_fault
+
 no_mp:
 	lea	msg_nomp(%rip), %rdi
 	call	puts
@@ -313,6 +324,8 @@ msg_mem:	.asciz " memkib="
 msg_cmdline:	.asciz " cmdline="
 msg_nl:		.asciz "\n"
 msg_count:	.asciz "C="
+msg_outs:	.ascii "rep outsb OK\n"
+msg_outs_end:
 msg_magic:	.asciz "mmio magic="
 msg_version:	.asciz " version="
 msg_devid:	.asciz " devid="

@@ -293,3 +293,11 @@ fn guest_mmio_reads_reach_the_device_bus() {
         "{out}"
     );
 }
+
+#[test]
+fn string_port_io_is_split_into_device_accesses() {
+    let _l = serial_lock();
+    let vm = Vm::start(cfg("outs", Action::Outs)).unwrap();
+    assert_eq!(vm.wait_exit(T).unwrap(), ExitReason::Shutdown { vcpu: 0 });
+    assert_eq!(vm.serial_tail(4096), "READY\nrep outsb OK\n");
+}
