@@ -3,8 +3,10 @@
 //! next), the pool's hit/miss/evict counters behave with real sandboxes, a guest that died is
 //! never handed out again, and the health-check ping has its own short deadline.
 //!
-//! The assertions on counters depend on the pool's reset mode: with `ResetMode::Reboot` a
-//! returned sandbox is destroyed (evicted) and a fresh one is booted.
+//! The pristine and counter tests run in both reset modes: `Reboot` (a returned sandbox is
+//! destroyed and a fresh one booted) and `Restore` (the pool's first sandbox is snapshotted
+//! before anyone uses it; new sandboxes are restored from that snapshot). In both a returned
+//! sandbox is destroyed (an eviction), never reused in place.
 
 // Test code: a failed expectation is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -19,8 +21,8 @@ use kiln::{
 use sandbox_common::{BOOT_TIMEOUT, REQUEST_TIMEOUT};
 
 /// A pool of sandboxes with the test deadlines.
-fn pool(name: &str, min_size: usize, max_size: usize) -> SandboxPool {
-    SandboxPool::new(
+fn pool(name: &str, min_size: usize, max_size: usize, mode: ResetMode) -> SandboxPool {
+    SandboxPool::with_reset_mode(
         SandboxConfig::new()
             .name(name)
             .memory_mib(256)
@@ -36,6 +38,7 @@ fn pool(name: &str, min_size: usize, max_size: usize) -> SandboxPool {
             acquire_timeout: Duration::from_secs(60),
             maintenance_interval: Duration::from_millis(200),
         },
+        mode,
     )
     .unwrap_or_else(|e| panic!("creating pool {name}: {e}"))
 }
@@ -146,11 +149,12 @@ fn leftovers(b: &Sandbox, default_hostname: &str) -> Vec<String> {
     found
 }
 
-#[test]
-fn next_user_sees_nothing_of_the_previous_one() {
-    kiln_tests::require_tier4();
+/// User A leaves traces of every kind, returns the sandbox; user B, who gets the single slot
+/// next, must see none of them.
+fn next_user_sees_nothing(name: &str, mode: ResetMode) {
     // One slot: the second user gets what the pool has for that slot after the first returned.
-    let pool = pool("pool-pristine", 1, 1);
+    let pool = pool(name, 1, 1, mode);
+    assert_eq!(pool.reset_mode(), mode);
     wait_idle(&pool, 1);
 
     let default_hostname;
@@ -166,18 +170,34 @@ fn next_user_sees_nothing_of_the_previous_one() {
     let b = pool.acquire().unwrap();
     let found = leftovers(&b, &default_hostname);
     assert!(found.is_empty(), "user B sees user A's {found:?}");
+    // The agent's Hello says whether its VM was restored from a snapshot (it reconnected).
+    match mode {
+        ResetMode::Reboot => assert!(!b.hello().restored, "a reboot-mode sandbox was restored"),
+        // Restored from the pristine snapshot of A's sandbox, taken before A used it.
+        ResetMode::Restore => assert!(b.hello().restored, "a restore-mode sandbox booted"),
+        other => panic!("unexpected reset mode {other:?}"),
+    }
     drop(b);
 
     let s = pool.stats();
     assert_eq!((s.hit_count, s.miss_count), (2, 0), "{s:?}");
-    match pool.reset_mode() {
-        // Both returned sandboxes were destroyed, never reused.
-        ResetMode::Reboot => assert_eq!(s.evict_count, 2, "{s:?}"),
-        other => panic!("unexpected reset mode {other:?}"),
-    }
+    // In both modes a returned sandbox is destroyed (evicted), never reused in place.
+    assert_eq!(s.evict_count, 2, "{s:?}");
     pool.shutdown();
     let s = pool.stats();
     assert_eq!(s.created_count, s.destroyed_count, "{s:?}");
+}
+
+#[test]
+fn next_user_sees_nothing_of_the_previous_one() {
+    kiln_tests::require_tier4();
+    next_user_sees_nothing("pool-pristine", ResetMode::Reboot);
+}
+
+#[test]
+fn next_user_sees_nothing_of_the_previous_one_restore_mode() {
+    kiln_tests::require_tier4();
+    next_user_sees_nothing("pool-pristine-r", ResetMode::Restore);
 }
 
 /// Control for the test above: in one sandbox reused without any reset, the same checks find
@@ -205,10 +225,8 @@ fn the_leftover_checks_find_every_trace_in_a_reused_sandbox() {
     assert_eq!(found, want);
 }
 
-#[test]
-fn stats_count_hits_misses_and_refills() {
-    kiln_tests::require_tier4();
-    let pool = pool("pool-stats", 0, 1);
+fn stats_count(name: &str, mode: ResetMode) {
+    let pool = pool(name, 0, 1, mode);
     assert_eq!(pool.stats().created_count, 0, "min_size 0 boots nothing");
 
     // Empty pool: a miss boots in this thread.
@@ -220,14 +238,10 @@ fn stats_count_hits_misses_and_refills() {
     }
     let s = pool.stats();
     assert_eq!(s.in_use_count, 0);
-    match pool.reset_mode() {
-        ResetMode::Reboot => {
-            assert_eq!((s.evict_count, s.idle_count, s.destroyed_count), (1, 0, 1));
-        }
-        other => panic!("unexpected reset mode {other:?}"),
-    }
+    // Not reused in place in either mode: destroyed.
+    assert_eq!((s.evict_count, s.idle_count, s.destroyed_count), (1, 0, 1));
 
-    // warm(1) boots one now; the next acquire is a hit.
+    // warm(1) boots (Restore: restores) one now; the next acquire is a hit.
     assert_eq!(pool.warm(1).unwrap(), 1);
     assert_eq!(pool.stats().idle_count, 1);
     assert_eq!(pool.warm(1).unwrap(), 0, "never beyond max_size idle");
@@ -247,7 +261,7 @@ fn stats_count_hits_misses_and_refills() {
 
     // min_size 1: the background thread boots one without any acquire, and refills after a
     // hit while the first is still out.
-    let warm = pool_refilling("pool-refill");
+    let warm = pool_refilling(&format!("{name}-refill"), mode);
     wait_idle(&warm, 1);
     let first = warm.acquire().unwrap();
     assert_eq!(warm.stats().hit_count, 1);
@@ -258,9 +272,21 @@ fn stats_count_hits_misses_and_refills() {
     assert!(s.created_count >= 2, "{s:?}");
 }
 
+#[test]
+fn stats_count_hits_misses_and_refills() {
+    kiln_tests::require_tier4();
+    stats_count("pool-stats", ResetMode::Reboot);
+}
+
+#[test]
+fn stats_count_hits_misses_and_refills_restore_mode() {
+    kiln_tests::require_tier4();
+    stats_count("pool-stats-r", ResetMode::Restore);
+}
+
 /// min_size 1, max_size 1, max_in_use 2 (the refill happens while one is out).
-fn pool_refilling(name: &str) -> SandboxPool {
-    SandboxPool::new(
+fn pool_refilling(name: &str, mode: ResetMode) -> SandboxPool {
+    SandboxPool::with_reset_mode(
         SandboxConfig::new()
             .name(name)
             .memory_mib(256)
@@ -274,6 +300,7 @@ fn pool_refilling(name: &str) -> SandboxPool {
             maintenance_interval: Duration::from_millis(200),
             ..PoolConfig::default()
         },
+        mode,
     )
     .unwrap()
 }
@@ -281,7 +308,7 @@ fn pool_refilling(name: &str) -> SandboxPool {
 #[test]
 fn a_dead_guest_is_never_handed_out_and_pings_fail_fast() {
     kiln_tests::require_tier4();
-    let pool = pool("pool-dead", 0, 1);
+    let pool = pool("pool-dead", 0, 1, ResetMode::Reboot);
     {
         let a = pool.acquire().unwrap();
         let dead_name = a.name().to_owned();

@@ -5,12 +5,17 @@
 //! caller's thread, and the pool's error type [`SandboxPoolError`].
 //!
 //! **Pristine between users.** No file, process, environment variable, mount or other guest
-//! change made by one user may be visible to the next. Until `Sandbox` snapshot/restore exists,
-//! the pool reaches that the simple way ([`ResetMode::Reboot`]): a returned sandbox is never
-//! reused — its VM is stopped (on the reaper thread, so dropping a handle is cheap) and the
-//! pool's background thread boots a fresh one to keep `min_size` warm. The cost is one cold
-//! boot per use, paid in the background as long as the pool is not drained faster than it
-//! refills; an `acquire()` that finds the pool empty boots in the caller's thread (a miss).
+//! change made by one user may be visible to the next. A returned sandbox is therefore never
+//! reused in place: `is_reusable` says no, its VM is stopped (on the reaper thread, so dropping
+//! a handle is cheap) and the pool's background thread makes a new one to keep `min_size` warm.
+//! How the new one is made is the [`ResetMode`]:
+//! - [`ResetMode::Reboot`]: a cold boot per use (seconds under software emulation);
+//! - [`ResetMode::Restore`]: the pool's first sandbox is snapshotted right after it booted,
+//!   before any user touched it, and every later one is restored from that pristine snapshot
+//!   (`sandbox/snapshot.rs`; memory shared copy-on-write).
+//!
+//! Either cost is paid in the background as long as the pool is not drained faster than it
+//! refills; an `acquire()` that finds the pool empty creates in the caller's thread (a miss).
 //!
 //! Health check: a ping that must answer within [`HEALTH_CHECK_TIMEOUT`].
 
@@ -278,12 +283,13 @@ impl Manager for SandboxManager {
         Err(SandboxError::InvalidArgument {
             vm: sandbox.name().to_owned(),
             op: "reset",
-            message: "a sandbox cannot be reset in place (reset mode Reboot); destroying it".into(),
+            message: "a sandbox is never reset in place; destroying it".into(),
         })
     }
 
     fn is_reusable(&self, _sandbox: &Sandbox) -> bool {
-        // ResetMode::Reboot: a used sandbox is never handed to another user.
+        // Both reset modes: a used sandbox is never handed to another user; the pool makes a
+        // new one (boot or restore from the pristine snapshot) instead.
         false
     }
 
@@ -327,8 +333,10 @@ impl SandboxPool {
     /// Validates both configurations (a missing guest asset fails here, not on the first
     /// acquire), starts the pool's threads and, when `pool.min_size > 0`, starts warming
     /// `min_size` sandboxes in the background (use [`warm`](Self::warm) to wait for them).
+    /// Reset mode [`ResetMode::Restore`]: the first sandbox boots, later ones are restored from
+    /// its pristine snapshot.
     pub fn new(sandbox: SandboxConfig, pool: PoolConfig) -> Result<SandboxPool, SandboxPoolError> {
-        Self::with_reset_mode(sandbox, pool, ResetMode::Reboot)
+        Self::with_reset_mode(sandbox, pool, ResetMode::Restore)
     }
 
     /// [`new`](Self::new) with an explicit [`ResetMode`] (`Restore`: sandboxes after the first
@@ -449,7 +457,7 @@ mod tests {
         // Both valid: nothing boots until the first acquire (min_size 0).
         let pool = SandboxPool::new(sandbox, PoolConfig::default()).unwrap();
         assert_eq!(pool.stats(), PoolStats::default());
-        assert_eq!(pool.reset_mode(), ResetMode::Reboot);
+        assert_eq!(pool.reset_mode(), ResetMode::Restore);
         pool.shutdown();
         assert!(matches!(pool.acquire(), Err(SandboxPoolError::ShutDown)));
     }

@@ -11,12 +11,14 @@
 //!
 //! The real-sandbox half runs `kiln pool bench` (release build; crates/sandbox-api/src/cli/pool.rs)
 //! directly on a hardware-virtualization host, elsewhere inside the emulated-virtualization
-//! harness, with a warm `kiln::SandboxPool` of [`REAL_SIZE`] sandboxes. Metrics (ms; every
-//! measured acquire is a hit — the bench waits, untimed, until the pool is full again):
-//! - `pool.sandbox.acquire_exec_release`: acquire + `exec(["true"])` + release;
-//! - `pool.sandbox.acquire`, `pool.sandbox.exec_true`, `pool.sandbox.release`: its parts;
-//! - `pool.sandbox.boot`: boot time of each sandbox handed out (the refill cost the pool pays in
-//!   the background; with reset mode `reboot` one per use).
+//! harness (both reset modes in one L1 boot), with a warm `kiln::SandboxPool` of [`REAL_SIZE`]
+//! sandboxes. Metrics (ms; every measured acquire is a hit — the bench waits, untimed, until
+//! the pool is full again), for `<mode>` = `restore` and `reboot`:
+//! - `pool.sandbox.<mode>.acquire_exec_release`: acquire + `exec(["true"])` + release;
+//! - `pool.sandbox.<mode>.acquire`, `.exec_true`, `.release`: its parts;
+//! - `pool.sandbox.<mode>.refill`: how long each sandbox handed out took to restore from the
+//!   pool's pristine snapshot (`restore`) or to boot (`reboot`) — the per-use cost the pool pays
+//!   in the background.
 //!
 //! The prototype Kiln replaces reported 773 µs (P50, real hardware) for pool acquire + echo +
 //! release; it is printed as a labelled reference, not as a peer ratio (harness numbers are
@@ -41,8 +43,9 @@ const OPS_PER_SAMPLE: usize = 10_000;
 
 /// Sandboxes kept warm in the real-sandbox half.
 const REAL_SIZE: u32 = 2;
-/// Measured acquire + exec + release iterations with real sandboxes.
-const REAL_ITERATIONS: u32 = 40;
+/// Reset modes measured with real sandboxes and their measured iterations (a reboot-mode
+/// iteration waits for a cold boot).
+const REAL_MODES: [(&str, u32); 2] = [("restore", 100), ("reboot", 30)];
 /// Unmeasured iterations first.
 const REAL_WARMUP: u32 = 2;
 /// Deadline of the whole real-sandbox measurement.
@@ -120,29 +123,44 @@ fn build_kiln_release() -> Result<PathBuf> {
     Ok(kiln)
 }
 
-/// The real-sandbox half: `kiln pool bench` with a warm SandboxPool.
+/// Single-quotes `s` for `sh`.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// The real-sandbox half: `kiln pool bench` with a warm SandboxPool, in every reset mode.
 fn run_real(format: Format) -> Result<()> {
     let k = kernel::ensure()?;
     let g = build_guest::ensure()?;
     let kiln = build_kiln_release()?;
     let out_dir = util::target_dir().join("bench");
     fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let out = out_dir.join("pool-sandbox.json");
-    // A stale file must never be reported as this run's result.
-    let _ = fs::remove_file(&out);
-    let argv: Vec<String> = vec![
-        kiln.display().to_string(),
-        "pool".into(),
-        "bench".into(),
-        "--size".into(),
-        REAL_SIZE.to_string(),
-        "--iterations".into(),
-        REAL_ITERATIONS.to_string(),
-        "--warmup".into(),
-        REAL_WARMUP.to_string(),
-        "--out".into(),
-        out.display().to_string(),
-    ];
+    let runs: Vec<(&str, PathBuf, Vec<String>)> = REAL_MODES
+        .iter()
+        .map(|&(mode, iterations)| {
+            let out = out_dir.join(format!("pool-sandbox-{mode}.json"));
+            let argv = vec![
+                kiln.display().to_string(),
+                "pool".into(),
+                "bench".into(),
+                "--reset-mode".into(),
+                mode.into(),
+                "--size".into(),
+                REAL_SIZE.to_string(),
+                "--iterations".into(),
+                iterations.to_string(),
+                "--warmup".into(),
+                REAL_WARMUP.to_string(),
+                "--out".into(),
+                out.display().to_string(),
+            ];
+            (mode, out, argv)
+        })
+        .collect();
+    for (_, out, _) in &runs {
+        // A stale file must never be reported as this run's result.
+        let _ = fs::remove_file(out);
+    }
     let env = vec![
         ("KILN_KERNEL".to_string(), k.vmlinux.display().to_string()),
         (
@@ -151,75 +169,113 @@ fn run_real(format: Format) -> Result<()> {
         ),
     ];
     let kind = host::detect();
-    let status = if kind.runs_linux_guests() {
+    if kind.runs_linux_guests() {
         eprintln!("bench pool: real sandboxes, directly on this host ({kind})");
-        Command::new(&argv[0])
-            .args(&argv[1..])
-            .envs(env)
-            .stdout(Stdio::null())
-            .status()
-            .with_context(|| format!("starting {}", kiln.display()))?
-            .code()
-            .unwrap_or(128)
+        for (mode, _, argv) in &runs {
+            let status = Command::new(&argv[0])
+                .args(&argv[1..])
+                .envs(env.clone())
+                .stdout(Stdio::null())
+                .status()
+                .with_context(|| format!("starting {}", kiln.display()))?;
+            if !status.success() {
+                bail!("kiln pool bench --reset-mode {mode} failed: {status}");
+            }
+        }
     } else {
         eprintln!(
             "bench pool: this host cannot boot Linux guests ({kind}); measuring real sandboxes \
              inside the emulated-virtualization harness"
         );
-        harness::run(&HarnessOptions {
-            command: argv,
+        // Both modes in one L1 boot; each writes its own file.
+        let script = runs
+            .iter()
+            .map(|(_, _, argv)| {
+                argv.iter()
+                    .map(|a| sh_quote(a))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+                    + " >/dev/null"
+            })
+            .collect::<Vec<_>>()
+            .join(" && ");
+        let status = harness::run(&HarnessOptions {
+            command: vec!["sh".into(), "-c".into(), script],
             timeout: Some(REAL_TIMEOUT),
             env,
-        })?
-    };
-    if status != 0 {
-        bail!("kiln pool bench failed with status {status}");
+        })?;
+        if status != 0 {
+            bail!("kiln pool bench failed in the harness with status {status}");
+        }
     }
-    let text = fs::read_to_string(&out)
-        .with_context(|| format!("reading the samples from {}", out.display()))?;
-    let s: RealSamples =
-        serde_json::from_str(text.trim()).with_context(|| format!("parsing {}", out.display()))?;
-    report_real(&s, format)
+    for (mode, out, _) in &runs {
+        let text = fs::read_to_string(out)
+            .with_context(|| format!("reading the {mode} samples from {}", out.display()))?;
+        let s: RealSamples = serde_json::from_str(text.trim())
+            .with_context(|| format!("parsing {}", out.display()))?;
+        report_real(&s, format)?;
+    }
+    report_notes(&runs.iter().map(|(m, ..)| *m).collect::<Vec<_>>(), format);
+    Ok(())
 }
 
 fn report_real(s: &RealSamples, format: Format) -> Result<()> {
-    for (name, v) in [
-        ("pool.sandbox.acquire_exec_release", &s.total_ms),
-        ("pool.sandbox.acquire", &s.acquire_ms),
-        ("pool.sandbox.exec_true", &s.exec_ms),
-        ("pool.sandbox.release", &s.release_ms),
-        ("pool.sandbox.boot", &s.boot_ms),
+    let mode = s.reset_mode.as_str();
+    for (part, v) in [
+        ("acquire_exec_release", &s.total_ms),
+        ("acquire", &s.acquire_ms),
+        ("exec_true", &s.exec_ms),
+        ("release", &s.release_ms),
+        ("refill", &s.boot_ms),
     ] {
+        let name = format!("pool.sandbox.{mode}.{part}");
         let stats =
             Stats::from_samples(v).with_context(|| format!("metric {name} has no samples"))?;
-        report(name, "ms", &stats, None, format);
+        report(&name, "ms", &stats, None, format);
     }
-    let reference = format!(
-        "reference: the prototype Kiln replaces reported {PROTOTYPE_REFERENCE_MS} ms (773 µs) \
-         P50 for pool acquire + echo + release on real hardware"
-    );
-    let mut notes = vec![
-        format!(
-            "pool.sandbox: reset mode {}, {} warm, {} hits / {} misses among measured acquires",
-            s.reset_mode, REAL_SIZE, s.hits, s.misses
+    note(
+        &format!(
+            "pool.sandbox.{mode}: {} warm, {} hits / {} misses among measured acquires{}",
+            REAL_SIZE,
+            s.hits,
+            s.misses,
+            if s.emulated {
+                " (inside the harness)"
+            } else {
+                ""
+            }
         ),
-        reference,
-    ];
-    if s.emulated {
-        notes.push(
-            "note: real sandboxes measured inside the emulated-virtualization harness (QEMU \
-             software emulation, nested KVM): much slower than real hardware; compare ratios, \
-             not absolute values"
-                .into(),
+        format,
+    );
+    Ok(())
+}
+
+/// A labelled line: stdout in the human table, stderr with `--json` (stdout is JSON only).
+fn note(line: &str, format: Format) {
+    match format {
+        Format::Human => println!("{line}"),
+        Format::Json => eprintln!("bench pool: {line}"),
+    }
+}
+
+fn report_notes(modes: &[&str], format: Format) {
+    note(
+        &format!(
+            "reference: the prototype Kiln replaces reported {PROTOTYPE_REFERENCE_MS} ms (773 µs) \
+             P50 for pool acquire + echo + release on real hardware (compare with \
+             pool.sandbox.{{{}}}.acquire_exec_release)",
+            modes.join(",")
+        ),
+        format,
+    );
+    if !host::detect().runs_linux_guests() {
+        note(
+            "note: real sandboxes were measured inside the emulated-virtualization harness \
+             (QEMU software emulation, nested KVM): much slower than real hardware; compare \
+             ratios, not absolute values",
+            format,
         );
     }
-    for n in notes {
-        match format {
-            Format::Human => println!("{n}"),
-            Format::Json => eprintln!("bench pool: {n}"),
-        }
-    }
-    Ok(())
 }
 
 /// Parses the bench binary's JSON lines; every non-empty line must be a metric.
@@ -266,6 +322,8 @@ mod tests {
         let t = Stats::from_samples(&s.total_ms).unwrap();
         assert_eq!((t.min, t.p99), (5.2, 6.3));
         report_real(&s, Format::Json).unwrap();
+        assert_eq!(sh_quote("a b"), "'a b'");
+        assert_eq!(sh_quote("it's"), "'it'\\''s'");
         let empty = RealSamples {
             total_ms: Vec::new(),
             ..s

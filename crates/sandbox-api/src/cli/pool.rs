@@ -5,13 +5,16 @@
 //! measured acquire is a hit (a miss — none idle — would measure a cold boot instead; misses
 //! are counted and reported) and no background refill competes with the measured path. Samples are milliseconds: `acquire`, `exec` (`exec(["true"])`),
 //! `release` (dropping the handle) and `total` (the three together), plus `boot` (how long each
-//! sandbox handed out took to boot, paid in the background by the pool's refill).
+//! sandbox handed out took to boot — or, with `--reset-mode restore` (the default), to be
+//! restored from the pool's pristine snapshot — paid in the background by the pool's refill).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use clap::{Args, Subcommand};
-use kiln::{PoolConfig, PoolStats, SandboxConfig, SandboxError, SandboxPool, SandboxPoolError};
+use clap::{Args, Subcommand, ValueEnum};
+use kiln::{
+    PoolConfig, PoolStats, ResetMode, SandboxConfig, SandboxError, SandboxPool, SandboxPoolError,
+};
 use serde::Serialize;
 
 use super::{exit, parse_secs};
@@ -52,6 +55,10 @@ pub struct PoolBenchArgs {
     /// Guest memory per sandbox in MiB.
     #[arg(long, default_value_t = 256)]
     pub memory: u32,
+    /// How returned sandboxes are replaced: `restore` (from a pristine snapshot of the first
+    /// sandbox) or `reboot` (a fresh boot each).
+    #[arg(long, value_enum, default_value_t = ModeArg::Restore)]
+    pub reset_mode: ModeArg,
     /// Boot deadline of each sandbox, and the longest wait for the pool to refill.
     #[arg(long, default_value = "300", value_parser = parse_secs)]
     pub boot_timeout: Duration,
@@ -64,10 +71,28 @@ pub struct PoolBenchArgs {
     pub out: Option<PathBuf>,
 }
 
+/// `--reset-mode` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// `ResetMode::Restore`.
+    Restore,
+    /// `ResetMode::Reboot`.
+    Reboot,
+}
+
+impl From<ModeArg> for ResetMode {
+    fn from(m: ModeArg) -> Self {
+        match m {
+            ModeArg::Restore => ResetMode::Restore,
+            ModeArg::Reboot => ResetMode::Reboot,
+        }
+    }
+}
+
 /// The samples, in milliseconds, and the pool's counters at the end.
 #[derive(Debug, Serialize)]
 pub struct PoolBenchSamples {
-    /// How returned sandboxes are made pristine (`reboot` or `restore`).
+    /// How returned sandboxes are replaced (`reboot` or `restore`).
     pub reset_mode: String,
     /// The pool's min_size and max_size.
     pub size: u32,
@@ -83,7 +108,8 @@ pub struct PoolBenchSamples {
     pub release_ms: Vec<f64>,
     /// acquire + exec + release.
     pub total_ms: Vec<f64>,
-    /// Boot time of each sandbox handed out (paid by the pool in the background).
+    /// Boot (reboot mode) or restore (restore mode) time of each sandbox handed out, paid by
+    /// the pool in the background.
     pub boot_ms: Vec<f64>,
     /// Untimed waits for the pool to be full again before an iteration.
     pub refill_wait_ms: Vec<f64>,
@@ -190,7 +216,7 @@ fn wait_idle(pool: &SandboxPool, n: usize, limit: Duration) -> Result<Duration, 
 
 fn bench(args: &PoolBenchArgs) -> Result<(), BenchError> {
     let size = args.size as usize;
-    let pool = SandboxPool::new(
+    let pool = SandboxPool::with_reset_mode(
         SandboxConfig::new()
             .name("pool-bench")
             .vcpus(args.vcpus)
@@ -203,6 +229,7 @@ fn bench(args: &PoolBenchArgs) -> Result<(), BenchError> {
             health_check_interval: 1,
             ..PoolConfig::default()
         },
+        args.reset_mode.into(),
     )?;
     let t = Instant::now();
     pool.warm(size)?;
@@ -312,7 +339,7 @@ fn print_summary(s: &PoolBenchSamples) {
     row("  acquire", &s.acquire_ms);
     row("  exec true", &s.exec_ms);
     row("  release", &s.release_ms);
-    row("sandbox boot (background)", &s.boot_ms);
+    row("boot/restore (background)", &s.boot_ms);
     println!(
         "hits {} misses {} (reset mode {}, pool size {}); pool stats: {:?}",
         s.hits, s.misses, s.reset_mode, s.size, s.stats
