@@ -36,6 +36,8 @@ use crate::virtio::{ActivateError, GuestMem, Interrupt, VirtioDevice, VIRTIO_F_V
 
 /// Rounds of TX/RX processing per wake-up before yielding to other event sources.
 const MAX_ROUNDS: usize = 64;
+/// Avail ring flag: the driver does not want interrupts for now.
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 /// Longest time host connects are held back after a TRANSPORT_RESET event was delivered,
 /// waiting for the guest to show (by refilling its event queue) that it handled the event.
 pub const RESET_SETTLE_MAX: Duration = Duration::from_millis(500);
@@ -81,6 +83,8 @@ pub struct DeviceStats {
     pub transport_resets: u64,
     /// Times the device marked itself DEVICE_NEEDS_RESET.
     pub needs_reset: u64,
+    /// Used-buffer interrupts skipped because the driver set VRING_AVAIL_F_NO_INTERRUPT.
+    pub suppressed_interrupts: u64,
     /// Muxer counters.
     pub muxer: MuxerStats,
 }
@@ -335,9 +339,26 @@ impl VsockDevice {
         let Some(a) = self.active.as_mut() else {
             return;
         };
-        match a.queues[qidx].needs_notification(&a.mem) {
-            Ok(false) => {}
-            _ => self.interrupt.signal_used_queue(),
+        let q = &mut a.queues[qidx];
+        // `needs_notification` orders our used-ring writes before the reads below.
+        let needed = match q.needs_notification(&a.mem) {
+            Ok(false) => false,
+            // Without EVENT_IDX the driver suppresses interrupts with
+            // VRING_AVAIL_F_NO_INTERRUPT while it polls the used ring itself (and re-checks
+            // the ring after clearing the flag), so skipping them then is safe.
+            _ if !q.event_idx_enabled() => {
+                let flags: Result<u16, _> = a.mem.load(
+                    vm_memory::GuestAddress(q.avail_ring()),
+                    std::sync::atomic::Ordering::Acquire,
+                );
+                flags.map_or(true, |f| u16::from_le(f) & VRING_AVAIL_F_NO_INTERRUPT == 0)
+            }
+            _ => true,
+        };
+        if needed {
+            self.interrupt.signal_used_queue();
+        } else {
+            self.stats.suppressed_interrupts += 1;
         }
     }
 
