@@ -8,7 +8,8 @@
 //! Restore: load and check the state file, map the memory file `MAP_PRIVATE` and check it —
 //! all before any KVM object exists — then build the machine as [`Vm::start`] does (minus
 //! kernel loading), load VM state, vCPU state, serial and transport registers, send the vsock
-//! TRANSPORT_RESET, and start the device loop and the vCPU threads.
+//! TRANSPORT_RESET, and start the device loop and the vCPU threads. [`Vm::prepare_restore`]
+//! does everything up to the state load ahead of time; [`PreparedRestore::start`] the rest.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
