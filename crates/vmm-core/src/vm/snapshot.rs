@@ -138,8 +138,10 @@ impl Vm {
         std::fs::create_dir_all(dir).map_err(io_err(dir, "create directory"))?;
         let was_running = self.vcpu_states().contains(&VcpuState::Running);
         let t0 = Instant::now();
-        self.pause(VCPU_TIMEOUT)?;
-        let res = self.snapshot_paused(dir, &origin);
+        let res = match self.pause(VCPU_TIMEOUT) {
+            Ok(()) => self.snapshot_paused(dir, &origin),
+            Err(e) => Err(e.into()),
+        };
         if was_running && self.shared.exit_reason().is_none() {
             self.resume();
         }
