@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::sync::OnceLock;
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use kiln_vmm::test_guest::{self, Action};
@@ -22,8 +22,45 @@ fn cfg(name: &str, action: Action, cid: Option<u64>) -> VmConfig {
     c
 }
 
+/// The leak test counts process-wide fds and threads: keep the other tests out meanwhile.
+fn serial() -> MutexGuard<'static, ()> {
+    static L: Mutex<()> = Mutex::new(());
+    L.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").unwrap().count()
+}
+
+#[test]
+fn create_destroy_cycles_with_vsock_leave_nothing_behind() {
+    let _l = serial();
+    let cycle = |i: usize| {
+        let vm = Vm::start(cfg(&format!("vsock-cycle-{i}"), Action::Halt, Some(3))).unwrap();
+        let host = vm.vsock().unwrap().clone();
+        let l = host.listen(1024).unwrap();
+        drop(vm);
+        assert!(matches!(
+            l.accept(Duration::from_secs(1)),
+            Err(VsockError::DeviceGone { .. })
+        ));
+    };
+    cycle(0); // warm-up: lazily created process-wide state
+    let (f0, t0) = (fds(), threads());
+    for i in 1..=30 {
+        cycle(i);
+    }
+    assert_eq!(fds(), f0, "fds leaked");
+    assert_eq!(threads(), t0, "threads leaked");
+}
+
 #[test]
 fn vsock_device_is_announced_and_host_endpoint_outlives_vm() {
+    let _l = serial();
     let vm = Vm::start(cfg("vsock-attach", Action::Halt, Some(7))).unwrap();
     assert!(
         vm.cmdline().contains("virtio_mmio.device=4K@0x"),
@@ -54,6 +91,7 @@ fn vsock_device_is_announced_and_host_endpoint_outlives_vm() {
 
 #[test]
 fn guest_sees_the_virtio_mmio_cmdline_entry() {
+    let _l = serial();
     let vm = Vm::start(cfg("vsock-info", Action::Info, Some(3))).unwrap();
     vm.wait_exit(Duration::from_secs(10)).unwrap();
     let tail = vm.serial_tail(4096);
@@ -63,6 +101,7 @@ fn guest_sees_the_virtio_mmio_cmdline_entry() {
 
 #[test]
 fn no_vsock_without_cid() {
+    let _l = serial();
     let vm = Vm::start(cfg("vsock-none", Action::Halt, None)).unwrap();
     assert!(vm.vsock().is_none());
     assert!(!vm.cmdline().contains("virtio_mmio"));
