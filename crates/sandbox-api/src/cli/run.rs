@@ -155,7 +155,12 @@ pub fn run(args: RunArgs) -> i32 {
 
     let sandbox = match Sandbox::create(config) {
         Ok(s) => s,
-        Err(e) => return fail(exit::for_error(&e), e.to_string()),
+        Err(e) => {
+            if args.verbose {
+                eprintln!("kiln: boot failed after {:.3}s", t0.elapsed().as_secs_f64());
+            }
+            return fail(exit::for_error(&e), e.to_string());
+        }
     };
     let boot = t0.elapsed();
 
