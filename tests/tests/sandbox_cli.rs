@@ -222,3 +222,70 @@ fn kiln_doctor_reports_a_ready_host() {
     assert_eq!(o.status.code(), Some(121), "{}", describe(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("cargo xtask build-guest"));
 }
+
+#[test]
+fn kiln_run_forwards_ctrl_c_to_the_command() {
+    kiln_tests::require_tier4();
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    let mut child = Command::new(sandbox_common::kiln_bin())
+        .args(args(&[
+            "--",
+            "sh",
+            "-c",
+            "trap 'echo got-int; exit 3' INT; echo ready; while true; do sleep 1; done",
+        ]))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + sandbox_common::CLI_TIMEOUT;
+    let mut lines = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) if l == "ready" => break,
+            Ok(l) => lines.push(l),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("no `ready` from the command; stdout so far: {lines:?}");
+            }
+        }
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // kiln keeps running until the command handled the signal, then exits with its status.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("kiln did not exit after SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // kiln has exited: the reader ends at end of file.
+    let rest: Vec<String> = rx.iter().collect();
+    assert_eq!(status.code(), Some(3), "stdout after ready: {rest:?}");
+    assert!(rest.iter().any(|l| l == "got-int"), "{rest:?}");
+}

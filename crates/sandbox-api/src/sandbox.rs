@@ -432,6 +432,20 @@ impl ExecStream {
         self.signal(9)
     }
 
+    /// A handle that signals this command from any thread (waits until it started; `None`
+    /// when it could not be started — its exit follows). Events read meanwhile stay queued.
+    pub fn signaller(&mut self) -> Result<Option<ExecSignaller>, SandboxError> {
+        let started = self
+            .stream
+            .started()
+            .map_err(|e| self.inner.exec_error("exec", &self.program, e))?;
+        Ok(started.map(|(exec_id, _pid)| ExecSignaller {
+            inner: Arc::clone(&self.inner),
+            exec_id,
+            program: self.program.clone(),
+        }))
+    }
+
     /// Reads every remaining event, passing output to `on_stdout` / `on_stderr` as it
     /// arrives, and returns the exit status.
     pub fn forward(
@@ -457,6 +471,34 @@ impl ExecStream {
             op: "exec",
             message: "the event stream ended without an exit status".into(),
         })
+    }
+}
+
+/// Signals one running command from any thread (see [`ExecStream::signaller`]).
+#[derive(Clone)]
+pub struct ExecSignaller {
+    inner: Arc<Inner>,
+    exec_id: u64,
+    program: String,
+}
+
+impl std::fmt::Debug for ExecSignaller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecSignaller")
+            .field("vm", &self.inner.name)
+            .field("exec_id", &self.exec_id)
+            .field("program", &self.program)
+            .finish()
+    }
+}
+
+impl ExecSignaller {
+    /// Sends `signal` to the command's process group.
+    pub fn signal(&self, signal: i32) -> Result<(), SandboxError> {
+        self.inner
+            .client
+            .signal(self.exec_id, signal)
+            .map_err(|e| self.inner.exec_error("signal", &self.program, e))
     }
 }
 

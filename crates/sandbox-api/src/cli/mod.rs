@@ -8,6 +8,7 @@ pub mod doctor;
 pub mod exit;
 pub mod pool;
 pub mod run;
+pub mod signals;
 pub mod snapshot;
 pub mod vm_snapshot;
 

@@ -11,7 +11,7 @@ use kiln::config::{DEFAULT_MEMORY_MIB, DEFAULT_VCPUS};
 use kiln::{ExecEvent, ExecOptions, ExitStatus, Sandbox, SandboxConfig, SandboxError, StdinSource};
 use serde::Serialize;
 
-use super::exit;
+use super::{exit, signals};
 
 /// SIGPIPE: sent to the command when our stdout is closed (`kiln run -- yes | head`).
 const SIGPIPE: i32 = 13;
@@ -259,6 +259,7 @@ fn run_streaming(
     opts: ExecOptions,
 ) -> Result<ExitStatus, SandboxError> {
     let mut stream = sandbox.stream_exec_with_options(argv, opts)?;
+    let _forwarder = stream.signaller()?.and_then(signals::forward_to);
     let stdout = io::stdout();
     let stderr = io::stderr();
     let mut stdout_open = true;
@@ -306,7 +307,8 @@ fn run_collect(
     out: &mut Vec<u8>,
     err: &mut Vec<u8>,
 ) -> Result<ExitStatus, SandboxError> {
-    let stream = sandbox.stream_exec_with_options(argv, opts)?;
+    let mut stream = sandbox.stream_exec_with_options(argv, opts)?;
+    let _forwarder = stream.signaller()?.and_then(signals::forward_to);
     stream.forward(
         &mut |d| {
             out.extend_from_slice(d);
