@@ -812,9 +812,6 @@ fn pump(
             }
         }
         let now = Instant::now();
-        if status.is_some() && now.duration_since(last_read) > DRAIN_GRACE {
-            break;
-        }
         if let Some(k) = killed_at {
             if now.duration_since(k) > KILL_GRACE {
                 break;
@@ -843,7 +840,15 @@ fn pump(
         }
         let ms = u16::try_from(wait.as_millis()).unwrap_or(u16::MAX);
         match poll(&mut pfds, PollTimeout::from(ms)) {
-            Ok(0) => continue,
+            Ok(0) => {
+                // The drain grace only runs out while the pipes are idle: a poll that found
+                // nothing to read. Time spent blocked in `sink.send` (host back-pressure) or
+                // descheduled never counts, so output still buffered in a pipe is never lost.
+                if status.is_some() && Instant::now().duration_since(last_read) > DRAIN_GRACE {
+                    break;
+                }
+                continue;
+            }
             Ok(_) => {}
             Err(nix::Error::EINTR) => continue,
             Err(_) => break,
@@ -871,7 +876,6 @@ fn pump(
                 fds[i] = None;
                 continue;
             }
-            last_read = Instant::now();
             let allowed = cap.map_or(n as u64, |c| c.saturating_sub(sent).min(n as u64)) as usize;
             if allowed < n {
                 truncated = true;
@@ -885,6 +889,9 @@ fn pump(
                     Response::Stderr(data)
                 });
             }
+            // After the (possibly blocking) send: the grace measures idle pipes, not our own
+            // time spent delivering.
+            last_read = Instant::now();
         }
     }
     drop(fds);

@@ -282,3 +282,39 @@ fn connect_mode_reconnects_with_restored() {
     c2.ping().unwrap();
     assert!(c.ping().is_err());
 }
+
+/// A slow host (back-pressure on the connection) must not lose output still buffered in the
+/// pipe when the command exits: the drain grace counts idle pipes, not time blocked in send.
+#[test]
+fn slow_reader_gets_every_byte_after_the_leader_exits() {
+    const TOTAL: usize = 3 * 1024 * 1024;
+    let agent = Agent::start();
+    let mut s = raw_conn(&agent);
+    let req = ExecRequest::new(["head", "-c", &TOTAL.to_string(), "/dev/zero"]);
+    s.write_all(
+        &encode_frame(&Message::Request {
+            id: 1,
+            body: Request::Exec(req),
+        })
+        .unwrap(),
+    )
+    .unwrap();
+    let mut got = 0usize;
+    let exit = loop {
+        let (id, body) = expect_response(&mut s);
+        assert_eq!(id, 1);
+        match body {
+            Response::ExecStarted { .. } => {}
+            Response::Stdout(d) => {
+                got += d.len();
+                // Read slower than `head` writes, so the agent blocks in send for longer than
+                // its drain grace while the leader has already exited.
+                std::thread::sleep(Duration::from_millis(350));
+            }
+            Response::Exit(e) => break e,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(exit.code, Some(0));
+    assert_eq!(got, TOTAL, "stdout bytes lost");
+}
