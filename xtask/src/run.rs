@@ -5,11 +5,9 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
-use kiln_vmm::host;
 
-use crate::harness::{self, HarnessOptions};
 use crate::{build_guest, kernel, util};
 
 /// `cargo xtask run` arguments.
@@ -23,17 +21,11 @@ pub struct RunArgs {
 /// Builds the `kiln` CLI (debug) and returns its path.
 pub fn build_kiln_cli() -> Result<PathBuf> {
     eprintln!("building the kiln CLI");
-    util::run(
-        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-            .current_dir(util::repo_root())
-            .args(["build", "-p", "kiln", "--bin", "kiln"]),
+    util::cargo_build(
+        "the kiln CLI",
+        &["build", "-p", "kiln", "--bin", "kiln"],
+        util::target_dir().join("debug").join("kiln"),
     )
-    .context("building the kiln CLI")?;
-    let kiln = util::target_dir().join("debug").join("kiln");
-    if !kiln.is_file() {
-        bail!("cargo built the kiln CLI but {} is missing", kiln.display());
-    }
-    Ok(kiln)
 }
 
 /// Whether the `kiln` binary offers a `run` subcommand (it does not until the CLI lands).
@@ -68,36 +60,13 @@ pub fn cmd_run(args: &RunArgs) -> Result<i32> {
     }
     let mut argv = vec![kiln.display().to_string(), "run".into(), "--".into()];
     argv.extend(args.command.iter().cloned());
-    let env = vec![
-        ("KILN_KERNEL".to_string(), k.vmlinux.display().to_string()),
-        (
-            "KILN_INITRAMFS".to_string(),
-            g.initramfs.display().to_string(),
-        ),
-    ];
-    let kind = host::detect();
-    let status = if kind.runs_linux_guests() {
-        eprintln!("running directly on this host ({kind})");
-        let status = Command::new(&argv[0])
-            .args(&argv[1..])
-            .envs(env)
-            .status()
-            .with_context(|| format!("starting {}", kiln.display()))?;
-        status.code().unwrap_or(128)
-    } else {
-        eprintln!("this host cannot boot Linux guests ({kind}); running inside the emulated-virtualization harness");
-        // `..Default::default()` keeps this call valid as the harness grows options.
-        #[allow(clippy::needless_update)]
-        // `..Default::default()` keeps this valid as the harness grows options.
-        #[allow(clippy::needless_update)]
-        let opts = HarnessOptions {
-            command: argv,
-            timeout: None,
-            env,
-            ..Default::default()
-        };
-        harness::run(&opts)?
-    };
+    let status = util::run_here_or_in_harness(
+        "",
+        "",
+        argv,
+        util::guest_env(&k.vmlinux, &g.initramfs),
+        None,
+    )?;
     if status != 0 {
         eprintln!("kiln run exited with status {status}");
     }

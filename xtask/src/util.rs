@@ -72,6 +72,69 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Runs `cargo <args>` in the repository (the `$CARGO` that runs us, if any) with inherited
+/// stdio, then checks that it produced `artifact`, which it returns; `what` names the artifact
+/// in messages ("the kiln CLI").
+pub fn cargo_build(what: &str, args: &[&str], artifact: PathBuf) -> Result<PathBuf> {
+    run(
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .current_dir(repo_root())
+            .args(args),
+    )
+    .with_context(|| format!("building {what}"))?;
+    if !artifact.is_file() {
+        bail!("cargo built {what} but {} is missing", artifact.display());
+    }
+    Ok(artifact)
+}
+
+/// The environment that points a `kiln` process at the guest kernel and initramfs.
+pub fn guest_env(vmlinux: &Path, initramfs: &Path) -> Vec<(String, String)> {
+    vec![
+        ("KILN_KERNEL".to_string(), vmlinux.display().to_string()),
+        (
+            "KILN_INITRAMFS".to_string(),
+            initramfs.display().to_string(),
+        ),
+    ]
+}
+
+/// Runs `argv` with `env` on top of ours: directly where this host boots Linux guests, elsewhere
+/// inside the emulated-virtualization harness (give up after `timeout`; `None` = the harness
+/// default). Says which on stderr, each line starting with `tag` ("bench exec: " or ""), plus
+/// `harness_note` after the harness line. Returns the command's exit code (128 when a signal
+/// ended it directly on this host).
+pub fn run_here_or_in_harness(
+    tag: &str,
+    harness_note: &str,
+    argv: Vec<String>,
+    env: Vec<(String, String)>,
+    timeout: Option<Duration>,
+) -> Result<i32> {
+    let Some((program, args)) = argv.split_first() else {
+        bail!("{tag}no command to run");
+    };
+    let kind = kiln_vmm::host::detect();
+    if kind.runs_linux_guests() {
+        eprintln!("{tag}running directly on this host ({kind})");
+        let status = Command::new(program)
+            .args(args)
+            .envs(env)
+            .status()
+            .with_context(|| format!("starting {program}"))?;
+        return Ok(status.code().unwrap_or(128));
+    }
+    eprintln!(
+        "{tag}this host cannot boot Linux guests ({kind}); running inside the \
+         emulated-virtualization harness{harness_note}"
+    );
+    crate::harness::run(&crate::harness::HarnessOptions {
+        command: argv,
+        timeout,
+        env,
+    })
+}
+
 /// Runs `cmd` and returns its stdout (trimmed); stderr is passed through to ours.
 pub fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd

@@ -12,17 +12,15 @@
 //! Exec and ping round trips have no QEMU counterpart: the agent reaches the host over
 //! virtio-vsock, which under QEMU needs vhost-vsock in L1, which the harness does not load.
 
-use std::fs;
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
-use kiln_vmm::host;
+use anyhow::{bail, Result};
 use serde::Deserialize;
 
-use super::{report, Format, PeerRatio, Stats};
-use crate::harness::{self, HarnessOptions};
+use super::{
+    build_kiln_release, metric_stats as stats, read_samples, report, samples_file, Format,
+    PeerRatio, Stats,
+};
 use crate::{build_guest, kernel, util};
 
 /// Measured iterations of each round trip.
@@ -45,32 +43,12 @@ struct Samples {
     qemu_error: Option<String>,
 }
 
-/// Builds the release `kiln` CLI and returns its path.
-fn build_kiln_release() -> Result<PathBuf> {
-    eprintln!("bench exec: building the kiln CLI (release)");
-    util::run(
-        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-            .current_dir(util::repo_root())
-            .args(["build", "--release", "-p", "kiln", "--bin", "kiln"]),
-    )
-    .context("building the kiln CLI")?;
-    let kiln = util::target_dir().join("release").join("kiln");
-    if !kiln.is_file() {
-        bail!("cargo built the kiln CLI but {} is missing", kiln.display());
-    }
-    Ok(kiln)
-}
-
 /// Runs the exec benchmark and reports each metric in `format`.
 pub fn run(format: Format) -> Result<()> {
     let k = kernel::ensure()?;
     let g = build_guest::ensure()?;
-    let kiln = build_kiln_release()?;
-    let out_dir = util::target_dir().join("bench");
-    fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let out = out_dir.join("exec-kiln.json");
-    // A stale file must never be reported as this run's result.
-    let _ = fs::remove_file(&out);
+    let kiln = build_kiln_release("bench exec: ")?;
+    let out = samples_file("exec-kiln.json")?;
 
     let argv: Vec<String> = vec![
         kiln.display().to_string(),
@@ -86,46 +64,18 @@ pub fn run(format: Format) -> Result<()> {
         "--out".into(),
         out.display().to_string(),
     ];
-    let env = vec![
-        ("KILN_KERNEL".to_string(), k.vmlinux.display().to_string()),
-        (
-            "KILN_INITRAMFS".to_string(),
-            g.initramfs.display().to_string(),
-        ),
-    ];
-    let kind = host::detect();
-    let status = if kind.runs_linux_guests() {
-        eprintln!("bench exec: running directly on this host ({kind})");
-        Command::new(&argv[0])
-            .args(&argv[1..])
-            .envs(env)
-            .status()
-            .with_context(|| format!("starting {}", kiln.display()))?
-            .code()
-            .unwrap_or(128)
-    } else {
-        eprintln!(
-            "bench exec: this host cannot boot Linux guests ({kind}); measuring inside the \
-             emulated-virtualization harness (numbers are software-emulation numbers: compare \
-             ratios, not absolute values)"
-        );
-        harness::run(&HarnessOptions {
-            command: argv,
-            timeout: Some(TIMEOUT),
-            env,
-        })?
-    };
+    let status = util::run_here_or_in_harness(
+        "bench exec: ",
+        " (numbers are software-emulation numbers: compare ratios, not absolute values)",
+        argv,
+        util::guest_env(&k.vmlinux, &g.initramfs),
+        Some(TIMEOUT),
+    )?;
     if status != 0 {
         bail!("kiln bench-exec failed with status {status}");
     }
-    let text = fs::read_to_string(&out)
-        .with_context(|| format!("reading the samples from {}", out.display()))?;
-    let s: Samples =
-        serde_json::from_str(text.trim()).with_context(|| format!("parsing {}", out.display()))?;
+    let s: Samples = read_samples(&out)?;
 
-    let stats = |name: &str, v: &[f64]| {
-        Stats::from_samples(v).with_context(|| format!("metric {name} has no usable samples"))
-    };
     report(
         "exec.kiln.exec_true",
         "ms",

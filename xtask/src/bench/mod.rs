@@ -15,11 +15,17 @@ mod snapshot;
 mod vmm;
 mod vsock;
 
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
+use serde::de::DeserializeOwned;
 use serde::Serialize;
+
+use crate::util;
 
 /// Which benchmark to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -161,6 +167,64 @@ pub fn format_row(
 /// Prints one metric to stdout.
 pub fn report(name: &str, unit: &str, stats: &Stats, peer: Option<&PeerRatio>, format: Format) {
     println!("{}", format_row(name, unit, stats, peer, format));
+}
+
+/// Prints a line that is not a metric (a reference figure, a remark): with the table on
+/// stdout, as JSON rows go there, on stderr prefixed by `tag` ("bench vmm: ").
+pub fn note(format: Format, tag: &str, line: &str) {
+    match format {
+        Format::Human => println!("{line}"),
+        Format::Json => eprintln!("{tag}{line}"),
+    }
+}
+
+/// [`Stats::from_samples`], or an error naming the metric when it has no usable samples.
+pub fn metric_stats(name: &str, samples: &[f64]) -> Result<Stats> {
+    Stats::from_samples(samples).with_context(|| format!("metric {name} has no usable samples"))
+}
+
+/// Builds the release `kiln` CLI and returns its path; `tag` prefixes the progress line.
+pub fn build_kiln_release(tag: &str) -> Result<PathBuf> {
+    eprintln!("{tag}building the kiln CLI (release)");
+    util::cargo_build(
+        "the kiln CLI",
+        &["build", "--release", "-p", "kiln", "--bin", "kiln"],
+        util::target_dir().join("release").join("kiln"),
+    )
+}
+
+/// `<target>/bench/<file>` for a benchmark program to write its samples to: the directory is
+/// created and a stale file removed (it must never be reported as this run's result).
+pub fn samples_file(file: &str) -> Result<PathBuf> {
+    let dir = util::target_dir().join("bench");
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let out = dir.join(file);
+    let _ = fs::remove_file(&out);
+    Ok(out)
+}
+
+/// Reads the JSON samples a benchmark program wrote to `path`.
+pub fn read_samples<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = fs::read_to_string(path)
+        .with_context(|| format!("reading the samples from {}", path.display()))?;
+    serde_json::from_str(text.trim()).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// Runs `cmd` (stderr passed through), which prints one JSON document on stdout, and parses it.
+pub fn command_json<T: DeserializeOwned>(cmd: &mut Command) -> Result<T> {
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", out.status);
+    }
+    serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "parsing the output of {cmd:?}: {:?}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }
 
 /// `cargo xtask bench <name>`.

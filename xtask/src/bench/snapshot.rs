@@ -24,7 +24,7 @@
 //! this machine kind (DESIGN.md) is printed as a labelled reference; it is not measured here.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -32,8 +32,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-use super::{report, Format, PeerRatio, Stats};
-use crate::util::{repo_root, target_dir};
+use super::{build_kiln_release, command_json, note, report, Format, PeerRatio, Stats};
+use crate::util::target_dir;
 
 /// Measured restores per metric.
 const RUNS: usize = 40;
@@ -75,22 +75,19 @@ struct ForksOut {
 
 /// Runs the snapshot benchmark and reports each metric in `format`.
 pub fn run(format: Format) -> Result<()> {
-    let kiln = build_kiln()?;
+    let kiln = build_kiln_release("bench snapshot: ")?;
     let dir = target_dir().join("kiln-bench/snapshot");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let guest = kiln_vmm::test_guest::write_to(&dir)
         .with_context(|| format!("writing the test guest to {}", dir.display()))?;
-    let note = |line: String| match format {
-        Format::Human => println!("{line}"),
-        Format::Json => eprintln!("bench snapshot: {line}"),
-    };
+    let note = |line: String| note(format, "bench snapshot: ", &line);
 
     // The snapshot every restore starts from: a guest printing counter lines non-stop.
     let fast = dir.join("fastcount");
     create(&kiln, &guest, "kiln.test=fastcount", 128, false, &fast, 1)?;
 
     // In-process restores.
-    let out = kiln_json::<RestoreOut>(
+    let out = command_json::<RestoreOut>(
         Command::new(&kiln)
             .args(["vm-snapshot", "restore", "--dir"])
             .arg(&fast)
@@ -118,7 +115,7 @@ pub fn run(format: Format) -> Result<()> {
 
     // Prepared restores: kernel objects, devices and memory mapping done ahead of time (as a
     // pool refill would), only loading the state and starting the threads timed.
-    let out = kiln_json::<RestoreOut>(
+    let out = command_json::<RestoreOut>(
         Command::new(&kiln)
             .args(["vm-snapshot", "restore", "--prepared", "--dir"])
             .arg(&fast)
@@ -211,7 +208,7 @@ pub fn run(format: Format) -> Result<()> {
     // Memory per idle fork.
     let halt = dir.join("halt");
     create(&kiln, &guest, "kiln.test=halt", 128, false, &halt, 1)?;
-    let f = kiln_json::<ForksOut>(
+    let f = command_json::<ForksOut>(
         Command::new(&kiln)
             .args(["vm-snapshot", "forks", "--dir"])
             .arg(&halt)
@@ -262,43 +259,7 @@ fn create(
     if fill {
         c.arg("--fill");
     }
-    kiln_json(&mut c)
-}
-
-/// Runs `cmd`, which prints one JSON document on stdout.
-fn kiln_json<T: for<'de> Deserialize<'de>>(cmd: &mut Command) -> Result<T> {
-    let out = cmd
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!("{cmd:?} failed: {}", out.status);
-    }
-    serde_json::from_slice(&out.stdout).with_context(|| {
-        format!(
-            "parsing the output of {cmd:?}: {:?}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
-}
-
-/// Builds the release `kiln` binary and returns its path.
-fn build_kiln() -> Result<PathBuf> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("bench snapshot: building kiln (release)...");
-    let status = Command::new(cargo)
-        .current_dir(repo_root())
-        .args(["build", "-q", "--release", "-p", "kiln", "--bin", "kiln"])
-        .status()
-        .context("running cargo build --release -p kiln")?;
-    if !status.success() {
-        bail!("cargo build --release -p kiln failed: {status}");
-    }
-    let bin = target_dir().join("release/kiln");
-    if !bin.is_file() {
-        bail!("{} missing after the build", bin.display());
-    }
-    Ok(bin)
+    command_json(&mut c)
 }
 
 /// Spawns `cmd` with stdout piped and returns the time from spawn until a stdout line

@@ -15,15 +15,15 @@
 //! is printed too: on a shared 2-core machine it moves the medians (docs/VMM.md).
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use super::{report, Format, PeerRatio, Stats};
-use crate::util::{repo_root, target_dir};
+use super::{build_kiln_release, command_json, note, report, Format, PeerRatio, Stats};
+use crate::util::target_dir;
 
 /// Measured runs per metric.
 const RUNS: usize = 40;
@@ -36,7 +36,7 @@ const FIRECRACKER_REF: (f64, f64) = (8.4, 8.7);
 
 /// Runs the vmm benchmark and reports each metric in `format`.
 pub fn run(format: Format) -> Result<()> {
-    let kiln = build_kiln()?;
+    let kiln = build_kiln_release("bench vmm: ")?;
     let dir = target_dir().join("kiln-bench");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let guest = kiln_vmm::test_guest::write_to(&dir)
@@ -44,19 +44,14 @@ pub fn run(format: Format) -> Result<()> {
     let ready = kiln_vmm::test_guest::READY;
 
     // In-process: one kiln process boots WARMUP + RUNS VMs back to back.
-    let out = Command::new(&kiln)
-        .args(["boot", "--kernel"])
-        .arg(&guest)
-        .args(["--until-serial", ready, "--repeat"])
-        .arg((WARMUP + RUNS).to_string())
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {} boot --repeat", kiln.display()))?;
-    if !out.status.success() {
-        bail!("`kiln boot --repeat` failed: {}", out.status);
-    }
-    let samples: Vec<f64> =
-        serde_json::from_slice(&out.stdout).context("parsing the `kiln boot --repeat` samples")?;
+    let samples: Vec<f64> = command_json(
+        Command::new(&kiln)
+            .args(["boot", "--kernel"])
+            .arg(&guest)
+            .args(["--until-serial", ready, "--repeat"])
+            .arg((WARMUP + RUNS).to_string()),
+    )
+    .context("in-process `kiln boot --repeat`")?;
     let in_process = Stats::from_samples(samples.get(WARMUP..).unwrap_or_default())
         .context("no in-process samples")?;
     report(
@@ -118,30 +113,8 @@ pub fn run(format: Format) -> Result<()> {
          median {fc_median} ms (DESIGN.md); kiln fresh-process median is {:.2}x that",
         fresh.median / fc_median
     );
-    match format {
-        Format::Human => println!("{line}"),
-        Format::Json => eprintln!("bench vmm: {line}"),
-    }
+    note(format, "bench vmm: ", &line);
     Ok(())
-}
-
-/// Builds the release `kiln` binary and returns its path.
-fn build_kiln() -> Result<PathBuf> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("bench vmm: building kiln (release)...");
-    let status = Command::new(cargo)
-        .current_dir(repo_root())
-        .args(["build", "-q", "--release", "-p", "kiln", "--bin", "kiln"])
-        .status()
-        .context("running cargo build --release -p kiln")?;
-    if !status.success() {
-        bail!("cargo build --release -p kiln failed: {status}");
-    }
-    let bin = target_dir().join("release/kiln");
-    if !bin.is_file() {
-        bail!("{} missing after the build", bin.display());
-    }
-    Ok(bin)
 }
 
 /// Kills and reaps a child (it may already be gone).

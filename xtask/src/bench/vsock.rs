@@ -11,16 +11,12 @@
 //!
 //! In the harness these are software-emulation numbers: compare ratios, not absolute values.
 
-use std::fs;
-use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
-use kiln_vmm::host;
+use anyhow::{bail, Result};
 use serde::Deserialize;
 
-use super::{report, Format, Stats};
-use crate::harness::{self, HarnessOptions};
+use super::{metric_stats as stats, read_samples, report, samples_file, Format};
 use crate::{build_guest, kernel, util};
 
 /// MiB echoed per run.
@@ -45,30 +41,22 @@ pub fn run(format: Format) -> Result<()> {
     let k = kernel::ensure()?;
     let g = build_guest::ensure()?;
     eprintln!("bench vsock: building the vsock_throughput example (release)");
-    util::run(
-        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-            .current_dir(util::repo_root())
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "kiln-vmm",
-                "--example",
-                "vsock_throughput",
-            ]),
-    )
-    .context("building the vsock_throughput example")?;
-    let exe = util::target_dir()
-        .join("release")
-        .join("examples")
-        .join("vsock_throughput");
-    if !exe.is_file() {
-        bail!("cargo built the example but {} is missing", exe.display());
-    }
-    let out_dir = util::target_dir().join("bench");
-    fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let out = out_dir.join("vsock.json");
-    let _ = fs::remove_file(&out);
+    let exe = util::cargo_build(
+        "the vsock_throughput example",
+        &[
+            "build",
+            "--release",
+            "-p",
+            "kiln-vmm",
+            "--example",
+            "vsock_throughput",
+        ],
+        util::target_dir()
+            .join("release")
+            .join("examples")
+            .join("vsock_throughput"),
+    )?;
+    let out = samples_file("vsock.json")?;
     let argv: Vec<String> = vec![
         exe.display().to_string(),
         "--out".into(),
@@ -80,44 +68,17 @@ pub fn run(format: Format) -> Result<()> {
         "--connects".into(),
         CONNECTS.to_string(),
     ];
-    let env = vec![
-        ("KILN_KERNEL".to_string(), k.vmlinux.display().to_string()),
-        (
-            "KILN_INITRAMFS".to_string(),
-            g.initramfs.display().to_string(),
-        ),
-    ];
-    let kind = host::detect();
-    let status = if kind.runs_linux_guests() {
-        eprintln!("bench vsock: running directly on this host ({kind})");
-        Command::new(&argv[0])
-            .args(&argv[1..])
-            .envs(env)
-            .status()
-            .with_context(|| format!("starting {}", exe.display()))?
-            .code()
-            .unwrap_or(128)
-    } else {
-        eprintln!(
-            "bench vsock: this host cannot boot Linux guests ({kind}); measuring inside the \
-             emulated-virtualization harness (software-emulation numbers: compare ratios)"
-        );
-        harness::run(&HarnessOptions {
-            command: argv,
-            timeout: Some(TIMEOUT),
-            env,
-        })?
-    };
+    let status = util::run_here_or_in_harness(
+        "bench vsock: ",
+        " (software-emulation numbers: compare ratios)",
+        argv,
+        util::guest_env(&k.vmlinux, &g.initramfs),
+        Some(TIMEOUT),
+    )?;
     if status != 0 {
         bail!("vsock_throughput failed with status {status}");
     }
-    let text = fs::read_to_string(&out)
-        .with_context(|| format!("reading the samples from {}", out.display()))?;
-    let s: Samples =
-        serde_json::from_str(text.trim()).with_context(|| format!("parsing {}", out.display()))?;
-    let stats = |name: &str, v: &[f64]| {
-        Stats::from_samples(v).with_context(|| format!("metric {name} has no usable samples"))
-    };
+    let s: Samples = read_samples(&out)?;
     report(
         "vsock.connect",
         "ms",
