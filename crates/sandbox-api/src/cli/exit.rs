@@ -81,8 +81,22 @@ pub fn for_status(status: &kiln::ExitStatus) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
     use std::path::PathBuf;
     use std::time::Duration;
+
+    /// Every exit code this module defines.
+    const ALL_CODES: [i32; 9] = [
+        USAGE,
+        NO_KVM,
+        ASSETS,
+        BOOT,
+        GUEST_DIED,
+        TIMEOUT,
+        INTERNAL,
+        CANNOT_EXEC,
+        NOT_FOUND,
+    ];
 
     fn status(code: Option<i32>, signal: Option<i32>, timed_out: bool) -> kiln::ExitStatus {
         kiln::ExitStatus {
@@ -170,36 +184,15 @@ mod tests {
         for (e, code) in cases {
             assert_eq!(for_error(&e), code, "{e}");
         }
-        let codes = [
-            USAGE,
-            NO_KVM,
-            ASSETS,
-            BOOT,
-            GUEST_DIED,
-            TIMEOUT,
-            INTERNAL,
-            CANNOT_EXEC,
-            NOT_FOUND,
-        ];
-        let mut sorted = codes.to_vec();
+        let mut sorted = ALL_CODES.to_vec();
         sorted.sort_unstable();
         sorted.dedup();
-        assert_eq!(sorted.len(), codes.len());
+        assert_eq!(sorted.len(), ALL_CODES.len());
     }
 
     #[test]
     fn help_lists_every_code() {
-        for code in [
-            USAGE,
-            NO_KVM,
-            ASSETS,
-            BOOT,
-            GUEST_DIED,
-            TIMEOUT,
-            INTERNAL,
-            CANNOT_EXEC,
-            NOT_FOUND,
-        ] {
+        for code in ALL_CODES {
             assert!(
                 HELP.contains(&format!("  {code} ")),
                 "{code} missing from HELP"
