@@ -117,7 +117,8 @@ impl From<&SerialSnapshot> for vm_superio::serial::SerialState {
     }
 }
 
-/// One virtqueue's configuration as the driver wrote it, plus the ring position.
+/// One virtqueue's configuration as the driver wrote it, plus the ring position
+/// ([`crate::virtio::mmio::MmioTransport::save_state`] fills it in).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueSnapshot {
     /// Maximum size the device offers.
@@ -133,11 +134,13 @@ pub struct QueueSnapshot {
     /// Used ring address.
     pub used: u64,
     /// Next available/used index. At rest (device lock held) every chain the device popped
-    /// has been returned, so both equal the used ring's `idx`.
+    /// has been returned, so both equal the used ring's `idx`. 0 when the device is not
+    /// active.
     pub next_index: u16,
 }
 
-/// The virtio-mmio transport's register file.
+/// The virtio-mmio transport's register file, as
+/// [`crate::virtio::mmio::MmioTransport::save_state`] saves it and `restore_state` loads it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MmioSnapshot {
     /// Per-queue configuration.

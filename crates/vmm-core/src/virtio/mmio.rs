@@ -15,6 +15,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::snapshot::state::{MmioSnapshot, QueueSnapshot};
+
 use super::{
     GuestMem, Interrupt, VirtioDevice, STATUS_ACKNOWLEDGE, STATUS_DEVICE_NEEDS_RESET,
     STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK, VIRTIO_F_VERSION_1,
@@ -85,51 +87,6 @@ pub mod regs {
     pub const CONFIG_GENERATION: u64 = 0x0fc;
     /// Start of the device configuration space.
     pub const CONFIG: u64 = 0x100;
-}
-
-/// Saved configuration of one queue (snapshots).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QueueRegs {
-    /// Maximum size the device offers.
-    pub max_size: u16,
-    /// Size the driver chose (raw register value).
-    pub size: u32,
-    /// QueueReady.
-    pub ready: bool,
-    /// Descriptor table address.
-    pub desc: u64,
-    /// Available ring address.
-    pub avail: u64,
-    /// Used ring address.
-    pub used: u64,
-    /// Next available (= next used, at rest) index; 0 when the device is not active.
-    pub next_index: u16,
-}
-
-/// Saved register file of a transport (snapshots). Connections are not part of it: a
-/// restored vsock device starts empty and the caller sends a transport reset.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MmioState {
-    /// Per-queue configuration.
-    pub queues: Vec<QueueRegs>,
-    /// QueueSel.
-    pub queue_sel: u32,
-    /// DeviceFeaturesSel.
-    pub device_features_sel: u32,
-    /// DriverFeaturesSel.
-    pub driver_features_sel: u32,
-    /// Features the driver acknowledged.
-    pub driver_features: u64,
-    /// The driver wrote feature bits past 64.
-    pub bad_driver_features: bool,
-    /// Status register (without DEVICE_NEEDS_RESET).
-    pub status: u32,
-    /// DRIVER_OK was accepted and the device activated.
-    pub activated: bool,
-    /// Unacknowledged interrupt status bits.
-    pub interrupt_status: u32,
-    /// The device asked for a reset.
-    pub needs_reset: bool,
 }
 
 /// Errors restoring a transport from a saved state.
@@ -272,15 +229,15 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.driver_features
     }
 
-    /// Save the register file (call with the vCPUs paused).
-    pub fn save_state(&self) -> MmioState {
+    /// Save the register file, as a snapshot stores it (call with the vCPUs paused).
+    pub fn save_state(&self) -> MmioSnapshot {
         let next = lock(&self.device).queue_next_indices().unwrap_or_default();
-        MmioState {
+        MmioSnapshot {
             queues: self
                 .queues
                 .iter()
                 .enumerate()
-                .map(|(i, q)| QueueRegs {
+                .map(|(i, q)| QueueSnapshot {
                     max_size: q.max_size,
                     size: q.size,
                     ready: q.ready,
@@ -305,7 +262,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// Load a saved register file into this fresh transport and, if the device was active,
     /// re-activate it with the saved queues positioned at their saved indices. Everything is
     /// validated as at DRIVER_OK; on error the transport is left reset.
-    pub fn restore_state(&mut self, st: &MmioState) -> Result<(), MmioError> {
+    pub fn restore_state(&mut self, st: &MmioSnapshot) -> Result<(), MmioError> {
         if st.queues.len() != self.queues.len() {
             return Err(MmioError::Mismatch(format!(
                 "{} queues saved, device has {}",

@@ -22,14 +22,11 @@ use vmm_sys_util::signal::Killable;
 use super::{build_machine, kvm, register_memory, Machine, Vm, VmConfig, VmError};
 use crate::event_loop::EventLoop;
 use crate::snapshot::kvm_state::{self, VmKvmState};
-use crate::snapshot::state::{
-    MmioSnapshot, QueueSnapshot, SerialSnapshot, VcpuSnapshot, VmSnapshot, VsockSnapshot,
-};
+use crate::snapshot::state::{SerialSnapshot, VcpuSnapshot, VmSnapshot, VsockSnapshot};
 use crate::snapshot::{
     self, format, memory_file, RestoreConfig, SnapshotError, SnapshotInfo, VCPU_TIMEOUT,
 };
 use crate::vcpu::{self, VcpuRunner, VcpuState, VmShared};
-use crate::virtio::mmio::{MmioState, QueueRegs};
 use crate::virtio::VirtioDevice;
 
 /// How often snapshotting retries when the device thread moved a queue between reading the
@@ -56,64 +53,6 @@ fn msr_indices(kvm: &Kvm, vm: &str) -> Result<&'static [u32], SnapshotError> {
         .as_slice()
         .to_vec();
     Ok(LIST.get_or_init(|| l))
-}
-
-impl From<&MmioState> for MmioSnapshot {
-    fn from(s: &MmioState) -> Self {
-        MmioSnapshot {
-            queues: s
-                .queues
-                .iter()
-                .map(|q| QueueSnapshot {
-                    max_size: q.max_size,
-                    size: q.size,
-                    ready: q.ready,
-                    desc: q.desc,
-                    avail: q.avail,
-                    used: q.used,
-                    next_index: q.next_index,
-                })
-                .collect(),
-            queue_sel: s.queue_sel,
-            device_features_sel: s.device_features_sel,
-            driver_features_sel: s.driver_features_sel,
-            driver_features: s.driver_features,
-            bad_driver_features: s.bad_driver_features,
-            status: s.status,
-            activated: s.activated,
-            interrupt_status: s.interrupt_status,
-            needs_reset: s.needs_reset,
-        }
-    }
-}
-
-impl From<&MmioSnapshot> for MmioState {
-    fn from(s: &MmioSnapshot) -> Self {
-        MmioState {
-            queues: s
-                .queues
-                .iter()
-                .map(|q| QueueRegs {
-                    max_size: q.max_size,
-                    size: q.size,
-                    ready: q.ready,
-                    desc: q.desc,
-                    avail: q.avail,
-                    used: q.used,
-                    next_index: q.next_index,
-                })
-                .collect(),
-            queue_sel: s.queue_sel,
-            device_features_sel: s.device_features_sel,
-            driver_features_sel: s.driver_features_sel,
-            driver_features: s.driver_features,
-            bad_driver_features: s.bad_driver_features,
-            status: s.status,
-            activated: s.activated,
-            interrupt_status: s.interrupt_status,
-            needs_reset: s.needs_reset,
-        }
-    }
 }
 
 fn io_err(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> SnapshotError {
@@ -204,7 +143,7 @@ impl Vm {
                     guest_cid: v.host.guest_cid(),
                     mmio_base: v.slot.base,
                     gsi: v.slot.gsi,
-                    transport: MmioSnapshot::from(&st),
+                    transport: st,
                 })
             }
         };
@@ -511,7 +450,7 @@ impl PreparedRestore {
             .map_err(|e| device_err("serial", e.to_string()))?;
         if let (Some(saved), Some(v)) = (&snap.vsock, &devices.vsock) {
             lock(&v.transport)
-                .restore_state(&MmioState::from(&saved.transport))
+                .restore_state(&saved.transport)
                 .map_err(|e| device_err("virtio-vsock", e.to_string()))?;
             // Connections did not survive: tell the guest so its agent reconnects.
             lock(&v.device).transport_reset();
