@@ -792,66 +792,44 @@ mod tests {
         assert_eq!(t.interrupt_evt().read().unwrap(), 1);
     }
 
-    #[test]
-    fn queue_size_not_power_of_two_needs_reset() {
+    /// Configures every queue, then reopens queue `sel`, writes `value` to `reg` and marks the
+    /// queue ready again: DRIVER_OK must then be refused with DEVICE_NEEDS_RESET.
+    fn bad_queue_config_needs_reset(sel: u32, reg: u64, value: u32) {
         let mut t = transport();
         features_ok(&mut t);
         setup_all(&mut t);
-        w32(&mut t, regs::QUEUE_SEL, 1);
+        w32(&mut t, regs::QUEUE_SEL, sel);
         w32(&mut t, regs::QUEUE_READY, 0);
-        w32(&mut t, regs::QUEUE_NUM, 100);
+        w32(&mut t, reg, value);
         w32(&mut t, regs::QUEUE_READY, 1);
         expect_needs_reset(&mut t);
+    }
+
+    #[test]
+    fn queue_size_not_power_of_two_needs_reset() {
+        bad_queue_config_needs_reset(1, regs::QUEUE_NUM, 100);
     }
 
     #[test]
     fn queue_size_above_max_or_zero_needs_reset() {
         for bad in [512u32, 0, 0x1_0000] {
-            let mut t = transport();
-            features_ok(&mut t);
-            setup_all(&mut t);
-            w32(&mut t, regs::QUEUE_SEL, 0);
-            w32(&mut t, regs::QUEUE_READY, 0);
-            w32(&mut t, regs::QUEUE_NUM, bad);
-            w32(&mut t, regs::QUEUE_READY, 1);
-            expect_needs_reset(&mut t);
+            bad_queue_config_needs_reset(0, regs::QUEUE_NUM, bad);
         }
     }
 
     #[test]
     fn ring_outside_guest_memory_needs_reset() {
-        let mut t = transport();
-        features_ok(&mut t);
-        setup_all(&mut t);
-        w32(&mut t, regs::QUEUE_SEL, 2);
-        w32(&mut t, regs::QUEUE_READY, 0);
-        w32(&mut t, regs::QUEUE_USED_HIGH, 0x10); // 64 GiB up
-        w32(&mut t, regs::QUEUE_READY, 1);
-        expect_needs_reset(&mut t);
+        bad_queue_config_needs_reset(2, regs::QUEUE_USED_HIGH, 0x10); // 64 GiB up
     }
 
     #[test]
     fn ring_straddling_end_of_memory_needs_reset() {
-        let mut t = transport();
-        features_ok(&mut t);
-        setup_all(&mut t);
-        w32(&mut t, regs::QUEUE_SEL, 0);
-        w32(&mut t, regs::QUEUE_READY, 0);
-        w32(&mut t, regs::QUEUE_DESC_LOW, (64 << 20) - 16);
-        w32(&mut t, regs::QUEUE_READY, 1);
-        expect_needs_reset(&mut t);
+        bad_queue_config_needs_reset(0, regs::QUEUE_DESC_LOW, (64 << 20) - 16);
     }
 
     #[test]
     fn misaligned_ring_needs_reset() {
-        let mut t = transport();
-        features_ok(&mut t);
-        setup_all(&mut t);
-        w32(&mut t, regs::QUEUE_SEL, 1);
-        w32(&mut t, regs::QUEUE_READY, 0);
-        w32(&mut t, regs::QUEUE_DESC_LOW, 0x10_0008);
-        w32(&mut t, regs::QUEUE_READY, 1);
-        expect_needs_reset(&mut t);
+        bad_queue_config_needs_reset(1, regs::QUEUE_DESC_LOW, 0x10_0008);
     }
 
     #[test]
