@@ -7,14 +7,23 @@
 //! with a timeout waits at most that timeout plus the same slack; an exec without a timeout
 //! waits until it ends or the connection dies.
 //!
+//! Each request's responses wait for their caller in a bounded per-request queue
+//! ([`ClientConfig::max_buffered_bytes`], [`ClientConfig::max_buffered_messages`]). When a
+//! queue is full the reader thread stops reading the connection (back-pressure: the guest is
+//! throttled by the transport's flow control, e.g. vsock credit) until the caller makes room.
+//! If it does not within [`ClientConfig::consumer_deadline`], that request fails with
+//! [`ClientError::ConsumerTooSlow`], its later responses are dropped and the reader goes on
+//! serving the other requests. Responses for a caller that went away (dropped its stream,
+//! timed out) are discarded without blocking. So nothing the guest sends can make host memory
+//! grow without bound.
+//!
 //! The reader thread ends when the stream reports end of file or an error; to stop it, shut
 //! the underlying transport down (e.g. `UnixStream::shutdown`).
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -53,6 +62,18 @@ pub enum ClientError {
     /// The caller asked for something the client cannot do.
     #[error("{op}: {message}")]
     Usage { op: &'static str, message: String },
+    /// The caller of request `id` did not take its responses: the request's buffer stayed
+    /// full for `after` ([`ClientConfig::consumer_deadline`]). The request is abandoned, its
+    /// later responses are dropped.
+    #[error(
+        "{op} (request {id}): the caller did not consume the responses within {after:?} \
+         (per-request buffer full); the request was abandoned"
+    )]
+    ConsumerTooSlow {
+        op: &'static str,
+        id: u64,
+        after: Duration,
+    },
 }
 
 impl ClientError {
@@ -80,18 +101,234 @@ fn unexpected(op: &'static str, r: Response) -> ClientError {
 pub struct ClientConfig {
     /// Deadline for every non-exec request, and slack added to an exec's own timeout.
     pub request_timeout: Duration,
+    /// Responses of one request buffered until its caller takes them, in bytes (payload plus
+    /// [`RESPONSE_OVERHEAD`] per response). A response is always accepted into an empty
+    /// buffer, so one frame fits whatever the setting.
+    pub max_buffered_bytes: usize,
+    /// Responses of one request buffered until its caller takes them, in messages.
+    pub max_buffered_messages: usize,
+    /// How long the reader thread waits for a caller to make room in its full buffer before
+    /// the request fails with [`ClientError::ConsumerTooSlow`]. Meanwhile the connection is
+    /// not read, so responses of other requests wait too.
+    pub consumer_deadline: Duration,
 }
 
 impl Default for ClientConfig {
     fn default() -> Self {
         Self {
             request_timeout: Duration::from_secs(30),
+            max_buffered_bytes: 16 << 20,
+            max_buffered_messages: 8192,
+            consumer_deadline: Duration::from_secs(30),
         }
     }
 }
 
+/// Bytes a buffered response is counted for on top of its payload (the enum, the queue slot,
+/// allocation headers), so that many empty chunks are bounded by bytes too.
+pub const RESPONSE_OVERHEAD: usize = 128;
+
+/// The bytes a response is counted for in its request's buffer.
+fn response_cost(r: &Response) -> usize {
+    let payload = match r {
+        Response::Stdout(d) | Response::Stderr(d) | Response::Data { data: d, .. } => d.len(),
+        Response::Error { message, .. } => message.len(),
+        Response::DirEntries { entries, .. } => entries
+            .iter()
+            .map(|e| e.name.len().saturating_add(std::mem::size_of::<DirEntry>()))
+            .fold(0usize, usize::saturating_add),
+        Response::Pong
+        | Response::Ok
+        | Response::ExecStarted { .. }
+        | Response::Exit(_)
+        | Response::Written { .. }
+        | Response::Stat(_)
+        | Response::Bool(_) => 0,
+    };
+    payload.saturating_add(RESPONSE_OVERHEAD)
+}
+
+/// How a request's queue ended.
+#[derive(Debug, Clone)]
+enum QueueEnd {
+    /// The connection closed (queued responses are still delivered first).
+    Closed(String),
+    /// The caller did not make room in time; queued responses were dropped.
+    TooSlow(Duration),
+}
+
+#[derive(Default)]
+struct QueueState {
+    items: VecDeque<(Response, usize)>,
+    bytes: usize,
+    end: Option<QueueEnd>,
+    /// The caller went away (dropped its receiver or timed out).
+    abandoned: bool,
+}
+
+/// The bounded queue between the reader thread and the caller of one request.
+struct Queue {
+    state: Mutex<QueueState>,
+    /// Signalled on every change (one producer, one consumer).
+    changed: Condvar,
+    /// Bytes buffered in all queues of the client.
+    total: Arc<AtomicUsize>,
+}
+
+/// What happened to a response handed to a request's queue.
+enum Push {
+    Queued,
+    /// The caller went away or the request already ended: dropped.
+    Dropped,
+    /// The queue stayed full past the consumer deadline: the request failed now.
+    TooSlow,
+}
+
+/// What [`ResponseRx::recv`] got.
+enum Recv {
+    Response(Response),
+    Timeout,
+    End(QueueEnd),
+}
+
+impl Queue {
+    fn new(total: Arc<AtomicUsize>) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(QueueState::default()),
+            changed: Condvar::new(),
+            total,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        // Every critical section leaves the state consistent, so a poisoned lock is usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drop everything queued (the caller will never read it).
+    fn clear(&self, st: &mut QueueState) {
+        st.items.clear();
+        self.total.fetch_sub(st.bytes, Ordering::Relaxed);
+        st.bytes = 0;
+    }
+
+    /// Queue `r` for the caller; waits (back-pressure) while the queue is full, at most
+    /// `config.consumer_deadline`.
+    fn push(&self, r: Response, config: &ClientConfig) -> Push {
+        let cost = response_cost(&r);
+        let mut st = self.lock();
+        // Set when the queue is first found full; `None` inside = beyond `Instant`'s range.
+        let mut deadline: Option<Option<Instant>> = None;
+        loop {
+            if st.abandoned || st.end.is_some() {
+                return Push::Dropped;
+            }
+            let fits = st.items.is_empty()
+                || (st.items.len() < config.max_buffered_messages
+                    && st.bytes.saturating_add(cost) <= config.max_buffered_bytes);
+            if fits {
+                st.items.push_back((r, cost));
+                st.bytes += cost;
+                self.total.fetch_add(cost, Ordering::Relaxed);
+                self.changed.notify_all();
+                return Push::Queued;
+            }
+            let now = Instant::now();
+            let d = *deadline.get_or_insert_with(|| now.checked_add(config.consumer_deadline));
+            st = match d {
+                Some(d) if now >= d => {
+                    self.clear(&mut st);
+                    st.end = Some(QueueEnd::TooSlow(config.consumer_deadline));
+                    self.changed.notify_all();
+                    return Push::TooSlow;
+                }
+                Some(d) => {
+                    self.changed
+                        .wait_timeout(st, d - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
+                None => self.changed.wait(st).unwrap_or_else(|p| p.into_inner()),
+            };
+        }
+    }
+
+    /// The connection closed: wake the caller once the queue is drained.
+    fn close(&self, reason: &str) {
+        let mut st = self.lock();
+        if st.end.is_none() {
+            st.end = Some(QueueEnd::Closed(reason.to_owned()));
+        }
+        self.changed.notify_all();
+    }
+
+    /// The caller went away: free the queue and never block the reader on it again.
+    fn abandon(&self) {
+        let mut st = self.lock();
+        st.abandoned = true;
+        self.clear(&mut st);
+        self.changed.notify_all();
+    }
+}
+
+/// The caller's end of a request's queue; dropping it abandons the request.
+struct ResponseRx {
+    queue: Arc<Queue>,
+}
+
+impl ResponseRx {
+    /// The next response; waits until `deadline` (`None` = no deadline).
+    fn recv(&self, deadline: Option<Instant>) -> Recv {
+        let q = &self.queue;
+        let mut st = q.lock();
+        loop {
+            if let Some((r, cost)) = st.items.pop_front() {
+                st.bytes -= cost;
+                q.total.fetch_sub(cost, Ordering::Relaxed);
+                q.changed.notify_all();
+                return Recv::Response(r);
+            }
+            if let Some(end) = &st.end {
+                return Recv::End(end.clone());
+            }
+            st = match deadline {
+                None => q.changed.wait(st).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return Recv::Timeout;
+                    }
+                    q.changed
+                        .wait_timeout(st, d - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
+            };
+        }
+    }
+
+    /// The next response if one is queued, without waiting.
+    fn try_recv(&self) -> Option<Recv> {
+        let q = &self.queue;
+        let mut st = q.lock();
+        if let Some((r, cost)) = st.items.pop_front() {
+            st.bytes -= cost;
+            q.total.fetch_sub(cost, Ordering::Relaxed);
+            q.changed.notify_all();
+            return Some(Recv::Response(r));
+        }
+        st.end.clone().map(Recv::End)
+    }
+}
+
+impl Drop for ResponseRx {
+    fn drop(&mut self) {
+        self.queue.abandon();
+    }
+}
+
 struct Waiter {
-    tx: Sender<Response>,
+    queue: Arc<Queue>,
     /// Streaming requests end with `Exit` or `Error`; others with their first response.
     streaming: bool,
 }
@@ -107,6 +344,8 @@ struct Shared {
     pending: Mutex<Pending>,
     next_id: AtomicU64,
     config: ClientConfig,
+    /// Bytes buffered in all request queues.
+    buffered: Arc<AtomicUsize>,
 }
 
 impl Shared {
@@ -121,7 +360,10 @@ impl Shared {
         if p.closed.is_none() {
             p.closed = Some(reason);
         }
-        p.waiters.clear();
+        let reason = p.closed.clone().unwrap_or_default();
+        for (_, w) in p.waiters.drain() {
+            w.queue.close(&reason);
+        }
     }
 }
 
@@ -187,6 +429,7 @@ impl Client {
             pending: Mutex::new(Pending::default()),
             next_id: AtomicU64::new(1),
             config,
+            buffered: Arc::new(AtomicUsize::new(0)),
         });
         let s2 = Arc::clone(&shared);
         thread::Builder::new()
@@ -206,16 +449,25 @@ impl Client {
         self.shared.pending().closed.clone()
     }
 
+    /// Bytes of responses currently buffered for callers, over all requests (each request's
+    /// share is bounded by [`ClientConfig::max_buffered_bytes`]).
+    pub fn buffered_bytes(&self) -> usize {
+        self.shared.buffered.load(Ordering::Relaxed)
+    }
+
     fn send(
         &self,
         op: &'static str,
         body: Request,
         streaming: bool,
-    ) -> Result<(u64, Receiver<Response>), ClientError> {
+    ) -> Result<(u64, ResponseRx), ClientError> {
         body.validate().map_err(ProtoError::from)?;
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = encode_frame(&Message::Request { id, body })?;
-        let (tx, rx) = mpsc::channel();
+        let queue = Queue::new(Arc::clone(&self.shared.buffered));
+        let rx = ResponseRx {
+            queue: Arc::clone(&queue),
+        };
         {
             let mut p = self.shared.pending();
             if let Some(reason) = &p.closed {
@@ -224,7 +476,7 @@ impl Client {
                     reason: reason.clone(),
                 });
             }
-            p.waiters.insert(id, Waiter { tx, streaming });
+            p.waiters.insert(id, Waiter { queue, streaming });
         }
         let res = {
             let mut w = self.shared.writer.lock().unwrap_or_else(|p| p.into_inner());
@@ -241,28 +493,34 @@ impl Client {
         &self,
         op: &'static str,
         id: u64,
-        rx: &Receiver<Response>,
+        rx: &ResponseRx,
         deadline: Option<Instant>,
     ) -> Result<Response, ClientError> {
-        let r = match deadline {
-            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
-            Some(d) => rx.recv_timeout(d.saturating_duration_since(Instant::now())),
-        };
+        self.received(op, id, rx, rx.recv(deadline))
+    }
+
+    /// Turns what a queue yielded into the caller's result.
+    fn received(
+        &self,
+        op: &'static str,
+        id: u64,
+        rx: &ResponseRx,
+        r: Recv,
+    ) -> Result<Response, ClientError> {
         match r {
-            Ok(r) => Ok(r),
-            Err(RecvTimeoutError::Timeout) => {
+            Recv::Response(r) => Ok(r),
+            Recv::Timeout => {
                 self.shared.pending().waiters.remove(&id);
+                rx.queue.abandon();
                 Err(ClientError::Timeout {
                     op,
                     after: self.shared.config.request_timeout,
                 })
             }
-            Err(RecvTimeoutError::Disconnected) => Err(ClientError::Closed {
-                op,
-                reason: self
-                    .closed_reason()
-                    .unwrap_or_else(|| "request dropped".into()),
-            }),
+            Recv::End(QueueEnd::Closed(reason)) => Err(ClientError::Closed { op, reason }),
+            Recv::End(QueueEnd::TooSlow(after)) => {
+                Err(ClientError::ConsumerTooSlow { op, id, after })
+            }
         }
     }
 
@@ -398,7 +656,7 @@ impl Client {
         const OP: &str = "read_file";
         let end = len.map(|l| offset.saturating_add(l));
         let mut next = offset;
-        let mut inflight: VecDeque<(u64, u64, Receiver<Response>, u64)> = VecDeque::new();
+        let mut inflight: VecDeque<(u64, u64, ResponseRx, u64)> = VecDeque::new();
         let mut copied = 0u64;
         let mut done = false;
         loop {
@@ -462,7 +720,7 @@ impl Client {
         const OP: &str = "write_file";
         let mut offset = 0u64;
         let mut first = true;
-        let mut inflight: VecDeque<(u64, Receiver<Response>, usize)> = VecDeque::new();
+        let mut inflight: VecDeque<(u64, ResponseRx, usize)> = VecDeque::new();
         loop {
             let mut buf = vec![0u8; MAX_CHUNK];
             let mut n = 0;
@@ -506,7 +764,7 @@ impl Client {
 
     fn finish_write(
         &self,
-        inflight: &mut VecDeque<(u64, Receiver<Response>, usize)>,
+        inflight: &mut VecDeque<(u64, ResponseRx, usize)>,
     ) -> Result<(), ClientError> {
         const OP: &str = "write_file";
         let Some((id, rx, n)) = inflight.pop_front() else {
@@ -634,20 +892,25 @@ fn reader_loop<R: Read>(mut reader: R, shared: &Shared) {
         }
         match msg {
             Message::Response { id, body } => {
-                let mut p = shared.pending();
-                let terminal = match p.waiters.get(&id) {
-                    Some(w) => {
-                        let terminal = !w.streaming
-                            || matches!(body, Response::Exit(_) | Response::Error { .. });
-                        // A waiter that gave up (timeout) has dropped its receiver.
-                        let _ = w.tx.send(body);
-                        terminal
-                    }
-                    // Unknown id: a request that timed out, or id 0 (connection-level error).
-                    None => false,
+                // Unknown id: a request that ended or was abandoned, or id 0 (a
+                // connection-level error): dropped.
+                let Some((queue, streaming)) = shared
+                    .pending()
+                    .waiters
+                    .get(&id)
+                    .map(|w| (Arc::clone(&w.queue), w.streaming))
+                else {
+                    continue;
                 };
-                if terminal {
-                    p.waiters.remove(&id);
+                let terminal =
+                    !streaming || matches!(body, Response::Exit(_) | Response::Error { .. });
+                // Not under the `pending` lock: this may wait for the caller (back-pressure).
+                let done = match queue.push(body, &shared.config) {
+                    Push::Queued => terminal,
+                    Push::Dropped | Push::TooSlow => true,
+                };
+                if done {
+                    shared.pending().waiters.remove(&id);
                 }
             }
             Message::Hello(_) => {}
@@ -684,12 +947,17 @@ pub struct ExecStream {
     client: Client,
     op: &'static str,
     id: u64,
-    rx: Receiver<Response>,
+    rx: ResponseRx,
     deadline: Option<Instant>,
     /// The request's `output_cap`, enforced on the host too (the guest is not trusted).
     cap: Option<u64>,
     received: u64,
+    /// Events taken off the queue early (by `started`, or while `signal` waits), and the
+    /// bytes they are counted for ([`event_cost`]).
     buffered: VecDeque<ExecEvent>,
+    buffered_bytes: usize,
+    /// An error met while taking events off early, reported after `buffered`.
+    failed: Option<ClientError>,
     exec_id: Option<u64>,
     done: bool,
 }
@@ -710,7 +978,7 @@ impl ExecStream {
         client: Client,
         op: &'static str,
         id: u64,
-        rx: Receiver<Response>,
+        rx: ResponseRx,
         deadline: Option<Instant>,
         cap: Option<u64>,
     ) -> Self {
@@ -723,6 +991,8 @@ impl ExecStream {
             cap,
             received: 0,
             buffered: VecDeque::new(),
+            buffered_bytes: 0,
+            failed: None,
             exec_id: None,
             done: false,
         }
@@ -735,6 +1005,38 @@ impl ExecStream {
         let r = self
             .client
             .recv(self.op, self.id, &self.rx, self.deadline)?;
+        self.event(r).map(Some)
+    }
+
+    /// Takes the next response if one is already queued, keeping its event in `buffered`
+    /// (an error goes to `failed`). Returns whether it took one.
+    fn pull_queued(&mut self) -> bool {
+        if self.done || self.failed.is_some() {
+            return false;
+        }
+        let Some(r) = self.rx.try_recv() else {
+            return false;
+        };
+        match self
+            .client
+            .received(self.op, self.id, &self.rx, r)
+            .and_then(|r| self.event(r))
+        {
+            Ok(ev) => self.keep(ev),
+            Err(e) => {
+                self.done = true;
+                self.failed = Some(e);
+            }
+        }
+        true
+    }
+
+    fn keep(&mut self, ev: ExecEvent) {
+        self.buffered_bytes += event_cost(&ev);
+        self.buffered.push_back(ev);
+    }
+
+    fn event(&mut self, r: Response) -> Result<ExecEvent, ClientError> {
         let ev = match r {
             Response::ExecStarted { exec_id, pid } => {
                 self.exec_id = Some(exec_id);
@@ -751,7 +1053,7 @@ impl ExecStream {
                 return Err(unexpected(self.op, other));
             }
         };
-        Ok(Some(ev))
+        Ok(ev)
     }
 
     fn count(&mut self, d: Vec<u8>) -> Result<Vec<u8>, ClientError> {
@@ -769,7 +1071,11 @@ impl ExecStream {
     /// The next event; `Ok(None)` after `Exit`.
     pub fn next_event(&mut self) -> Result<Option<ExecEvent>, ClientError> {
         if let Some(ev) = self.buffered.pop_front() {
+            self.buffered_bytes -= event_cost(&ev);
             return Ok(Some(ev));
+        }
+        if let Some(e) = self.failed.take() {
+            return Err(e);
         }
         self.pull()
     }
@@ -789,7 +1095,7 @@ impl ExecStream {
                 _ => None,
             };
             let exit = matches!(ev, ExecEvent::Exit(_));
-            self.buffered.push_back(ev);
+            self.keep(ev);
             if found.is_some() {
                 return Ok(found);
             }
@@ -817,13 +1123,46 @@ impl ExecStream {
     }
 
     /// Send `signal` to the exec's process group (waits for `Started`).
+    ///
+    /// The answer may be queued behind this exec's own output, which nobody reads while the
+    /// caller waits here: so meanwhile the output is moved aside (at most
+    /// [`ClientConfig::max_buffered_bytes`] more) and returned later by
+    /// [`next_event`](Self::next_event). Signalling a stream whose buffer is full (a
+    /// `SIGPIPE` after the reader of its output went away) does not wait for the consumer
+    /// deadline.
     pub fn signal(&mut self, signal: i32) -> Result<(), ClientError> {
-        match self.started()? {
-            Some((exec_id, _)) => self.client.signal(exec_id, signal),
-            None => Err(ClientError::Usage {
-                op: "signal",
+        const OP: &str = "signal";
+        let Some((exec_id, _)) = self.started()? else {
+            return Err(ClientError::Usage {
+                op: OP,
                 message: "the command did not start".into(),
-            }),
+            });
+        };
+        let client = self.client.clone();
+        let (id, rx) = client.send(OP, Request::Signal { exec_id, signal }, false)?;
+        let deadline = Instant::now().checked_add(client.shared.config.request_timeout);
+        let limit = client.shared.config.max_buffered_bytes;
+        let r = loop {
+            if let Some(r) = rx.try_recv() {
+                break r;
+            }
+            if self.buffered_bytes < limit && self.pull_queued() {
+                continue;
+            }
+            // Nothing to move aside: wait a little for either queue.
+            let tick = Instant::now().checked_add(Duration::from_millis(5));
+            let wait_until = match (tick, deadline) {
+                (Some(t), Some(d)) => Some(t.min(d)),
+                (t, d) => t.or(d),
+            };
+            match rx.recv(wait_until) {
+                Recv::Timeout if deadline.is_none_or(|d| Instant::now() < d) => {}
+                r => break r,
+            }
+        };
+        match client.received(OP, id, &rx, r)? {
+            Response::Ok => Ok(()),
+            r => Err(unexpected(OP, r)),
         }
     }
 
@@ -859,6 +1198,14 @@ impl ExecStream {
             op: self.op,
             got: "end of events without Exit",
         })
+    }
+}
+
+/// The bytes an event kept in an [`ExecStream`] is counted for (like [`response_cost`]).
+fn event_cost(ev: &ExecEvent) -> usize {
+    match ev {
+        ExecEvent::Stdout(d) | ExecEvent::Stderr(d) => d.len() + RESPONSE_OVERHEAD,
+        ExecEvent::Started { .. } | ExecEvent::Exit(_) => RESPONSE_OVERHEAD,
     }
 }
 
@@ -921,6 +1268,7 @@ mod tests {
     use super::*;
     use crate::frame::write_frame;
     use std::os::unix::net::UnixStream;
+    use std::sync::mpsc;
 
     fn hello(version: u32) -> Message {
         Message::Hello(Hello {
@@ -990,6 +1338,7 @@ mod tests {
     fn remote_errors_timeouts_and_closing() {
         let (c, mut agent) = pair(ClientConfig {
             request_timeout: Duration::from_millis(200),
+            ..ClientConfig::default()
         });
         let c = c.unwrap();
         let c1 = c.clone();
@@ -1109,6 +1458,7 @@ mod tests {
         // A long configured request timeout: the short ping deadline must win.
         let (c, mut agent) = pair(ClientConfig {
             request_timeout: Duration::from_secs(60),
+            ..ClientConfig::default()
         });
         let c = c.unwrap();
         let c1 = c.clone();
@@ -1126,5 +1476,272 @@ mod tests {
         );
         assert!(started.elapsed() < Duration::from_secs(30));
         let _ = next_request(&mut agent);
+    }
+
+    fn exit0() -> Response {
+        Response::Exit(ExitStatus {
+            code: Some(0),
+            signal: None,
+            timed_out: false,
+            truncated: false,
+        })
+    }
+
+    /// Output chunk `i` of `len` bytes, distinct per index (checks order and loss).
+    fn chunk(i: usize, len: usize) -> Vec<u8> {
+        (0..len).map(|k| ((i * 31 + k) % 251) as u8).collect()
+    }
+
+    /// A fake agent's single writer: sends `n` stdout chunks for `exec_id` (answering any
+    /// request id pushed to the returned channel with `Ok` / `Pong` in between), then `Exit`.
+    /// The flag turns true once everything was written.
+    fn stream_writer(
+        mut agent: UnixStream,
+        id: u64,
+        n: usize,
+        len: usize,
+    ) -> (
+        mpsc::Sender<(u64, Response)>,
+        Arc<std::sync::atomic::AtomicBool>,
+        thread::JoinHandle<()>,
+    ) {
+        let (tx, rx) = mpsc::channel::<(u64, Response)>();
+        let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let f2 = Arc::clone(&finished);
+        let t = thread::spawn(move || {
+            for i in 0..n {
+                while let Ok((rid, body)) = rx.try_recv() {
+                    respond(&mut agent, rid, body);
+                }
+                respond(&mut agent, id, Response::Stdout(chunk(i, len)));
+            }
+            while let Ok((rid, body)) = rx.try_recv() {
+                respond(&mut agent, rid, body);
+            }
+            respond(&mut agent, id, exit0());
+            f2.store(true, Ordering::SeqCst);
+            // Late answers (after the output).
+            while let Ok((rid, body)) = rx.recv_timeout(Duration::from_secs(5)) {
+                respond(&mut agent, rid, body);
+            }
+        });
+        (tx, finished, t)
+    }
+
+    fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_slow_consumer_is_throttled_and_gets_every_byte_in_order() {
+        const LEN: usize = 64 * 1024;
+        const N: usize = 64; // 4 MiB, far more than the buffer plus the socket's.
+        let limit = 4 * (LEN + RESPONSE_OVERHEAD);
+        let (c, mut agent) = pair(ClientConfig {
+            max_buffered_bytes: limit,
+            consumer_deadline: Duration::from_secs(20),
+            ..ClientConfig::default()
+        });
+        let c = c.unwrap();
+        let mut s = c.exec_stream(ExecRequest::new(["yes"])).unwrap();
+        let (id, _) = next_request(&mut agent);
+        let (_tx, finished, writer) = stream_writer(agent, id, N, LEN);
+
+        // Nobody reads: the buffer fills up to its bound and the agent is held back.
+        wait_for("a full buffer", || {
+            c.buffered_bytes() + LEN + RESPONSE_OVERHEAD > limit
+        });
+        thread::sleep(Duration::from_millis(300));
+        assert!(c.buffered_bytes() <= limit, "{}", c.buffered_bytes());
+        assert!(
+            !finished.load(Ordering::SeqCst),
+            "the agent wrote 4 MiB although the client buffers {limit} bytes"
+        );
+
+        // A slow consumer gets everything, in order, and the buffer never exceeds its bound.
+        let mut i = 0;
+        let mut max_seen = 0;
+        while let Some(ev) = s.next_event().unwrap() {
+            max_seen = max_seen.max(c.buffered_bytes());
+            match ev {
+                ExecEvent::Stdout(d) => {
+                    assert_eq!(d, chunk(i, LEN), "chunk {i}");
+                    i += 1;
+                    thread::sleep(Duration::from_millis(2));
+                }
+                ExecEvent::Exit(st) => assert!(st.success()),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(i, N);
+        assert!(max_seen <= limit, "{max_seen} > {limit}");
+        assert_eq!(c.buffered_bytes(), 0);
+        writer.join().unwrap();
+    }
+
+    #[test]
+    fn a_consumer_that_never_drains_fails_after_the_deadline_and_others_go_on() {
+        const LEN: usize = 16 * 1024;
+        let (c, mut agent) = pair(ClientConfig {
+            max_buffered_messages: 8,
+            consumer_deadline: Duration::from_millis(300),
+            ..ClientConfig::default()
+        });
+        let c = c.unwrap();
+        let mut s = c.exec_stream(ExecRequest::new(["yes"])).unwrap();
+        let (exec, _) = next_request(&mut agent);
+        let c1 = c.clone();
+        let ping = thread::spawn(move || c1.ping());
+        let (ping_id, _) = next_request(&mut agent);
+        // Output for the exec (8 chunks fit), the ping's answer among it, more output.
+        let (tx, finished, writer) = stream_writer(agent, exec, 200, LEN);
+        thread::sleep(Duration::from_millis(50));
+        tx.send((ping_id, Response::Pong)).unwrap();
+        let started = Instant::now();
+        ping.join().unwrap().unwrap();
+        wait_for("the agent to finish", || finished.load(Ordering::SeqCst));
+        assert!(started.elapsed() < Duration::from_secs(15));
+
+        // The stalled request failed with the typed error naming it; its output was dropped.
+        let err = s.next_event().unwrap_err();
+        assert!(
+            matches!(err, ClientError::ConsumerTooSlow { op: "exec", id, after }
+                if id == exec && after == Duration::from_millis(300)),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains(&format!("request {exec}")),
+            "{err}"
+        );
+        assert_eq!(c.buffered_bytes(), 0);
+        // The connection still serves other requests.
+        let c2 = c.clone();
+        let ping = thread::spawn(move || c2.ping());
+        wait_for("the second ping", || c.shared.pending().waiters.len() == 1);
+        let id = *c.shared.pending().waiters.keys().next().unwrap();
+        tx.send((id, Response::Pong)).unwrap();
+        ping.join().unwrap().unwrap();
+        drop(tx);
+        writer.join().unwrap();
+    }
+
+    #[test]
+    fn dropped_receivers_never_block_the_reader() {
+        const LEN: usize = 64 * 1024;
+        // A deadline far beyond the test: any wait on a dead receiver would show.
+        let (c, mut agent) = pair(ClientConfig {
+            max_buffered_bytes: 2 * (LEN + RESPONSE_OVERHEAD),
+            consumer_deadline: Duration::from_secs(600),
+            ..ClientConfig::default()
+        });
+        let c = c.unwrap();
+        // Dropped before any output and dropped while the reader waits on its full buffer.
+        let early = c.exec_stream(ExecRequest::new(["yes"])).unwrap();
+        let (id1, _) = next_request(&mut agent);
+        drop(early);
+        let late = c.exec_stream(ExecRequest::new(["yes"])).unwrap();
+        let (id2, _) = next_request(&mut agent);
+        let c1 = c.clone();
+        let ping = thread::spawn(move || c1.ping_within(Duration::from_secs(20)));
+        let (ping_id, _) = next_request(&mut agent);
+        let mut w = agent.try_clone().unwrap();
+        let writer = thread::spawn(move || {
+            for i in 0..32 {
+                respond(&mut w, id1, Response::Stdout(chunk(i, LEN)));
+            }
+            for i in 0..32 {
+                respond(&mut w, id2, Response::Stdout(chunk(i, LEN)));
+            }
+            respond(&mut w, ping_id, Response::Pong);
+        });
+        wait_for("the late stream's buffer to fill", || {
+            c.buffered_bytes() + LEN + RESPONSE_OVERHEAD > 2 * (LEN + RESPONSE_OVERHEAD)
+        });
+        drop(late);
+        let started = Instant::now();
+        ping.join().unwrap().unwrap();
+        assert!(started.elapsed() < Duration::from_secs(20));
+        writer.join().unwrap();
+        assert_eq!(c.buffered_bytes(), 0);
+        // The reader forgets each request once done with it (the ping's right after its answer).
+        wait_for("no requests left", || c.shared.pending().waiters.is_empty());
+    }
+
+    #[test]
+    fn signalling_a_stream_with_a_full_buffer_does_not_wait_for_the_deadline() {
+        const LEN: usize = 16 * 1024;
+        const N: usize = 256; // 4 MiB
+        let limit = 64 * (LEN + RESPONSE_OVERHEAD); // ~1 MiB, more than the socket holds
+        let (c, mut agent) = pair(ClientConfig {
+            max_buffered_bytes: limit,
+            consumer_deadline: Duration::from_secs(600),
+            ..ClientConfig::default()
+        });
+        let c = c.unwrap();
+        let mut s = c.exec_stream(ExecRequest::new(["yes"])).unwrap();
+        let (id, _) = next_request(&mut agent);
+        respond(&mut agent, id, Response::ExecStarted { exec_id: 3, pid: 4 });
+        let mut reader = agent.try_clone().unwrap();
+        let (tx, _finished, writer) = stream_writer(agent, id, N, LEN);
+        wait_for("a full buffer", || {
+            c.buffered_bytes() + LEN + RESPONSE_OVERHEAD > limit
+        });
+        // The fake agent answers the signal inline, behind the output it already sent.
+        let answerer = thread::spawn(move || match next_request(&mut reader) {
+            (
+                sid,
+                Request::Signal {
+                    exec_id: 3,
+                    signal: 13,
+                },
+            ) => {
+                tx.send((sid, Response::Ok)).unwrap();
+            }
+            other => panic!("unexpected {other:?}"),
+        });
+        let started = Instant::now();
+        s.signal(13).unwrap();
+        assert!(started.elapsed() < Duration::from_secs(20));
+        answerer.join().unwrap();
+        // Nothing was lost: the output moved aside comes first, in order.
+        let mut i = 0;
+        while let Some(ev) = s.next_event().unwrap() {
+            match ev {
+                ExecEvent::Started { exec_id: 3, pid: 4 } => {}
+                ExecEvent::Stdout(d) => {
+                    assert_eq!(d, chunk(i, LEN), "chunk {i}");
+                    i += 1;
+                }
+                ExecEvent::Exit(st) => assert!(st.success()),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(i, N);
+        writer.join().unwrap();
+    }
+
+    #[test]
+    fn collecting_stays_bounded_by_the_output_cap_with_small_buffers() {
+        // The per-request buffer does not limit a collecting exec: it drains as it goes.
+        let (c, mut agent) = pair(ClientConfig {
+            max_buffered_messages: 2,
+            consumer_deadline: Duration::from_secs(20),
+            ..ClientConfig::default()
+        });
+        let c = c.unwrap();
+        let mut req = ExecRequest::new(["yes"]);
+        req.output_cap = Some(100 * 1000);
+        let c1 = c.clone();
+        let t = thread::spawn(move || c1.exec(req));
+        let (id, _) = next_request(&mut agent);
+        let (_tx, _f, writer) = stream_writer(agent, id, 100, 1000);
+        let out = t.join().unwrap().unwrap();
+        assert_eq!(out.stdout.len(), 100 * 1000);
+        assert_eq!(&out.stdout[1000..2000], &chunk(1, 1000)[..]);
+        writer.join().unwrap();
     }
 }

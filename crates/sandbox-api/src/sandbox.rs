@@ -677,6 +677,12 @@ fn map_client_error(
             message: format!("unexpected response {got}"),
         },
         ClientError::Usage { message, .. } => SandboxError::InvalidArgument { vm, op, message },
+        // The host side did not read the output in time; the VM is fine.
+        e @ ClientError::ConsumerTooSlow { .. } => SandboxError::Io {
+            vm,
+            op,
+            source: io::Error::new(io::ErrorKind::TimedOut, e.to_string()),
+        },
     }
 }
 
@@ -768,6 +774,7 @@ fn boot(cfg: ResolvedConfig, t0: Instant) -> Result<Sandbox, SandboxError> {
         writer,
         ClientConfig {
             request_timeout: cfg.request_timeout,
+            ..ClientConfig::default()
         },
     );
     let client = match client {
@@ -1039,5 +1046,21 @@ mod tests {
             &RUNNING,
         );
         assert!(matches!(e, SandboxError::InvalidArgument { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_too_slow_consumer_is_a_host_error_not_a_death() {
+        let slow = ClientError::ConsumerTooSlow {
+            op: "exec",
+            id: 7,
+            after: Duration::from_secs(30),
+        };
+        let e = map_client_error("vm1", "exec", Some("yes"), slow, &DEAD);
+        assert!(!e.is_guest_death(), "{e}");
+        assert!(
+            matches!(&e, SandboxError::Io { source, .. } if source.kind() == io::ErrorKind::TimedOut),
+            "{e}"
+        );
+        assert!(e.to_string().contains("request 7"), "{e}");
     }
 }

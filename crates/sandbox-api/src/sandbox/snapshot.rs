@@ -109,6 +109,7 @@ impl Sandbox {
             writer,
             ClientConfig {
                 request_timeout: config.request_timeout,
+                ..ClientConfig::default()
             },
         );
         let client = match client {
