@@ -466,12 +466,7 @@ fn sweep_stale_scratch(tmp: &Path) {
         else {
             continue;
         };
-        let old = entry
-            .metadata()
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age > Duration::from_secs(3600));
+        let old = util::modified_longer_ago(&entry, Duration::from_secs(3600));
         if old && !Path::new(&format!("/proc/{pid}")).exists() {
             let _ = fs::remove_dir_all(entry.path());
         }

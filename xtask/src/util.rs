@@ -265,6 +265,17 @@ fn hex(bytes: &[u8]) -> String {
     s
 }
 
+/// Whether the file behind `entry` was last modified more than `age` ago (false when that
+/// cannot be told).
+pub fn modified_longer_ago(entry: &fs::DirEntry, age: Duration) -> bool {
+    entry
+        .metadata()
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|elapsed| elapsed > age)
+}
+
 /// Points the symlink `link` at `target`, replacing whatever is there atomically.
 pub fn replace_symlink(target: &Path, link: &Path) -> Result<()> {
     if let Some(parent) = link.parent() {

@@ -441,13 +441,7 @@ fn prune_old_initramfs(dir: &Path, keep: &Path) {
         if path == keep || !(name.starts_with("initramfs-") && name.ends_with(".cpio")) {
             continue;
         }
-        let old = entry
-            .metadata()
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age > std::time::Duration::from_secs(3600));
-        if old {
+        if util::modified_longer_ago(&entry, std::time::Duration::from_secs(3600)) {
             let _ = fs::remove_file(&path);
         }
     }
