@@ -452,6 +452,23 @@ fn kvm(vm: &str) -> Result<&'static Kvm, VmError> {
     Ok(KVM.get_or_init(|| k))
 }
 
+/// Installs the vCPU kick handler and creates the KVM VM: the first KVM step of building any
+/// VM, fresh or restored.
+fn create_vm_fd(name: &str) -> Result<(&'static Kvm, VmFd), VmError> {
+    vcpu::install_kick_handler().map_err(|source| VmError::Os {
+        vm: name.to_owned(),
+        what: "install vCPU kick handler",
+        source,
+    })?;
+    let kvm = kvm(name)?;
+    let vm_fd = kvm.create_vm().map_err(|source| VmError::Kvm {
+        vm: name.to_owned(),
+        op: "create VM",
+        source,
+    })?;
+    Ok((kvm, vm_fd))
+}
+
 fn supported_cpuid(kvm: &Kvm, vm: &str) -> Result<&'static CpuId, VmError> {
     if let Some(c) = SUPPORTED_CPUID.get() {
         return Ok(c);
@@ -496,17 +513,7 @@ impl Vm {
     pub fn start(cfg: VmConfig) -> Result<Vm, VmError> {
         cfg.validate()?;
         let name = cfg.name.clone();
-        let kvm_err = |op: &'static str| {
-            let vm = name.clone();
-            move |source| VmError::Kvm { vm, op, source }
-        };
-        let os_err = |what: &'static str| {
-            let vm = name.clone();
-            move |source| VmError::Os { vm, what, source }
-        };
-        vcpu::install_kick_handler().map_err(os_err("install vCPU kick handler"))?;
-        let kvm = kvm(&name)?;
-        let vm_fd = kvm.create_vm().map_err(kvm_err("create VM"))?;
+        let (kvm, vm_fd) = create_vm_fd(&name)?;
 
         let mem = memory::create_guest_memory(cfg.mem_mib).map_err(|source| VmError::Memory {
             vm: name.clone(),
@@ -521,38 +528,62 @@ impl Vm {
         // memory registration and kernel load on a helper thread in parallel was measured and
         // did not pay off here; see docs/VMM.md "Start-up cost".)
         register_memory(&vm_fd, &mem, &name)?;
-        let Machine {
-            console,
-            pio,
-            mmio,
-            events,
-            cmdline_parts,
-            subscribers,
-            devices,
-            vcpu_fds,
-            serial,
-        } = build_machine(&cfg, kvm, &vm_fd, &mem)?;
+        let machine = build_machine(&cfg, kvm, &vm_fd, &mem)?;
         let loaded = boot::load_kernel(&mem, cfg.mem_mib, &cfg.kernel, cfg.initramfs.as_deref())
             .map_err(boot_err)?;
 
         // Command line (base + devices + extra), boot information, MP table, entry registers.
-        let cmdline = boot::build_cmdline(&cmdline_parts, &cfg.cmdline_extra).map_err(boot_err)?;
+        let cmdline =
+            boot::build_cmdline(&machine.cmdline_parts, &cfg.cmdline_extra).map_err(boot_err)?;
         let entry = boot::write_boot_info(&mem, cfg.mem_mib, loaded, &cmdline).map_err(boot_err)?;
         mptable::setup(&mem, cfg.vcpus).map_err(|source| VmError::MpTable {
             vm: name.clone(),
             source,
         })?;
-        if let Some(bsp) = vcpu_fds.first() {
+        if let Some(bsp) = machine.vcpu_fds.first() {
             set_boot_registers(bsp, &mem, entry, &name)?;
         }
 
-        let shared = Arc::new(VmShared::new(&name, console, cfg.vcpus));
-        let pio = Arc::new(pio);
-        let mmio = Arc::new(mmio);
         let cmdline_str = cmdline
             .as_cstring()
             .map(|c| c.to_string_lossy().into_owned())
             .unwrap_or_default();
+        let launched = Vm::launch(name, machine, vm_fd, mem, cfg.vcpus, cmdline_str, |_| {
+            Ok::<(), VmError>(())
+        });
+        launched.map(|(vm, ())| vm)
+    }
+
+    /// Wraps a built machine whose guest is ready to run (kernel loaded, or state restored) in
+    /// a `Vm`, starts its device thread, calls `before_start` and starts one thread per vCPU.
+    /// On error the partly started `Vm` is dropped, which stops it.
+    fn launch<T, E: From<VmError>>(
+        name: String,
+        machine: Machine,
+        vm_fd: VmFd,
+        mem: GuestMemoryMmap,
+        vcpus: u8,
+        cmdline: String,
+        before_start: impl FnOnce(&Vm) -> Result<T, E>,
+    ) -> Result<(Vm, T), E> {
+        let Machine {
+            console,
+            pio,
+            mmio,
+            events,
+            cmdline_parts: _,
+            subscribers,
+            devices,
+            vcpu_fds,
+            serial,
+        } = machine;
+        let os_err = |what: &'static str| {
+            let vm = name.clone();
+            move |source| VmError::Os { vm, what, source }
+        };
+        let shared = Arc::new(VmShared::new(&name, console, vcpus));
+        let pio = Arc::new(pio);
+        let mmio = Arc::new(mmio);
         let mut vm = Vm {
             name: name.clone(),
             shared: shared.clone(),
@@ -561,7 +592,7 @@ impl Vm {
             vm_fd: Some(vm_fd),
             memory: Some(mem),
             devices,
-            cmdline: cmdline_str,
+            cmdline,
             started: Instant::now(),
             serial,
         };
@@ -570,6 +601,8 @@ impl Vm {
         } else {
             drop(events);
         }
+        // On error `vm` is dropped (and stopped) here.
+        let hook = before_start(&vm)?;
         for (i, fd) in vcpu_fds.into_iter().enumerate() {
             let runner = VcpuRunner {
                 fd,
@@ -586,7 +619,7 @@ impl Vm {
             shared.set_thread(i, h.pthread_handle());
             vm.threads.push(Some(h));
         }
-        Ok(vm)
+        Ok((vm, hook))
     }
 
     /// The VM's name.

@@ -13,20 +13,18 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use kvm_ioctls::{Kvm, VcpuFd};
-use vmm_sys_util::signal::Killable;
 
-use super::{build_machine, kvm, register_memory, Machine, Vm, VmConfig, VmError};
-use crate::event_loop::EventLoop;
+use super::{build_machine, create_vm_fd, kvm, register_memory, Machine, Vm, VmConfig, VmError};
 use crate::snapshot::kvm_state::{self, VmKvmState};
 use crate::snapshot::state::{SerialSnapshot, VcpuSnapshot, VmSnapshot, VsockSnapshot};
 use crate::snapshot::{
     self, format, memory_file, RestoreConfig, SnapshotError, SnapshotInfo, VCPU_TIMEOUT,
 };
-use crate::vcpu::{self, VcpuRunner, VcpuState, VmShared};
+use crate::vcpu::VcpuState;
 use crate::virtio::VirtioDevice;
 
 /// How often snapshotting retries when the device thread moved a queue between reading the
@@ -323,17 +321,7 @@ impl Vm {
             snap.memory_file_len,
         )?;
 
-        let kvm_err = |op: &'static str| {
-            let vm = name.clone();
-            move |source| VmError::Kvm { vm, op, source }
-        };
-        let os_err = |what: &'static str| {
-            let vm = name.clone();
-            move |source| VmError::Os { vm, what, source }
-        };
-        vcpu::install_kick_handler().map_err(os_err("install vCPU kick handler"))?;
-        let kvm = kvm(&name)?;
-        let vm_fd = kvm.create_vm().map_err(kvm_err("create VM"))?;
+        let (kvm, vm_fd) = create_vm_fd(&name)?;
         register_memory(&vm_fd, &mem, &name)?;
         let machine = build_machine(&vcfg, kvm, &vm_fd, &mem)?;
 
@@ -397,33 +385,19 @@ impl PreparedRestore {
         self,
         before_start: impl FnOnce(&Vm) -> Result<T, SnapshotError>,
     ) -> Result<(Vm, T), SnapshotError> {
+        // `machine` last: on an early return its vCPU fds and devices go first, as before.
         let PreparedRestore {
-            machine,
             vm_fd,
             mem,
             snap,
             name,
             vcpus,
+            machine,
         } = self;
-        let Machine {
-            console,
-            pio,
-            mmio,
-            events,
-            cmdline_parts: _,
-            subscribers,
-            devices,
-            vcpu_fds,
-            serial,
-        } = machine;
         let device_err = |device: &'static str, what: String| SnapshotError::Device {
             vm: name.clone(),
             device,
             what,
-        };
-        let os_err = |what: &'static str| {
-            let vm = name.clone();
-            move |source| VmError::Os { vm, what, source }
         };
         let state_err = |what: String| {
             let vm = name.clone();
@@ -440,15 +414,15 @@ impl PreparedRestore {
             clock: snap.clock,
         };
         kvm_state::restore_vm(&vm_fd, &vm_state).map_err(state_err("VM state".into()))?;
-        for (fd, s) in vcpu_fds.iter().zip(&snap.vcpus) {
+        for (fd, s) in machine.vcpu_fds.iter().zip(&snap.vcpus) {
             kvm_state::restore_vcpu(fd, s).map_err(state_err(format!("vCPU {}", s.index)))?;
             // Tell a kvmclock guest it was stopped (no soft-lockup reports); others refuse.
             let _ = fd.kvmclock_ctrl();
         }
-        lock(&serial)
+        lock(&machine.serial)
             .restore_snapshot_state(&(&snap.serial).into())
             .map_err(|e| device_err("serial", e.to_string()))?;
-        if let (Some(saved), Some(v)) = (&snap.vsock, &devices.vsock) {
+        if let (Some(saved), Some(v)) = (&snap.vsock, &machine.devices.vsock) {
             lock(&v.transport)
                 .restore_state(&saved.transport)
                 .map_err(|e| device_err("virtio-vsock", e.to_string()))?;
@@ -456,45 +430,7 @@ impl PreparedRestore {
             lock(&v.device).transport_reset();
         }
 
-        let shared = Arc::new(VmShared::new(&name, console, vcpus));
-        let pio = Arc::new(pio);
-        let mmio = Arc::new(mmio);
-        let mut vm = Vm {
-            name: name.clone(),
-            shared: shared.clone(),
-            threads: Vec::new(),
-            event_loop: None,
-            vm_fd: Some(vm_fd),
-            memory: Some(mem),
-            devices,
-            cmdline: snap.cmdline,
-            started: Instant::now(),
-            serial,
-        };
-        if subscribers > 0 {
-            vm.event_loop = Some(EventLoop::spawn(&name, events).map_err(os_err("device thread"))?);
-        } else {
-            drop(events);
-        }
-        // On error `vm` is dropped (and stopped) here.
-        let hook = before_start(&vm)?;
-        for (i, fd) in vcpu_fds.into_iter().enumerate() {
-            let runner = VcpuRunner {
-                fd,
-                index: i as u8,
-                shared: shared.clone(),
-                pio: pio.clone(),
-                mmio: mmio.clone(),
-            };
-            // On error `vm` is dropped, which stops the threads already started.
-            let h = std::thread::Builder::new()
-                .name(format!("{name}-vcpu{i}"))
-                .spawn(move || runner.run())
-                .map_err(os_err("vCPU thread"))?;
-            shared.set_thread(i, h.pthread_handle());
-            vm.threads.push(Some(h));
-        }
-        Ok((vm, hook))
+        Vm::launch(name, machine, vm_fd, mem, vcpus, snap.cmdline, before_start)
     }
 }
 
