@@ -11,6 +11,7 @@ use kvm_bindings::{
     kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use serde::{Deserialize, Serialize};
+use vm_superio::serial::SerialState;
 
 use crate::memory;
 use crate::vm::{MAX_MEM_MIB, MAX_VCPUS, MIN_MEM_MIB};
@@ -58,63 +59,31 @@ pub struct VcpuSnapshot {
     pub events: kvm_vcpu_events,
 }
 
-/// UART registers (vm-superio's `SerialState`, which has no serde).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SerialSnapshot {
+/// How a snapshot stores the UART's registers: vm-superio's `SerialState` has no serde, so
+/// this mirror of its fields (serde `remote`) (de)serialises it in place.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "SerialState")]
+struct SerialStateDef {
     /// Divisor latch low byte.
-    pub baud_divisor_low: u8,
+    baud_divisor_low: u8,
     /// Divisor latch high byte.
-    pub baud_divisor_high: u8,
+    baud_divisor_high: u8,
     /// Interrupt enable register.
-    pub interrupt_enable: u8,
+    interrupt_enable: u8,
     /// Interrupt identification register.
-    pub interrupt_identification: u8,
+    interrupt_identification: u8,
     /// Line control register.
-    pub line_control: u8,
+    line_control: u8,
     /// Line status register.
-    pub line_status: u8,
+    line_status: u8,
     /// Modem control register.
-    pub modem_control: u8,
+    modem_control: u8,
     /// Modem status register.
-    pub modem_status: u8,
+    modem_status: u8,
     /// Scratch register.
-    pub scratch: u8,
+    scratch: u8,
     /// Receive FIFO contents.
-    pub in_buffer: Vec<u8>,
-}
-
-impl From<vm_superio::serial::SerialState> for SerialSnapshot {
-    fn from(s: vm_superio::serial::SerialState) -> Self {
-        SerialSnapshot {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
-    }
-}
-
-impl From<&SerialSnapshot> for vm_superio::serial::SerialState {
-    fn from(s: &SerialSnapshot) -> Self {
-        vm_superio::serial::SerialState {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer.clone(),
-        }
-    }
+    in_buffer: Vec<u8>,
 }
 
 /// One virtqueue's configuration as the driver wrote it, plus the ring position
@@ -217,8 +186,9 @@ pub struct VmSnapshot {
     pub pit: kvm_pit_state2,
     /// KVM clock.
     pub clock: kvm_clock_data,
-    /// The 8250 UART.
-    pub serial: SerialSnapshot,
+    /// The 8250 UART's registers and receive FIFO.
+    #[serde(with = "SerialStateDef")]
+    pub serial: SerialState,
     /// The virtio-vsock device, if the VM had one.
     pub vsock: Option<VsockSnapshot>,
 }
@@ -371,7 +341,7 @@ pub(crate) mod tests {
             ioapic: irq(kvm_bindings::KVM_IRQCHIP_IOAPIC),
             pit: kvm_pit_state2::default(),
             clock: kvm_clock_data::default(),
-            serial: vm_superio::serial::SerialState::default().into(),
+            serial: SerialState::default(),
             vsock: None,
         }
     }
@@ -427,5 +397,29 @@ pub(crate) mod tests {
             },
         });
         assert!(s.validate().unwrap_err().contains("CID"));
+    }
+
+    #[test]
+    fn uart_state_encodes_as_its_fields_in_order() {
+        // The state file holds vm-superio's UART fields in declaration order, FIFO last with
+        // its length; pinned so the serde mirror cannot change the format unnoticed.
+        #[derive(Serialize, Deserialize)]
+        struct Uart(#[serde(with = "SerialStateDef")] SerialState);
+        let st = SerialState {
+            baud_divisor_low: 1,
+            baud_divisor_high: 2,
+            interrupt_enable: 3,
+            interrupt_identification: 4,
+            line_control: 5,
+            line_status: 6,
+            modem_control: 7,
+            modem_status: 8,
+            scratch: 9,
+            in_buffer: vec![0xaa, 0xbb],
+        };
+        let bytes = postcard::to_stdvec(&Uart(st.clone())).unwrap();
+        assert_eq!(bytes, [1, 2, 3, 4, 5, 6, 7, 8, 9, 2, 0xaa, 0xbb]);
+        let back: Uart = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back.0, st);
     }
 }

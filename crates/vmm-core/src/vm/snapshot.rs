@@ -20,7 +20,7 @@ use kvm_ioctls::{Kvm, VcpuFd};
 
 use super::{build_machine, create_vm_fd, kvm, register_memory, Machine, Vm, VmConfig, VmError};
 use crate::snapshot::kvm_state::{self, VmKvmState};
-use crate::snapshot::state::{SerialSnapshot, VcpuSnapshot, VmSnapshot, VsockSnapshot};
+use crate::snapshot::state::{VcpuSnapshot, VmSnapshot, VsockSnapshot};
 use crate::snapshot::{
     self, format, memory_file, RestoreConfig, SnapshotError, SnapshotInfo, VCPU_TIMEOUT,
 };
@@ -112,7 +112,7 @@ impl Vm {
 
         // Devices: serial, then the vsock transport and device, held until memory is written
         // so the device thread cannot touch guest memory or the rings meanwhile.
-        let serial = SerialSnapshot::from(lock(&self.serial).snapshot_state());
+        let serial = lock(&self.serial).snapshot_state();
         let mut held = None;
         let vsock = match &self.devices.vsock {
             None => None,
@@ -420,7 +420,7 @@ impl PreparedRestore {
             let _ = fd.kvmclock_ctrl();
         }
         lock(&machine.serial)
-            .restore_snapshot_state(&(&snap.serial).into())
+            .restore_snapshot_state(&snap.serial)
             .map_err(|e| device_err("serial", e.to_string()))?;
         if let (Some(saved), Some(v)) = (&snap.vsock, &machine.devices.vsock) {
             lock(&v.transport)
