@@ -45,7 +45,7 @@ const OPS_PER_SAMPLE: usize = 10_000;
 const REAL_SIZE: u32 = 2;
 /// Reset modes measured with real sandboxes and their measured iterations (a reboot-mode
 /// iteration waits for a cold boot).
-const REAL_MODES: [(&str, u32); 2] = [("restore", 100), ("reboot", 30)];
+const REAL_MODES: [(&str, u32); 2] = [("restore", 100), ("reboot", 20)];
 /// Unmeasured iterations first.
 const REAL_WARMUP: u32 = 2;
 /// Deadline of the whole real-sandbox measurement.

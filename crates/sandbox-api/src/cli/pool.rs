@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand, ValueEnum};
 use kiln::{
-    PoolConfig, PoolStats, ResetMode, SandboxConfig, SandboxError, SandboxPool, SandboxPoolError,
+    ExecOptions, PoolConfig, PoolStats, ResetMode, SandboxConfig, SandboxError, SandboxPool,
+    SandboxPoolError,
 };
 use serde::Serialize;
 
@@ -62,6 +63,13 @@ pub struct PoolBenchArgs {
     /// Boot deadline of each sandbox, and the longest wait for the pool to refill.
     #[arg(long, default_value = "300", value_parser = parse_secs)]
     pub boot_timeout: Duration,
+    /// Deadline of each `exec(["true"])` (a guest that stops answering fails the bench
+    /// instead of hanging it).
+    #[arg(long, default_value = "120", value_parser = parse_secs)]
+    pub exec_timeout: Duration,
+    /// One line per iteration on stderr (phase timings, pool stats).
+    #[arg(short, long)]
+    pub verbose: bool,
     /// Print the raw samples as one JSON document instead of a summary.
     #[arg(long)]
     pub json: bool,
@@ -266,13 +274,24 @@ fn bench(args: &PoolBenchArgs) -> Result<(), BenchError> {
         let t0 = Instant::now();
         let sb = pool.acquire()?;
         let t1 = Instant::now();
-        let r = sb.exec(&["true"])?;
+        let r = sb.exec_with_options(&["true"], ExecOptions::new().timeout(args.exec_timeout))?;
         let t2 = Instant::now();
         let boot = sb.boot_timings().ready;
         let name = sb.name().to_owned();
         drop(sb);
         let t3 = Instant::now();
 
+        if args.verbose {
+            eprintln!(
+                "kiln pool bench: iteration {i} ({name}): waited {:.1} ms, acquire {:.3} ms, \
+                 exec {:.1} ms, release {:.3} ms; {:?}",
+                ms(waited),
+                ms(t1 - t0),
+                ms(t2 - t1),
+                ms(t3 - t2),
+                pool.stats()
+            );
+        }
         if !r.success() {
             return Err(BenchError::TrueFailed(r.status, name));
         }
