@@ -752,9 +752,37 @@ fn boot(cfg: ResolvedConfig, t0: Instant) -> Result<Sandbox, SandboxError> {
             });
         }
     };
-    let deadline = Instant::now() + cfg.boot_timeout;
+    let sandbox = connect_agent(
+        vm,
+        listener,
+        name,
+        t0,
+        vm_start,
+        cfg.boot_timeout,
+        cfg.request_timeout,
+    )?;
+    let ready = sandbox.inner.timings.ready;
+    let agent = &sandbox.inner.hello.agent_version;
+    tracing::debug!(vm = %sandbox.inner.name, ?vm_start, ?ready, %agent, "sandbox ready");
+    Ok(sandbox)
+}
+
+/// Waits (within `boot_timeout`) for the guest agent to connect to `listener`, checks its
+/// `Hello` and wraps `vm` and the client in a [`Sandbox`] with its watchdog thread. `t0` is
+/// when creating the sandbox began, `vm_start` how long after it the VM was running. On
+/// error the VM is stopped.
+fn connect_agent(
+    vm: Vm,
+    listener: VsockListener,
+    name: String,
+    t0: Instant,
+    vm_start: Duration,
+    boot_timeout: Duration,
+    request_timeout: Duration,
+) -> Result<Sandbox, SandboxError> {
+    let deadline = Instant::now() + boot_timeout;
     // On error `vm` is dropped, which stops it.
-    let stream = accept_agent(&vm, &listener, &name, deadline, cfg.boot_timeout)?;
+    let stream = accept_agent(&vm, &listener, &name, deadline, boot_timeout)?;
     drop(listener);
     let (hello, reader, writer, conn) = match handshake(stream, deadline) {
         Ok(parts) => parts,
@@ -773,7 +801,7 @@ fn boot(cfg: ResolvedConfig, t0: Instant) -> Result<Sandbox, SandboxError> {
         reader,
         writer,
         ClientConfig {
-            request_timeout: cfg.request_timeout,
+            request_timeout,
             ..ClientConfig::default()
         },
     );
@@ -790,7 +818,6 @@ fn boot(cfg: ResolvedConfig, t0: Instant) -> Result<Sandbox, SandboxError> {
         }
     };
     let ready = t0.elapsed();
-    tracing::debug!(vm = %name, ?vm_start, ?ready, agent = %hello.agent_version, "sandbox ready");
     let (stop_tx, stop_rx) = mpsc::channel();
     let inner = Arc::new(Inner {
         name,

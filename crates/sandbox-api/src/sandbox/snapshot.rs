@@ -88,63 +88,16 @@ impl Sandbox {
         })
         .map_err(|e| snap_err(&name, "restoring the VM", e))?;
         let vm_start = t0.elapsed();
-        let deadline = Instant::now() + config.boot_timeout;
-        let stream = accept_agent(&vm, &listener, &name, deadline, config.boot_timeout)?;
-        drop(listener);
-        let (hello, reader, writer, conn) = match handshake(stream, deadline) {
-            Ok(parts) => parts,
-            Err(reason) => {
-                let serial_tail = vm.serial_tail(SERIAL_TAIL_BYTES);
-                vm.stop();
-                return Err(SandboxError::Handshake {
-                    vm: name,
-                    reason,
-                    serial_tail,
-                });
-            }
-        };
-        let client = Client::from_hello(
-            hello.clone(),
-            reader,
-            writer,
-            ClientConfig {
-                request_timeout: config.request_timeout,
-                ..ClientConfig::default()
-            },
-        );
-        let client = match client {
-            Ok(c) => c,
-            Err(e) => {
-                let serial_tail = vm.serial_tail(SERIAL_TAIL_BYTES);
-                vm.stop();
-                return Err(SandboxError::Handshake {
-                    vm: name,
-                    reason: e.to_string(),
-                    serial_tail,
-                });
-            }
-        };
-        let ready = t0.elapsed();
-        let (stop_tx, stop_rx) = mpsc::channel();
-        let inner = Arc::new(Inner {
+        let sandbox = connect_agent(
+            vm,
+            listener,
             name,
-            vm: Mutex::new(Some(vm)),
-            client,
-            conn,
-            hello,
-            timings: BootTimings { vm_start, ready },
-            _watchdog_stop: stop_tx,
-        });
-        let weak = Arc::downgrade(&inner);
-        thread::Builder::new()
-            .name(format!("{}-watchdog", inner.name))
-            .spawn(move || watchdog(weak, stop_rx))
-            .map_err(|source| SandboxError::Io {
-                vm: inner.name.clone(),
-                op: "spawning the watchdog thread",
-                source,
-            })?;
-        let sandbox = Sandbox { inner };
+            t0,
+            vm_start,
+            config.boot_timeout,
+            config.request_timeout,
+        )?;
+        let ready = sandbox.inner.timings.ready;
         let now_ns = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
