@@ -31,10 +31,13 @@ const TIER2_PACKAGE: &str = "kiln-vmm";
 const TIER3_PACKAGE: &str = "kiln-agent";
 /// Package holding the tier-4 tests.
 const TIER4_PACKAGE: &str = "kiln-tests";
-/// Deadline for the whole tier-4 run inside the harness.
-const HARNESS_TIMEOUT: Duration = Duration::from_secs(40 * 60);
+/// Deadline for the whole tier-4 run inside the harness, measured on the host (CI allows 90 min
+/// in all; `$KILN_HARNESS_TIMEOUT` overrides it).
+const HARNESS_TIMEOUT: Duration = Duration::from_secs(55 * 60);
 /// Deadline for one tier-4 test executable inside the harness (a hung test must not keep the
-/// other executables from running).
+/// other executables from running). It is measured by L1's clock, which runs slow when the
+/// host is loaded (seen: 670 s of L1 uptime in 2400 s), so the host-side deadline above is the
+/// one that always holds.
 const EXE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// `timeout`'s exit status when it had to stop the command.
 const TIMED_OUT: i32 = 124;
@@ -487,7 +490,10 @@ fn run_in_harness(b: &Tier4Build, workdir: &Path) -> Result<Outcome> {
     #[allow(clippy::needless_update)]
     let opts = HarnessOptions {
         command: vec!["bash".into(), script.display().to_string()],
-        timeout: Some(HARNESS_TIMEOUT),
+        timeout: match std::env::var_os("KILN_HARNESS_TIMEOUT") {
+            Some(_) => None, // the harness reads it
+            None => Some(HARNESS_TIMEOUT),
+        },
         env: tier4_env(b),
         ..Default::default()
     };
