@@ -441,10 +441,22 @@ unsafe fn child_after_fork(
     // SAFETY: async-signal-safe libc calls on valid fds and pointers (caller's contract).
     unsafe {
         libc::setsid();
-        // Signal dispositions: the Rust runtime ignores SIGPIPE; children get the default.
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = libc::SIG_DFL;
-        libc::sigaction(libc::SIGPIPE, &sa, std::ptr::null_mut());
+        // Signal dispositions: every signal back to its default. Ignored signals survive
+        // execve, and the agent may have inherited some (the Rust runtime ignores SIGPIPE; a
+        // host-mode agent started from a background shell job ignores SIGINT and SIGQUIT) —
+        // a user's command must not. The raw syscall also reaches the signals libc reserves
+        // for itself (32, 33), which its sigaction() refuses; the kernel's struct with every
+        // field zero is SIG_DFL, no flags, empty mask. SIGKILL/SIGSTOP just fail.
+        let dfl = [0u64; 4];
+        for sig in 1..=64 {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                dfl.as_ptr(),
+                std::ptr::null_mut::<u64>(),
+                8usize,
+            );
+        }
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());

@@ -403,3 +403,45 @@ fn leftover_children_holding_the_pipes_do_not_block_the_exit() {
         child
     )));
 }
+
+/// An agent that inherited ignored signals (as a background shell job does: SIGINT and SIGQUIT
+/// ignored) must not pass them on: the user's command starts with every signal at its default.
+#[test]
+fn commands_start_with_default_signal_dispositions() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("agent.sock");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kiln-agent"));
+    cmd.arg("--listen-unix").arg(&sock);
+    // SAFETY: the closure runs in the forked child before exec and only calls signal(2), which
+    // is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_IGN);
+            libc::signal(libc::SIGQUIT, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let agent = Agent::spawn(cmd, dir, sock);
+    let c = agent.client();
+    let out = c
+        .exec(ExecRequest::new(["cat", "/proc/self/status"]))
+        .unwrap();
+    let status = String::from_utf8(out.stdout).unwrap();
+    let ign = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .expect("SigIgn line")
+        .trim();
+    assert_eq!(
+        u64::from_str_radix(ign, 16).unwrap(),
+        0,
+        "ignored signals: {ign}"
+    );
+    // And a SIGINT sent through the protocol really ends a command.
+    let mut s = c.exec_stream(ExecRequest::new(["sleep", "1000"])).unwrap();
+    let (exec_id, _pid) = s.started().unwrap().expect("started");
+    c.signal(exec_id, libc::SIGINT).unwrap();
+    let out = s.collect_output().unwrap();
+    assert_eq!(out.status.signal, Some(libc::SIGINT));
+}
