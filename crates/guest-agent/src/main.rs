@@ -119,6 +119,11 @@ fn guest_main() -> ! {
 
 fn host_main(cli: Cli, pid1: bool) -> Result<(), String> {
     sys::ensure_std_fds();
+    // Bind before PID 1's mounts may hide the socket's directory (see `unix_bind`).
+    let listener = match &cli {
+        Cli::ListenUnix(path) => Some(transport::unix_bind(path).map_err(|e| e.to_string())?),
+        _ => None,
+    };
     if pid1 {
         pid1_setup();
     }
@@ -127,7 +132,9 @@ fn host_main(cli: Cli, pid1: bool) -> Result<(), String> {
     let agent = start_agent(Mode::Host).map_err(|e| format!("starting the reaper: {e}"))?;
     match cli {
         Cli::ListenUnix(path) => {
-            let accept = transport::unix_listen(&agent, &path).map_err(|e| e.to_string())?;
+            let listener = listener.ok_or("--listen-unix: no listener was bound")?;
+            let accept =
+                transport::unix_serve(&agent, listener, &path).map_err(|e| e.to_string())?;
             sys::console(READY);
             accept
                 .join()

@@ -157,18 +157,29 @@ fn echo(mut conn: File) {
     }
 }
 
-/// Host mode: listen on a unix socket and serve every connection on its own thread.
-/// Returns once listening; the accept loop runs on a thread.
-pub fn unix_listen(
+/// Host mode: bind the listening unix socket. Separate from [`unix_serve`] so that a
+/// `--pid1-setup` agent binds before it mounts a fresh tmpfs over `/tmp` or `/run`, where the
+/// socket's path may lie, and stays reachable from outside its mount namespace.
+pub fn unix_bind(path: &str) -> Result<UnixListener, TransportError> {
+    let _ = std::fs::remove_file(path);
+    UnixListener::bind(path).map_err(|source| TransportError::Unix {
+        op: "bind",
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Host mode: serve every connection of `listener` on its own thread.
+/// Returns at once; the accept loop runs on a thread.
+pub fn unix_serve(
     agent: &Arc<Agent>,
+    listener: UnixListener,
     path: &str,
 ) -> Result<thread::JoinHandle<()>, TransportError> {
     let err = |op: &'static str| {
         let path = path.to_owned();
         move |source| TransportError::Unix { op, path, source }
     };
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path).map_err(err("bind"))?;
     let agent = Arc::clone(agent);
     thread::Builder::new()
         .name("unix-accept".into())

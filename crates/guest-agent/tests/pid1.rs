@@ -17,8 +17,10 @@ fn start_pid1() -> Agent {
         nix::unistd::geteuid().is_root(),
         "the PID 1 test needs root (to create namespaces and mount); run the tests as root"
     );
-    // Not under /tmp: the agent mounts a fresh tmpfs there.
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    // Under /tmp on purpose: the agent mounts a fresh tmpfs there, and must bind its socket
+    // before that so that it stays reachable from outside its mount namespace (a checkout
+    // under /tmp puts CARGO_TARGET_TMPDIR there too).
+    let dir = tempfile::tempdir_in("/tmp").expect("tempdir");
     let sock = dir.path().join("pid1.sock");
     let mut cmd = Command::new("unshare");
     cmd.args(["--mount", "--pid", "--fork", "--uts", "--net"])
