@@ -163,7 +163,9 @@ fn oversized_frame_closes_only_that_connection() {
     let mut s = raw_conn(&agent);
     s.write_all(&((MAX_FRAME as u32) + 1).to_le_bytes())
         .unwrap();
-    s.write_all(&[0u8; 64]).unwrap();
+    // Trailing bytes may find the connection already closed (the agent answers and closes as
+    // soon as it has read the length): a broken pipe here is the behaviour under test.
+    let _ = s.write_all(&[0u8; 64]);
     let (_, r) = expect_response(&mut s);
     assert!(
         matches!(
