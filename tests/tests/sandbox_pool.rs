@@ -16,7 +16,8 @@ mod sandbox_common;
 use std::time::{Duration, Instant};
 
 use kiln::{
-    ExecEvent, PoolConfig, ResetMode, Sandbox, SandboxConfig, SandboxPool, SandboxPoolError,
+    ExecEvent, ExecOptions, PoolConfig, ResetMode, Sandbox, SandboxConfig, SandboxPool,
+    SandboxPoolError,
 };
 use sandbox_common::{BOOT_TIMEOUT, REQUEST_TIMEOUT};
 
@@ -59,9 +60,17 @@ fn wait_idle(pool: &SandboxPool, n: usize) {
     }
 }
 
+/// A deadline for every exec: a guest that stops answering fails the test instead of
+/// hanging it.
+fn deadline() -> ExecOptions {
+    ExecOptions::new().timeout(Duration::from_secs(120))
+}
+
 /// Runs a shell snippet, asserts it succeeded, returns its stdout.
 fn sh(sb: &Sandbox, script: &str) -> String {
-    let r = sb.exec(&["sh", "-c", script]).unwrap();
+    let r = sb
+        .exec_with_options(&["sh", "-c", script], deadline())
+        .unwrap();
     assert!(r.success(), "`{script}` failed: {r:?}");
     r.stdout_str()
 }
@@ -234,7 +243,12 @@ fn stats_count(name: &str, mode: ResetMode) {
         let sb = pool.acquire().unwrap();
         let s = pool.stats();
         assert_eq!((s.hit_count, s.miss_count, s.in_use_count), (0, 1, 1));
-        assert_eq!(sb.exec(&["echo", "one"]).unwrap().stdout, b"one\n");
+        assert_eq!(
+            sb.exec_with_options(&["echo", "one"], deadline())
+                .unwrap()
+                .stdout,
+            b"one\n"
+        );
     }
     let s = pool.stats();
     assert_eq!(s.in_use_count, 0);
@@ -249,7 +263,10 @@ fn stats_count(name: &str, mode: ResetMode) {
         let sb = pool.acquire().unwrap();
         let s = pool.stats();
         assert_eq!((s.hit_count, s.miss_count, s.idle_count), (1, 1, 0));
-        assert!(sb.exec(&["true"]).unwrap().success());
+        assert!(sb
+            .exec_with_options(&["true"], deadline())
+            .unwrap()
+            .success());
         sb.ping_timeout(Duration::from_secs(30)).unwrap();
     }
     let s = pool.stats();
@@ -324,7 +341,10 @@ fn a_dead_guest_is_never_handed_out_and_pings_fail_fast() {
         drop(a);
         let b = pool.acquire().unwrap();
         assert_ne!(b.name(), dead_name, "the dead sandbox was handed out again");
-        assert!(b.exec(&["true"]).unwrap().success());
+        assert!(b
+            .exec_with_options(&["true"], deadline())
+            .unwrap()
+            .success());
         b.ping_timeout(Duration::from_secs(30)).unwrap();
     }
     let s = pool.stats();

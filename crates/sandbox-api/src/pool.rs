@@ -37,6 +37,9 @@ pub const HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Returned sandboxes queued for the reaper before `destroy` stops them inline instead.
 const REAPER_QUEUE: usize = 64;
 
+/// How long `SandboxPool::shutdown` waits for the reaper to stop the returned VMs.
+const REAPER_CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Longest sandbox name ([`SandboxConfig::validate`] rejects longer ones).
 const MAX_NAME_LEN: usize = 64;
 
@@ -124,6 +127,8 @@ impl From<PoolError<SandboxError>> for SandboxPoolError {
 struct Reaper {
     tx: Mutex<Option<SyncSender<Sandbox>>>,
     handle: Mutex<Option<JoinHandle<()>>>,
+    /// Disconnected when the reaper thread ends (it holds the sender).
+    done: Mutex<Option<mpsc::Receiver<()>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -134,9 +139,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Reaper {
     fn start() -> Result<Reaper, SandboxPoolError> {
         let (tx, rx) = mpsc::sync_channel::<Sandbox>(REAPER_QUEUE);
+        let (done_tx, done_rx) = mpsc::channel::<()>();
         let handle = thread::Builder::new()
             .name("kiln-pool-reaper".into())
             .spawn(move || {
+                let _done = done_tx;
                 for sandbox in rx {
                     tracing::debug!(vm = sandbox.name(), "sandbox pool: stopping a returned VM");
                     drop(sandbox);
@@ -149,6 +156,7 @@ impl Reaper {
         Ok(Reaper {
             tx: Mutex::new(Some(tx)),
             handle: Mutex::new(Some(handle)),
+            done: Mutex::new(Some(done_rx)),
         })
     }
 
@@ -165,14 +173,30 @@ impl Reaper {
         }
     }
 
-    /// Stops taking work and waits until every queued sandbox is stopped. Idempotent.
+    /// Stops taking work and waits (at most [`REAPER_CLOSE_TIMEOUT`]) until every queued
+    /// sandbox is stopped; past the deadline the reaper thread is left to finish on its own.
+    /// Idempotent.
     fn close(&self) {
         drop(lock(&self.tx).take());
         let handle = lock(&self.handle).take();
-        if let Some(handle) = handle {
-            if handle.thread().id() != thread::current().id() && handle.join().is_err() {
-                tracing::error!("sandbox pool: the reaper thread panicked");
+        let done = lock(&self.done).take();
+        let (Some(handle), Some(done)) = (handle, done) else {
+            return;
+        };
+        if handle.thread().id() == thread::current().id() {
+            return;
+        }
+        match done.recv_timeout(REAPER_CLOSE_TIMEOUT) {
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                if handle.join().is_err() {
+                    tracing::error!("sandbox pool: the reaper thread panicked");
+                }
             }
+            // Nothing is ever sent: only the timeout remains.
+            Ok(()) | Err(mpsc::RecvTimeoutError::Timeout) => tracing::error!(
+                "sandbox pool: returned VMs still stopping after {REAPER_CLOSE_TIMEOUT:?}; \
+                 not waiting longer"
+            ),
         }
     }
 }
