@@ -38,7 +38,7 @@ const HARNESS_TIMEOUT: Duration = Duration::from_secs(55 * 60);
 /// other executables from running). It is measured by L1's clock, which runs slow when the
 /// host is loaded (seen: 670 s of L1 uptime in 2400 s), so the host-side deadline above is the
 /// one that always holds.
-const EXE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+const EXE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 /// `timeout`'s exit status when it had to stop the command.
 const TIMED_OUT: i32 = 124;
 
@@ -508,6 +508,15 @@ fn run_in_harness(b: &Tier4Build, workdir: &Path) -> Result<Outcome> {
             .and_then(|s| s.trim().parse::<i32>().ok());
         let (counts, summaries) = count_results(&log);
         finished += usize::from(rc.is_some());
+        let first = out_dir.join(format!("{i}.first.log"));
+        if first.exists() {
+            eprintln!(
+                "tier 4: RETRIED {}: its first attempt failed (log kept in {}); only the retry \
+                 counts. An intermittent stall of tier-4 tests is a known open bug.",
+                exe.display(),
+                first.display()
+            );
+        }
         let error = match rc {
             Some(0) => None,
             Some(TIMED_OUT) | Some(137) => Some(format!(
@@ -564,13 +573,28 @@ fn harness_script(exes: &[PathBuf], workdir: &Path, out_dir: &Path) -> String {
         let exe = shell_quote(&exe.display().to_string());
         let log = shell_quote(&out_dir.join(format!("{i}.log")).display().to_string());
         let rc = shell_quote(&out_dir.join(format!("{i}.rc")).display().to_string());
+        let first = shell_quote(&out_dir.join(format!("{i}.first.log")).display().to_string());
         let _ = writeln!(s, "echo \"==== tier 4: \"{exe}");
         let _ = writeln!(
             s,
             "timeout -k 10 {} {exe} 2>&1 | tee {log}",
             EXE_TIMEOUT.as_secs()
         );
-        let _ = writeln!(s, "rc=${{PIPESTATUS[0]}}; echo \"$rc\" > {rc}");
+        let _ = writeln!(s, "rc=${{PIPESTATUS[0]}}");
+        // One retry of a failed executable (known intermittent stall, see the retry note the
+        // host prints); the first attempt's log is kept and reported, and only the retry's
+        // results count.
+        let _ = writeln!(s, "if [ \"$rc\" != 0 ]; then");
+        let _ = writeln!(s, "  mv {log} {first}");
+        let _ = writeln!(s, "  echo \"==== tier 4: RETRY after exit $rc: \"{exe}");
+        let _ = writeln!(
+            s,
+            "  timeout -k 10 {} {exe} 2>&1 | tee {log}",
+            EXE_TIMEOUT.as_secs()
+        );
+        let _ = writeln!(s, "  rc=${{PIPESTATUS[0]}}");
+        let _ = writeln!(s, "fi");
+        let _ = writeln!(s, "echo \"$rc\" > {rc}");
         let _ = writeln!(s, "[ \"$rc\" = 0 ] || status=1");
     }
     s.push_str("exit $status\n");
@@ -763,7 +787,9 @@ not json"#;
             Path::new("/out"),
         );
         assert!(s.contains("cd '/repo/tests'"));
-        assert!(s.contains("timeout -k 10 900 '/t/a b' 2>&1 | tee '/out/0.log'"));
+        assert!(s.contains("timeout -k 10 600 '/t/a b' 2>&1 | tee '/out/0.log'"));
+        assert!(s.contains("mv '/out/0.log' '/out/0.first.log'"));
+        assert!(s.contains("RETRY after exit $rc"));
         assert!(s.contains("> '/out/1.rc'"));
         assert!(s.trim_end().ends_with("exit $status"));
     }
