@@ -6,8 +6,11 @@
 //! return themselves on drop. Kiln's `SandboxPool` is this pool over microVM sandboxes.
 //!
 //! # Rules
-//! - **acquire**: a *hit* pops the most recently used idle resource (LIFO, for cache warmth); a
-//!   *miss* creates one in the calling thread, outside the lock. When `max_in_use` resources are
+//! - **acquire**: a *hit* pops the most recently used idle resource (LIFO, for cache warmth)
+//!   and hands it out if [`Manager::is_alive`] says so; an idle resource found dead is destroyed
+//!   (counted in `evict_count` and `dead_count`, not as a hit) and the next idle one is tried. A
+//!   *miss* (nothing idle, or only dead ones) creates one in the calling thread, outside the
+//!   lock. When `max_in_use` resources are
 //!   out, `acquire()` waits up to `acquire_timeout`, then fails with [`PoolError::TimedOut`].
 //!   A failed creation rolls the counters back and surfaces as [`PoolError::Create`].
 //! - **release** (dropping a [`Pooled`]): not [`Manager::is_reusable`] → destroyed; on every Nth
@@ -18,15 +21,20 @@
 //!   resource is destroyed.
 //! - **idle TTL**: the background thread destroys idle resources beyond `min_size` that have been
 //!   idle longer than `max_idle_duration`.
+//! - **dead idle resources**: each background pass also destroys every idle resource that
+//!   [`Manager::is_alive`] says is dead, and refills `min_size` in the same pass, so a resource
+//!   that died while idle is usually replaced before anyone asks for it (the check on a hit
+//!   catches the rest).
 //! - **warm**: the background thread keeps `min_size` resources idle, creating them outside the
 //!   lock, so `acquire()` never waits for it; it is woken only when the idle count falls below
 //!   `min_size`. [`Pool::warm`] creates resources now, in the caller's thread.
 //! - **shutdown**: destroys all idle resources, fails later acquires with
 //!   [`PoolError::ShutDown`]; handles returned afterwards are destroyed.
-//! - **stats**: [`PoolStats`] (hit, miss, evict, idle, in use, created, create failed,
+//! - **stats**: [`PoolStats`] (hit, miss, evict, dead, idle, in use, created, create failed,
 //!   destroyed).
 //!
-//! Every `Manager` call runs outside the pool's lock; a panicking hook frees its slot and the
+//! Every `Manager` call runs outside the pool's lock — except `is_alive` in the background pass,
+//! which must therefore be cheap (a state read, no I/O); a panicking hook frees its slot and the
 //! pool carries on.
 
 mod config;

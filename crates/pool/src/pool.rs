@@ -1,11 +1,12 @@
 //! The pool itself: [`Pool`] (acquire, warm, stats, shutdown), the RAII handle [`Pooled`] that
-//! returns its resource on drop, and the background maintenance thread (idle-TTL eviction and
-//! keeping `min_size` warm).
+//! returns its resource on drop, and the background maintenance thread (evicting dead and
+//! idle-TTL-expired resources, keeping `min_size` warm).
 //!
 //! Locking: one `Mutex<State>` guards the idle deque, the counters and the flags; a `Condvar`
 //! wakes `acquire()` callers waiting for an in-use slot. Every [`Manager`] call happens with the
-//! lock released. The hot path (hit + release) touches the lock twice, allocates nothing, and
-//! only wakes the background thread when the idle count falls below `min_size`.
+//! lock released, except `Manager::is_alive` in the background pass (documented on the trait).
+//! The hot path (hit + release) touches the lock twice, allocates nothing, and only wakes the
+//! background thread when the idle count falls below `min_size`.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -55,6 +56,7 @@ struct State<R> {
     hit_count: u64,
     miss_count: u64,
     evict_count: u64,
+    dead_count: u64,
     created_count: u64,
     create_failed_count: u64,
     destroyed_count: u64,
@@ -107,6 +109,7 @@ impl<M: Manager> Shared<M> {
         let slot = SlotGuard {
             shared: self,
             armed: true,
+            undo_hit: false,
         };
         let verdict = if self.closed.load(Ordering::Acquire) {
             Verdict::Destroy(Discard::ShutDown)
@@ -208,11 +211,29 @@ impl<M: Manager> Shared<M> {
     /// One pass of the background thread. Returns `false` once the pool is shut down.
     fn maintain(&self) -> bool {
         let mut expired = Vec::new();
+        let mut dead = Vec::new();
         {
             let mut state = self.lock();
             if state.shut_down {
                 return false;
             }
+            // Dead idle resources: `is_alive` runs under the lock (see its docs). Find them all
+            // first, then take them out, so a panicking `is_alive` leaves the state untouched.
+            let mut dead_at = Vec::new();
+            for (i, entry) in state.idle.iter().enumerate() {
+                if !self.manager.is_alive(&entry.resource) {
+                    dead_at.push(i);
+                }
+            }
+            for &i in dead_at.iter().rev() {
+                if let Some(entry) = state.idle.remove(i) {
+                    dead.push(entry.resource);
+                }
+            }
+            let n = dead.len() as u64;
+            state.evict_count += n;
+            state.dead_count += n;
+            state.destroyed_count += n;
             if let Some(ttl) = self.config.max_idle_duration {
                 let now = Instant::now();
                 while state.idle.len() > self.config.min_size {
@@ -231,6 +252,15 @@ impl<M: Manager> Shared<M> {
                 state.evict_count += n;
                 state.destroyed_count += n;
             }
+        }
+        if !dead.is_empty() {
+            tracing::debug!(
+                count = dead.len(),
+                "kiln-pool: evicting idle resources that are no longer alive"
+            );
+        }
+        for resource in dead {
+            self.manager.destroy(resource);
         }
         if !expired.is_empty() {
             tracing::debug!(
@@ -277,10 +307,14 @@ enum Verdict {
     Destroy(Discard),
 }
 
-/// Frees an in-use slot if a `Manager` hook panics while a handle is being returned.
+/// Frees an in-use slot if a `Manager` hook panics while a handle is being returned
+/// (`reset`, `health_check`...) or while an idle resource is being validated on a hit
+/// (`is_alive`; then the hit is rolled back too).
 struct SlotGuard<'a, M: Manager> {
     shared: &'a Shared<M>,
     armed: bool,
+    /// The slot was taken by a hit that is not complete yet: uncount it.
+    undo_hit: bool,
 }
 
 impl<'a, M: Manager> SlotGuard<'a, M> {
@@ -288,6 +322,11 @@ impl<'a, M: Manager> SlotGuard<'a, M> {
     fn disarm(mut self, state: MutexGuard<'a, State<M::Resource>>) {
         self.armed = false;
         drop(state);
+    }
+
+    /// The guarded hook returned (no lock held).
+    fn disarm_unlocked(mut self) {
+        self.armed = false;
     }
 }
 
@@ -298,6 +337,9 @@ impl<M: Manager> Drop for SlotGuard<'_, M> {
         }
         let mut state = self.shared.lock();
         state.in_use -= 1;
+        if self.undo_hit {
+            state.hit_count -= 1;
+        }
         // The resource was dropped by the unwinding, not by Manager::destroy.
         state.evict_count += 1;
         state.destroyed_count += 1;
@@ -389,6 +431,7 @@ impl<M: Manager> Pool<M> {
             hit_count: 0,
             miss_count: 0,
             evict_count: 0,
+            dead_count: 0,
             created_count: 0,
             create_failed_count: 0,
             destroyed_count: 0,
@@ -465,18 +508,47 @@ impl<M: Manager> Pool<M> {
             state.waiters -= 1;
         }
         state.in_use += 1;
-        if let Some(entry) = state.idle.pop_back() {
+        while let Some(entry) = state.idle.pop_back() {
             state.hit_count += 1;
             let refill = state.take_refill_request(shared.config.min_size);
             drop(state);
             if refill {
                 shared.wake_maintainer();
             }
-            return Ok(Pooled {
-                shared: Arc::clone(&self.shared),
-                resource: Some(entry.resource),
-                uses: entry.uses,
-            });
+            // Validated outside the lock; a panic frees the slot and uncounts the hit.
+            let guard = SlotGuard {
+                shared,
+                armed: true,
+                undo_hit: true,
+            };
+            let alive = shared.manager.is_alive(&entry.resource);
+            guard.disarm_unlocked();
+            if alive {
+                return Ok(Pooled {
+                    shared: Arc::clone(&self.shared),
+                    resource: Some(entry.resource),
+                    uses: entry.uses,
+                });
+            }
+            // Died while idle: destroy it and try the next idle one (or create).
+            tracing::debug!("kiln-pool: an idle resource is no longer alive; evicting it");
+            state = shared.lock();
+            state.hit_count -= 1;
+            state.evict_count += 1;
+            state.dead_count += 1;
+            state.destroyed_count += 1;
+            drop(state);
+            shared.manager.destroy(entry.resource);
+            state = shared.lock();
+            if state.shut_down {
+                state.in_use -= 1;
+                let notify = state.waiters > 0;
+                drop(state);
+                if notify {
+                    shared.slot_freed.notify_one();
+                }
+                return Err(PoolError::ShutDown);
+            }
         }
         state.miss_count += 1;
         let refill = state.take_refill_request(shared.config.min_size);
@@ -529,6 +601,7 @@ impl<M: Manager> Pool<M> {
             hit_count: state.hit_count,
             miss_count: state.miss_count,
             evict_count: state.evict_count,
+            dead_count: state.dead_count,
             idle_count: state.idle.len(),
             in_use_count: state.in_use,
             waiting_count: state.waiters,

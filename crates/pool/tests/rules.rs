@@ -202,6 +202,166 @@ fn failed_health_check_evicts_and_replenishes() {
     assert_ne!(pool.acquire().unwrap().id, id);
 }
 
+/// A config whose background pass never runs on its own (min_size 0: never woken; the tick is
+/// an hour), so only the check on a hit can find dead resources.
+fn hit_check_only() -> PoolConfig {
+    PoolConfig {
+        maintenance_interval: Duration::from_secs(3600),
+        ..config()
+    }
+}
+
+#[test]
+fn a_dead_idle_resource_is_never_handed_out() {
+    let (pool, c) = pool(PoolConfig {
+        max_in_use: 1,
+        ..hit_check_only()
+    });
+    assert_eq!(pool.warm(2).unwrap(), 2); // ids 0, 1; 1 is the most recently used
+    c.kill(1);
+    let a = pool.acquire_timeout(Duration::ZERO).unwrap();
+    assert_eq!(a.id, 0, "the dead most recently used one was skipped");
+    let s = pool.stats();
+    assert_eq!((s.hit_count, s.miss_count), (1, 0), "{s:?}");
+    assert_eq!((s.evict_count, s.dead_count, s.destroyed_count), (1, 1, 1));
+    assert_eq!((s.idle_count, s.in_use_count), (0, 1));
+    assert_eq!(c.destroyed_ids(), vec![1]);
+    assert_eq!(c.get(&c.alive_checks), 2);
+
+    // The only idle one dies after its return: the next acquire creates (a miss) within the
+    // same in-use slot (max_in_use 1, no wait).
+    drop(a);
+    c.kill(0);
+    let b = pool.acquire_timeout(Duration::ZERO).unwrap();
+    assert_eq!(b.id, 2);
+    assert!(!c.was_found_dead(b.id));
+    let s = pool.stats();
+    assert_eq!((s.hit_count, s.miss_count), (1, 1), "{s:?}");
+    assert_eq!((s.evict_count, s.dead_count, s.destroyed_count), (2, 2, 2));
+    assert_eq!((s.created_count, s.in_use_count, s.idle_count), (3, 1, 0));
+    assert_eq!(c.destroyed_ids(), vec![1, 0]);
+    assert_eq!(c.get(&c.found_dead), 2);
+
+    // Alive ones are handed out as before; is_alive runs on every hit.
+    drop(b);
+    let checks = c.get(&c.alive_checks);
+    drop(pool.acquire().unwrap());
+    assert_eq!(c.get(&c.alive_checks), checks + 1);
+    assert_eq!(pool.stats().hit_count, 2);
+
+    pool.shutdown();
+    let s = pool.stats();
+    assert_eq!(s.created_count, s.destroyed_count, "{s:?}");
+}
+
+#[test]
+fn several_dead_idle_resources_are_all_skipped() {
+    let (pool, c) = pool(hit_check_only());
+    assert_eq!(pool.warm(4).unwrap(), 4); // ids 0..4
+    for id in [3, 2, 0] {
+        c.kill(id);
+    }
+    // 3 and 2 (most recently used first) are found dead, 1 is handed out; 0 stays idle.
+    let h = pool.acquire().unwrap();
+    assert_eq!(h.id, 1);
+    let s = pool.stats();
+    assert_eq!(
+        (s.hit_count, s.miss_count, s.dead_count),
+        (1, 0, 2),
+        "{s:?}"
+    );
+    assert_eq!(s.idle_count, 1);
+    // The last idle one is dead too: a miss.
+    let h2 = pool.acquire().unwrap();
+    assert_eq!(h2.id, 4);
+    let s = pool.stats();
+    assert_eq!(
+        (s.hit_count, s.miss_count, s.dead_count),
+        (1, 1, 3),
+        "{s:?}"
+    );
+    assert_eq!(s.hit_count + s.miss_count, 2, "two successful acquires");
+    assert_eq!(c.destroyed_ids(), vec![3, 2, 0]);
+}
+
+#[test]
+fn dead_idle_resources_are_replaced_in_the_background() {
+    let (pool, c) = pool(PoolConfig {
+        min_size: 2,
+        ..config()
+    });
+    assert!(wait_until(|| pool.stats().idle_count == 2));
+    c.kill(0);
+    c.kill(1);
+    // No acquire: the background pass finds both dead and refills min_size.
+    assert!(
+        wait_until(|| {
+            let s = pool.stats();
+            s.dead_count == 2 && s.idle_count == 2
+        }),
+        "{:?}",
+        pool.stats()
+    );
+    let s = pool.stats();
+    assert_eq!((s.hit_count, s.miss_count), (0, 0), "{s:?}");
+    assert_eq!(
+        (s.evict_count, s.destroyed_count, s.created_count),
+        (2, 2, 4)
+    );
+    let mut destroyed = c.destroyed_ids();
+    destroyed.sort_unstable();
+    assert_eq!(destroyed, vec![0, 1]);
+    let h = pool.acquire().unwrap();
+    assert!(h.id >= 2, "a replacement, not a dead one: {}", h.id);
+    assert_eq!(pool.stats().hit_count, 1);
+}
+
+#[test]
+fn panicking_is_alive_on_a_hit_frees_its_slot() {
+    let (pool, c) = pool(PoolConfig {
+        max_in_use: 1,
+        ..hit_check_only()
+    });
+    assert_eq!(pool.warm(1).unwrap(), 1);
+    c.panic_next_alive.store(true, SeqCst);
+    assert!(panic::catch_unwind(AssertUnwindSafe(|| pool.acquire())).is_err());
+    let s = pool.stats();
+    assert_eq!((s.in_use_count, s.idle_count), (0, 0), "{s:?}");
+    assert_eq!(
+        (s.hit_count, s.miss_count),
+        (0, 0),
+        "the hit was rolled back"
+    );
+    assert_eq!((s.evict_count, s.destroyed_count), (1, 1));
+    // The slot is free again.
+    let h = pool.acquire_timeout(Duration::ZERO).unwrap();
+    assert_eq!(h.id, 1);
+}
+
+#[test]
+fn panicking_is_alive_in_the_background_keeps_the_thread_alive() {
+    let (pool, c) = pool(PoolConfig {
+        min_size: 1,
+        ..config()
+    });
+    assert!(wait_until(|| pool.stats().idle_count == 1));
+    c.panic_next_alive.store(true, SeqCst);
+    assert!(wait_until(|| !c.panic_next_alive.load(SeqCst)));
+    // The panicking pass changed nothing; later passes still find and replace dead ones.
+    let s = pool.stats();
+    assert_eq!(
+        (s.idle_count, s.evict_count, s.dead_count),
+        (1, 0, 0),
+        "{s:?}"
+    );
+    c.kill(0);
+    assert!(wait_until(|| {
+        let s = pool.stats();
+        s.dead_count == 1 && s.idle_count == 1
+    }));
+    assert_eq!(pool.acquire().unwrap().id, 1);
+}
+
 #[test]
 fn health_check_runs_every_nth_release() {
     let (pool, c) = pool(PoolConfig {

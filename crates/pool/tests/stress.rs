@@ -1,5 +1,6 @@
 //! 16 threads acquire and release concurrently, with injected create, health-check, reset and
-//! reusability failures, while a monitor samples the pool's invariants.
+//! reusability failures, while a killer thread makes resources die (idle or in use) and a
+//! monitor samples the pool's invariants.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -73,6 +74,25 @@ fn sixteen_threads_keep_the_invariants() {
         })
     };
 
+    // Kills one of the most recently created resources every ~50 µs (idle or in use: a death
+    // while in use is the holder's problem; the pool must catch it once the resource is idle).
+    let killer = {
+        let (c, done) = (Arc::clone(&c), Arc::clone(&done));
+        thread::spawn(move || {
+            let mut rng = Rng(0xD1B5_4A32_D192_ED03);
+            let mut kills = 0u64;
+            while !done.load(SeqCst) {
+                let next = c.next_id.load(SeqCst);
+                if next > 0 {
+                    c.kill(next.saturating_sub(1 + rng.next() % 8));
+                    kills += 1;
+                }
+                thread::sleep(Duration::from_micros(50));
+            }
+            kills
+        })
+    };
+
     let start = Arc::new(Barrier::new(THREADS));
     let workers: Vec<_> = (0..THREADS)
         .map(|t| {
@@ -93,6 +113,12 @@ fn sixteen_threads_keep_the_invariants() {
                     };
                     ok += 1;
                     c.hold(h.id);
+                    // Once `is_alive` said "dead", the resource must never be handed out.
+                    assert!(
+                        !c.was_found_dead(h.id),
+                        "resource {} handed out after is_alive found it dead",
+                        h.id
+                    );
                     assert!(!h.dirty, "resource {} handed out without reset", h.id);
                     let s = pool.stats();
                     assert!(s.in_use_count >= 1 && s.in_use_count <= MAX_IN_USE, "{s:?}");
@@ -123,6 +149,8 @@ fn sixteen_threads_keep_the_invariants() {
     }
     done.store(true, SeqCst);
     let samples = monitor.join().unwrap();
+    let kills = killer.join().unwrap();
+    assert!(kills > 0);
     assert!(samples > 0);
     assert_eq!(violations.load(SeqCst), 0);
 
@@ -140,6 +168,16 @@ fn sixteen_threads_keep_the_invariants() {
         "the injected create failures were exercised"
     );
     assert!(s.evict_count > 0);
+    assert!(
+        s.dead_count > 0,
+        "dead idle resources were exercised: {s:?}"
+    );
+    assert!(s.dead_count <= s.evict_count, "{s:?}");
+    assert_eq!(
+        s.dead_count,
+        c.get(&c.found_dead),
+        "every \"dead\" answer destroyed exactly one idle resource"
+    );
     assert_eq!(s.created_count, c.get(&c.created));
     assert_eq!(s.create_failed_count, c.get(&c.create_failures));
     // Alive resources never exceeded what the limits allow: idle + creating ≤ max_size,
@@ -157,5 +195,5 @@ fn sixteen_threads_keep_the_invariants() {
     assert_eq!(s.idle_count, 0);
     assert_eq!(s.created_count, s.destroyed_count, "{s:?}");
     assert_eq!(c.get(&c.created), c.get(&c.destroyed));
-    eprintln!("stress: {ok} acquires, {create_failed} create failures, {s:?}");
+    eprintln!("stress: {ok} acquires, {create_failed} create failures, {kills} kills, {s:?}");
 }

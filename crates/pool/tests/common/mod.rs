@@ -1,6 +1,7 @@
 //! The mock resource and manager shared by kiln-pool's tests: counters for every hook,
-//! injectable failures (create, health check, reset, reusability, panics), a gate that holds the
-//! background thread inside `create`, and a registry proving no resource has two holders.
+//! injectable failures (create, health check, reset, reusability, panics), deaths of idle
+//! resources (`kill`: `is_alive` then says no), a gate that holds the background thread inside
+//! `create`, and a registry proving no resource has two holders.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashSet;
@@ -40,6 +41,15 @@ pub struct Counters {
     pub health_checks: AtomicU64,
     pub resets: AtomicU64,
     pub reusable_checks: AtomicU64,
+    /// `is_alive` calls, and how many of them answered "dead".
+    pub alive_checks: AtomicU64,
+    pub found_dead: AtomicU64,
+    /// Ids `kill`ed: `is_alive` says no for them (like a VM whose guest died while idle).
+    pub dead: Mutex<HashSet<u64>>,
+    /// Ids `is_alive` said "dead" for (the pool must never hand them out afterwards).
+    pub found_dead_ids: Mutex<HashSet<u64>>,
+    /// Panic in the next `is_alive`.
+    pub panic_next_alive: AtomicBool,
     /// Fail this many upcoming creates.
     pub fail_creates: AtomicU64,
     /// Fail every Nth create attempt (0: never).
@@ -82,6 +92,16 @@ impl Counters {
 
     pub fn unhold(&self, id: u64) {
         assert!(self.held.lock().unwrap().remove(&id));
+    }
+
+    /// The resource `id` dies (wherever it is: idle, in use or gone).
+    pub fn kill(&self, id: u64) {
+        self.dead.lock().unwrap().insert(id);
+    }
+
+    /// Whether `is_alive` ever answered "dead" for `id`.
+    pub fn was_found_dead(&self, id: u64) -> bool {
+        self.found_dead_ids.lock().unwrap().contains(&id)
     }
 
     pub fn destroyed_ids(&self) -> Vec<u64> {
@@ -172,6 +192,19 @@ impl Manager for MockManager {
     fn is_reusable(&self, r: &MockRes) -> bool {
         self.c.reusable_checks.fetch_add(1, SeqCst);
         r.reusable
+    }
+
+    fn is_alive(&self, r: &MockRes) -> bool {
+        self.c.alive_checks.fetch_add(1, SeqCst);
+        if self.c.panic_next_alive.swap(false, SeqCst) {
+            panic!("mock is_alive panics (injected)");
+        }
+        let alive = !self.c.dead.lock().unwrap().contains(&r.id);
+        if !alive {
+            self.c.found_dead.fetch_add(1, SeqCst);
+            self.c.found_dead_ids.lock().unwrap().insert(r.id);
+        }
+        alive
     }
 
     fn destroy(&self, r: MockRes) {
