@@ -1,4 +1,5 @@
-//! Guest CPUID: KVM's supported set (read once per process) with per-vCPU fixups for APIC
+//! Guest CPUID: KVM's supported set (read once per process) plus the features KVM emulates
+//! but leaves for the VMM to announce (the TSC-deadline timer), with per-vCPU fixups for APIC
 //! ids and a flat topology (one package, one core per vCPU, no SMT), for Intel (leaves 1, 4,
 //! 0xb, 0x1f) and AMD (0x8000_0008, 0x8000_001e) guests; no virtual PMU (leaf 0xa).
 
@@ -12,6 +13,7 @@ const LEAF_TOPOLOGY_V2: u32 = 0x1f;
 const LEAF_AMD_SIZES: u32 = 0x8000_0008;
 const LEAF_AMD_TOPOLOGY: u32 = 0x8000_001e;
 const ECX_HYPERVISOR: u32 = 1 << 31;
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const EDX_HTT: u32 = 1 << 28;
 
 /// Bits needed to number `n` logical CPUs.
@@ -81,6 +83,22 @@ fn fix_entry(e: &mut kvm_cpuid_entry2, index: u8, count: u8) {
     }
 }
 
+/// Announces what KVM emulates in its in-kernel LAPIC but does not list in
+/// `KVM_GET_SUPPORTED_CPUID`: the TSC-deadline timer (`KVM_CAP_TSC_DEADLINE_TIMER`). A Linux
+/// guest that sees it skips calibrating its LAPIC timer against the PIT — a busy-wait of
+/// HZ/10 ticks (100 ms) at every boot, and under nested emulation a loop that can wait on a
+/// timer interrupt the emulator loses.
+pub fn add_emulated_features(supported: &mut CpuId, tsc_deadline: bool) {
+    if !tsc_deadline {
+        return;
+    }
+    for e in supported.as_mut_slice() {
+        if e.function == LEAF_FEATURES {
+            e.ecx |= ECX_TSC_DEADLINE;
+        }
+    }
+}
+
 /// The CPUID for vCPU `index` of `count`, derived from KVM's supported set.
 pub fn for_vcpu(supported: &CpuId, index: u8, count: u8) -> CpuId {
     let mut c = supported.clone();
@@ -104,6 +122,18 @@ mod tests {
             edx: 0,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn tsc_deadline_is_announced_only_when_kvm_emulates_it() {
+        let base = CpuId::from_entries(&[entry(LEAF_FEATURES, 0), entry(LEAF_CACHE, 0)]).unwrap();
+        let mut without = base.clone();
+        add_emulated_features(&mut without, false);
+        assert_eq!(without.as_slice()[0].ecx & ECX_TSC_DEADLINE, 0);
+        let mut with = base;
+        add_emulated_features(&mut with, true);
+        assert_ne!(with.as_slice()[0].ecx & ECX_TSC_DEADLINE, 0);
+        assert_eq!(with.as_slice()[1].ecx & ECX_TSC_DEADLINE, 0, "only leaf 1");
     }
 
     #[test]

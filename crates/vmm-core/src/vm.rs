@@ -473,13 +473,17 @@ fn supported_cpuid(kvm: &Kvm, vm: &str) -> Result<&'static CpuId, VmError> {
     if let Some(c) = SUPPORTED_CPUID.get() {
         return Ok(c);
     }
-    let c = kvm
+    let mut c = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|source| VmError::Kvm {
             vm: vm.to_owned(),
             op: "get supported CPUID",
             source,
         })?;
+    crate::cpuid::add_emulated_features(
+        &mut c,
+        kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
+    );
     Ok(SUPPORTED_CPUID.get_or_init(|| c))
 }
 
