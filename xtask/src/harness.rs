@@ -41,6 +41,10 @@ pub struct HarnessOptions {
     pub timeout: Option<Duration>,
     /// Extra environment passed to the command inside L1 (on top of the caller's own).
     pub env: Vec<(String, String)>,
+    /// Give up (and fail) when the command prints nothing, on stdout or stderr, for this long,
+    /// measured on the host: a frozen L1 cannot enforce its own deadlines. `None` = no limit
+    /// (or `$KILN_HARNESS_IDLE_TIMEOUT`).
+    pub idle_timeout: Option<Duration>,
 }
 
 /// Less common knobs of a run (kept apart so `HarnessOptions` literals stay short).
@@ -58,6 +62,10 @@ pub struct HarnessArgs {
     /// Overall timeout in seconds (QEMU is killed after it); default 3600.
     #[arg(long)]
     pub timeout: Option<u64>,
+    /// Fail when the command prints nothing for this many seconds (host clock); the stalled L1
+    /// is diagnosed through QEMU's monitor first.
+    #[arg(long, value_name = "SECS")]
+    pub idle_timeout: Option<u64>,
     /// Share this host directory read-write too (repeatable; the target dir always is).
     #[arg(long, value_name = "DIR")]
     pub writable: Vec<PathBuf>,
@@ -75,6 +83,7 @@ pub fn cmd_harness(args: HarnessArgs) -> Result<()> {
         command: args.command,
         timeout: args.timeout.map(Duration::from_secs),
         env: Vec::new(),
+        idle_timeout: args.idle_timeout.map(Duration::from_secs),
     };
     let extras = HarnessExtras {
         writable: args.writable,
@@ -154,6 +163,10 @@ pub fn run_with(opts: &HarnessOptions, extras: &HarnessExtras) -> Result<i32> {
         status_file: scratch.path().join("status"),
         boot_timeout,
         timeout,
+        idle_timeout: opts
+            .idle_timeout
+            .or_else(|| env_secs("KILN_HARNESS_IDLE_TIMEOUT")),
+        monitor: scratch.path().join(MONITOR_SOCKET),
         verbose,
     });
     let outcome = match outcome {
@@ -343,6 +356,9 @@ fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
+/// QEMU's human monitor socket in the scratch dir: a stalled run is diagnosed through it.
+const MONITOR_SOCKET: &str = "monitor.sock";
+
 /// Builds QEMU's command line.
 fn qemu_args(
     qemu: &mut Command,
@@ -361,7 +377,10 @@ fn qemu_args(
     // would save more, but then L2 guests under L1's KVM hang without a word.)
     // no_timer_check: under a loaded host, TCG can be slow enough that L1's IO-APIC timer check
     // fails and the kernel panics ("IO-APIC + timer doesn't work"); the check proves nothing here.
-    let mut append = String::from("console=ttyS0 quiet panic=-1 pci=noacpi no_timer_check");
+    // sysrq_always_enabled: a stalled run asks L1 for task and CPU backtraces (magic SysRq via
+    // the emulated keyboard) before it is killed.
+    let mut append =
+        String::from("console=ttyS0 quiet panic=-1 pci=noacpi no_timer_check sysrq_always_enabled");
     if let Ok(extra) = std::env::var("KILN_HARNESS_APPEND") {
         append.push(' ');
         append.push_str(&extra);
@@ -369,7 +388,12 @@ fn qemu_args(
     qemu.args(["-accel", "tcg", "-cpu", &cpu, "-smp", "1", "-m"])
         .arg(memory.to_string())
         .args(["-nodefaults", "-no-user-config", "-display", "none"])
-        .args(["-monitor", "none", "-serial", "stdio", "-no-reboot"])
+        .arg("-monitor")
+        .arg(format!(
+            "unix:{},server=on,wait=off",
+            path_str(&scratch.join(MONITOR_SOCKET))?
+        ))
+        .args(["-serial", "stdio", "-no-reboot"])
         .arg("-kernel")
         .arg(&assets.vmlinux)
         .arg("-initrd")

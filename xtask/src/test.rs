@@ -34,11 +34,15 @@ const TIER4_PACKAGE: &str = "kiln-tests";
 /// Deadline for the whole tier-4 run inside the harness, measured on the host (CI allows 90 min
 /// in all; `$KILN_HARNESS_TIMEOUT` overrides it).
 const HARNESS_TIMEOUT: Duration = Duration::from_secs(55 * 60);
-/// Deadline for one tier-4 test (each runs in its own process) inside the harness: a hung test
-/// must not keep the others from running; a failed test is run once more. It is measured by L1's clock, which runs slow when the
-/// host is loaded (seen: 670 s of L1 uptime in 2400 s), so the host-side deadline above is the
-/// one that always holds.
+/// Deadline for one tier-4 test (each runs in its own process) inside the harness, measured by
+/// L1's clock: a hung test fails and the others still run.
 const EXE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+/// Host-side deadline for silence from the harness: each test prints a start line and its
+/// output when it ends, so silence longer than a test's own deadline means L1 itself stalled
+/// (its clock, and so [`EXE_TIMEOUT`], stopped with it).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(7 * 60);
+/// Harness relaunches after L1 stalls before tier 4 gives up.
+const MAX_RELAUNCHES: usize = 3;
 /// `timeout`'s exit status when it had to stop the command.
 const TIMED_OUT: i32 = 124;
 
@@ -474,8 +478,53 @@ fn tier4_inner(kind: &HostKind) -> Result<Outcome> {
     run_in_harness(&b, &workdir)
 }
 
-/// Runs every tier-4 executable in one L1 boot; outputs and exit codes go to files in the
-/// target dir (shared writable into L1) and are tallied here afterwards.
+/// One tier-4 test: an executable and, when it could be listed, one test of it.
+#[derive(Debug, Clone)]
+struct Tier4Test {
+    /// Index into [`Tier4Build::executables`].
+    exe: usize,
+    /// The exact libtest name; `None` runs the whole executable.
+    name: Option<String>,
+}
+
+/// Every tier-4 test, one per process: `--list` runs on the host (listing needs no KVM).
+fn list_tier4_tests(b: &Tier4Build) -> Vec<Tier4Test> {
+    let mut tests = Vec::new();
+    for (exe, path) in b.executables.iter().enumerate() {
+        let names: Vec<String> = Command::new(path)
+            .args(["--list", "--format", "terse"])
+            .stderr(Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| parse_test_list(&String::from_utf8_lossy(&o.stdout)))
+            .unwrap_or_default();
+        if names.is_empty() {
+            tests.push(Tier4Test { exe, name: None });
+        }
+        tests.extend(names.into_iter().map(|name| Tier4Test {
+            exe,
+            name: Some(name),
+        }));
+    }
+    tests
+}
+
+/// Test names in libtest's `--list --format terse` output (`name: test` lines).
+fn parse_test_list(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.strip_suffix(": test"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Runs the tier-4 tests inside the harness, each in its own process under its own deadline;
+/// outputs and exit codes go to files in the target dir (shared writable into L1) and are
+/// tallied here. L1 runs under QEMU's TCG, which can lose an interrupt and freeze L1 (seen as
+/// a timer interrupt pending forever in L1's LAPIC); L1 then cannot enforce its own deadlines,
+/// so the harness's host-side silence deadline catches it, diagnoses it through QEMU's
+/// monitor, and this runner relaunches the harness for the tests not yet run — the stalled one
+/// included, once. Every relaunch is reported; a test that stalls twice fails.
 fn run_in_harness(b: &Tier4Build, workdir: &Path) -> Result<Outcome> {
     // One directory per run: several `cargo xtask test` may share a target dir.
     let out_dir = util::target_dir()
@@ -483,135 +532,201 @@ fn run_in_harness(b: &Tier4Build, workdir: &Path) -> Result<Outcome> {
         .join(std::process::id().to_string());
     let _ = fs::remove_dir_all(&out_dir);
     fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let script = out_dir.join("run.sh");
-    fs::write(&script, harness_script(&b.executables, workdir, &out_dir))
+    let tests = list_tier4_tests(b);
+    let deadline = Instant::now()
+        + std::env::var("KILN_HARNESS_TIMEOUT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_secs)
+            .unwrap_or(HARNESS_TIMEOUT);
+    let mut pending: Vec<usize> = (0..tests.len()).collect();
+    let mut stalls = vec![0u32; tests.len()];
+    let mut problems = Vec::new();
+    let mut relaunches = Vec::new();
+    for launch in 1.. {
+        if pending.is_empty() {
+            break;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left < Duration::from_secs(60) {
+            problems.push(format!(
+                "no time left for {} tests (tier-4 deadline {} s)",
+                pending.len(),
+                HARNESS_TIMEOUT.as_secs()
+            ));
+            break;
+        }
+        let script = out_dir.join(format!("run-{launch}.sh"));
+        fs::write(
+            &script,
+            harness_script(&b.executables, &tests, &pending, workdir, &out_dir),
+        )
         .with_context(|| format!("writing {}", script.display()))?;
-    // `..Default::default()` keeps this valid as the harness grows options.
-    #[allow(clippy::needless_update)]
-    let opts = HarnessOptions {
-        command: vec!["bash".into(), script.display().to_string()],
-        timeout: match std::env::var_os("KILN_HARNESS_TIMEOUT") {
-            Some(_) => None, // the harness reads it
-            None => Some(HARNESS_TIMEOUT),
-        },
-        env: tier4_env(b),
-        ..Default::default()
-    };
-    // Even when the harness fails (e.g. its deadline), the executables that finished count.
-    let harness_result = harness::run(&opts);
-    let mut finished = 0;
-    let mut outcomes = Vec::new();
-    for (i, exe) in b.executables.iter().enumerate() {
-        let log = fs::read_to_string(out_dir.join(format!("{i}.log"))).unwrap_or_default();
-        let rc = fs::read_to_string(out_dir.join(format!("{i}.rc")))
+        let opts = HarnessOptions {
+            command: vec!["bash".into(), script.display().to_string()],
+            timeout: Some(left),
+            env: tier4_env(b),
+            idle_timeout: Some(IDLE_TIMEOUT),
+        };
+        let result = harness::run(&opts);
+        pending.retain(|&k| !out_dir.join(format!("{k}.rc")).exists());
+        let err = match result {
+            Ok(_) if pending.is_empty() => break,
+            Ok(status) => {
+                problems.push(format!(
+                    "the harness command exited {status} before running {} tests",
+                    pending.len()
+                ));
+                break;
+            }
+            Err(e) => e,
+        };
+        let Some(&stalled) = pending.first() else {
+            problems.push(format!("the harness failed after the last test: {err:#}"));
+            break;
+        };
+        let what = describe_test(b, &tests[stalled]);
+        // The partial output of the stalled attempt stays next to the logs.
+        let log = out_dir.join(format!("{stalled}.log"));
+        let kept = out_dir.join(format!("{stalled}.stall{}.log", stalls[stalled] + 1));
+        let _ = fs::rename(&log, &kept);
+        stalls[stalled] += 1;
+        eprintln!(
+            "tier 4: the harness failed while {what} ran ({err:#}); partial output in {}",
+            kept.display()
+        );
+        relaunches.push(what.clone());
+        if stalls[stalled] >= 2 {
+            problems.push(format!("{what} stalled the harness twice"));
+            pending.remove(0);
+        }
+        if relaunches.len() > MAX_RELAUNCHES {
+            problems.push(format!(
+                "gave up after {} harness relaunches; {} tests not run",
+                MAX_RELAUNCHES,
+                pending.len()
+            ));
+            break;
+        }
+        eprintln!(
+            "tier 4: relaunching the harness for the {} tests not yet run",
+            pending.len()
+        );
+    }
+
+    let mut counts = Counts::default();
+    for (k, t) in tests.iter().enumerate() {
+        let log = fs::read_to_string(out_dir.join(format!("{k}.log"))).unwrap_or_default();
+        let rc = fs::read_to_string(out_dir.join(format!("{k}.rc")))
             .ok()
             .and_then(|s| s.trim().parse::<i32>().ok());
-        let (counts, summaries) = count_results(&log);
-        finished += usize::from(rc.is_some());
-        let first = out_dir.join(format!("{i}.first.log"));
-        if first.exists() {
-            eprintln!(
-                "tier 4: RETRIED tests of {}: a first attempt failed (log kept in {}); only the \
-                 retry counts. An intermittent stall of tier-4 tests is a known open bug.",
-                exe.display(),
-                first.display()
-            );
-        }
-        let error = match rc {
-            Some(0) => None,
-            Some(TIMED_OUT) | Some(137) => Some(format!(
-                "{}: a test was stopped after its {}s deadline",
-                exe.display(),
+        let (c, summaries) = count_results(&log);
+        counts.add(c);
+        match rc {
+            None | Some(0) => {}
+            Some(TIMED_OUT) | Some(137) => problems.push(format!(
+                "{} was stopped after its {} s deadline",
+                describe_test(b, t),
                 EXE_TIMEOUT.as_secs()
             )),
-            Some(rc) => Some(format!(
-                "{} exited {rc}{}",
-                exe.display(),
-                if summaries == 0 {
-                    " before its summary"
-                } else {
-                    ""
+            Some(rc) => {
+                if c.failed == 0 {
+                    // A crash before libtest's summary is a failure the counts do not show.
+                    problems.push(format!(
+                        "{} exited {rc}{}",
+                        describe_test(b, t),
+                        if summaries == 0 {
+                            " before its summary"
+                        } else {
+                            ""
+                        }
+                    ));
                 }
-            )),
-            None => Some(format!(
-                "{} did not finish inside the harness",
-                exe.display()
-            )),
-        };
-        outcomes.push(Outcome::Ran { counts, error });
-    }
-    let problem = match harness_result {
-        Ok(0) => None,
-        Ok(status) => Some(format!("the harness command exited {status}")),
-        Err(e) if finished == 0 => {
-            return Ok(Outcome::CouldNotRun(format!("the harness failed: {e:#}")))
+            }
         }
-        Err(e) => Some(format!("the harness failed: {e:#}")),
-    };
-    let mut merged = merge(outcomes);
-    if let (Some(p), Outcome::Ran { error, .. }) = (problem, &mut merged) {
-        *error = Some(match error.take() {
-            Some(e) => format!("{e}; {p}"),
-            None => p,
-        });
     }
-    Ok(merged)
+    let never_ran = tests
+        .iter()
+        .enumerate()
+        .filter(|(k, _)| !out_dir.join(format!("{k}.rc")).exists() && stalls[*k] < 2)
+        .count();
+    if never_ran > 0 && problems.is_empty() {
+        problems.push(format!("{never_ran} tests never ran"));
+    }
+    if !relaunches.is_empty() {
+        eprintln!(
+            "tier 4: NOTE: the harness was relaunched {} time(s) after L1 stalled during: {} \
+             (diagnosis above; logs in {})",
+            relaunches.len(),
+            relaunches.join(", "),
+            out_dir.display()
+        );
+    }
+    Ok(Outcome::Ran {
+        counts,
+        error: (!problems.is_empty()).then(|| problems.join("; ")),
+    })
+}
+
+/// `<executable file name> <test name>` for messages.
+fn describe_test(b: &Tier4Build, t: &Tier4Test) -> String {
+    let exe = b.executables[t.exe]
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    match &t.name {
+        Some(name) => format!("{exe} {name}"),
+        None => exe,
+    }
 }
 
 fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-fn harness_script(exes: &[PathBuf], workdir: &Path, out_dir: &Path) -> String {
-    let mut s = String::from("#!/usr/bin/env bash\n# Generated by `cargo xtask test`: tier-4 tests inside L1.\nset -u\nstatus=0\n");
+/// The script run inside L1 for the tests `which` (indices into `tests`): each in its own
+/// process under [`EXE_TIMEOUT`], its output to `<k>.log` and echoed, its exit code to
+/// `<k>.rc`. A start line per test keeps the harness's silence deadline from firing while
+/// tests pass.
+fn harness_script(
+    exes: &[PathBuf],
+    tests: &[Tier4Test],
+    which: &[usize],
+    workdir: &Path,
+    out_dir: &Path,
+) -> String {
+    let mut s = String::from(
+        "#!/usr/bin/env bash\n# Generated by `cargo xtask test`: tier-4 tests inside L1.\nset -u\nstatus=0\n",
+    );
     let _ = writeln!(
         s,
         "cd {} || exit 90",
         shell_quote(&workdir.display().to_string())
     );
-    for (i, exe) in exes.iter().enumerate() {
-        let exe = shell_quote(&exe.display().to_string());
-        let log = shell_quote(&out_dir.join(format!("{i}.log")).display().to_string());
-        let rc = shell_quote(&out_dir.join(format!("{i}.rc")).display().to_string());
-        let first = shell_quote(&out_dir.join(format!("{i}.first.log")).display().to_string());
-        let cur = shell_quote(&out_dir.join(format!("{i}.cur")).display().to_string());
-        let t = EXE_TIMEOUT.as_secs();
-        // Each test runs in its own process under its own deadline, and a failed test is run
-        // once more (an intermittent tier-4 stall is a known open bug): the first attempt's
-        // output goes to the `.first.log` the host reports, only the final attempt counts.
-        let _ = writeln!(s, "echo \"==== tier 4: \"{exe}");
-        let _ = writeln!(s, ": > {log}");
-        let _ = writeln!(s, "rc=0");
+    let t = EXE_TIMEOUT.as_secs();
+    for (n, &k) in which.iter().enumerate() {
+        let test = &tests[k];
+        let exe = shell_quote(&exes[test.exe].display().to_string());
+        let log = shell_quote(&out_dir.join(format!("{k}.log")).display().to_string());
+        let rc = shell_quote(&out_dir.join(format!("{k}.rc")).display().to_string());
+        let args = match &test.name {
+            Some(name) => format!(" --exact {} --test-threads=1", shell_quote(name)),
+            None => String::new(),
+        };
         let _ = writeln!(
             s,
-            "names=$({exe} --list --format terse 2>/dev/null | sed -n 's/: test$//p')"
+            "echo \"==== tier 4 [{}/{}]: \"{exe}{}",
+            n + 1,
+            which.len(),
+            test.name
+                .as_deref()
+                .map(|n| format!(" {}", shell_quote(n)))
+                .unwrap_or_default()
         );
-        let _ = writeln!(s, "if [ -z \"$names\" ]; then");
-        let _ = writeln!(s, "  timeout -k 10 {t} {exe} 2>&1 | tee {log}");
-        let _ = writeln!(s, "  rc=${{PIPESTATUS[0]}}");
-        let _ = writeln!(s, "else");
-        let _ = writeln!(s, "  for name in $names; do");
-        let _ = writeln!(
-            s,
-            "    timeout -k 10 {t} {exe} --exact \"$name\" --test-threads=1 > {cur} 2>&1; r=$?"
-        );
-        let _ = writeln!(s, "    if [ \"$r\" != 0 ]; then");
-        let _ = writeln!(s, "      cat {cur} >> {first}");
-        let _ = writeln!(
-            s,
-            "      echo \"==== tier 4: RETRY $name after exit $r: \"{exe}"
-        );
-        let _ = writeln!(
-            s,
-            "      timeout -k 10 {t} {exe} --exact \"$name\" --test-threads=1 > {cur} 2>&1; r=$?"
-        );
-        let _ = writeln!(s, "    fi");
-        let _ = writeln!(s, "    cat {cur}; cat {cur} >> {log}");
-        let _ = writeln!(s, "    [ \"$r\" = 0 ] || rc=$r");
-        let _ = writeln!(s, "  done");
-        let _ = writeln!(s, "fi");
-        let _ = writeln!(s, "echo \"$rc\" > {rc}");
-        let _ = writeln!(s, "[ \"$rc\" = 0 ] || status=1");
+        let _ = writeln!(s, "timeout -k 10 {t} {exe}{args} > {log} 2>&1; r=$?");
+        let _ = writeln!(s, "cat {log}");
+        let _ = writeln!(s, "echo \"$r\" > {rc}");
+        let _ = writeln!(s, "[ \"$r\" = 0 ] || status=1");
     }
     s.push_str("exit $status\n");
     s
@@ -796,18 +911,46 @@ not json"#;
     }
 
     #[test]
-    fn harness_script_records_each_exit_code() {
+    fn harness_script_runs_the_chosen_tests_one_per_process() {
+        let exes = [PathBuf::from("/t/a b"), PathBuf::from("/t/c")];
+        let tests = [
+            Tier4Test {
+                exe: 0,
+                name: Some("first".into()),
+            },
+            Tier4Test {
+                exe: 0,
+                name: Some("it's".into()),
+            },
+            Tier4Test { exe: 1, name: None },
+        ];
         let s = harness_script(
-            &[PathBuf::from("/t/a b"), PathBuf::from("/t/c")],
+            &exes,
+            &tests,
+            &[1, 2],
             Path::new("/repo/tests"),
             Path::new("/out"),
         );
         assert!(s.contains("cd '/repo/tests'"));
-        assert!(s.contains("timeout -k 10 300 '/t/a b' 2>&1 | tee '/out/0.log'"));
-        assert!(s.contains("'/t/a b' --exact \"$name\" --test-threads=1 > '/out/0.cur'"));
-        assert!(s.contains("cat '/out/0.cur' >> '/out/0.first.log'"));
-        assert!(s.contains("> '/out/1.rc'"));
+        assert!(!s.contains("first"), "only the chosen tests run: {s}");
+        assert!(s.contains(
+            "timeout -k 10 300 '/t/a b' --exact 'it'\\''s' --test-threads=1 > '/out/1.log' 2>&1; r=$?"
+        ), "{s}");
+        assert!(
+            s.contains("timeout -k 10 300 '/t/c' > '/out/2.log' 2>&1; r=$?"),
+            "{s}"
+        );
+        assert!(s.contains("echo \"$r\" > '/out/2.rc'"));
+        assert!(s.contains("==== tier 4 [2/2]"));
         assert!(s.trim_end().ends_with("exit $status"));
+    }
+
+    #[test]
+    fn test_lists_are_parsed() {
+        assert_eq!(
+            parse_test_list("a::b: test\nc: test\nbench_x: bench\n\n"),
+            vec!["a::b".to_string(), "c".to_string()]
+        );
     }
 
     #[test]

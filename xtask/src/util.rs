@@ -132,6 +132,7 @@ pub fn run_here_or_in_harness(
         command: argv,
         timeout,
         env,
+        idle_timeout: None,
     })
 }
 

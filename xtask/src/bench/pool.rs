@@ -210,6 +210,7 @@ fn run_real(format: Format) -> Result<()> {
             command: vec!["sh".into(), "-c".into(), script],
             timeout: Some(REAL_TIMEOUT),
             env,
+            idle_timeout: None,
         })?;
         if status != 0 {
             bail!("kiln pool bench failed in the harness with status {status}");

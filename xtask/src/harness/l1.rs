@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::{Child, Command};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -42,6 +42,10 @@ pub struct Supervise {
     pub boot_timeout: Duration,
     /// Overall deadline.
     pub timeout: Duration,
+    /// Deadline for silence: the command printed nothing for this long (host clock).
+    pub idle_timeout: Option<Duration>,
+    /// QEMU's human monitor socket, asked for a diagnosis before a stalled run is killed.
+    pub monitor: PathBuf,
     /// Echo the console to stderr.
     pub verbose: bool,
 }
@@ -82,10 +86,28 @@ pub fn supervise(s: Supervise) -> Result<Outcome> {
     });
     let qemu_err = child.stderr.take().context("QEMU stderr not piped")?;
     let qemu_err_thread = std::thread::spawn(move || filter_qemu_stderr(qemu_err));
-    let out_thread = pump(s.stdout, Arc::clone(&stop), std::io::stdout);
-    let err_thread = pump(s.stderr, Arc::clone(&stop), std::io::stderr);
+    // Milliseconds after launch at which the command last printed something.
+    let last_output = Arc::new(AtomicU64::new(0));
+    let out_thread = pump(
+        s.stdout,
+        Arc::clone(&stop),
+        std::io::stdout,
+        Activity::new(launched, &last_output),
+    );
+    let err_thread = pump(
+        s.stderr,
+        Arc::clone(&stop),
+        std::io::stderr,
+        Activity::new(launched, &last_output),
+    );
 
-    let waited = wait(&mut child, &rx, launched, s.boot_timeout, s.timeout);
+    let limits = Limits {
+        boot: s.boot_timeout,
+        total: s.timeout,
+        idle: s.idle_timeout,
+    };
+    let paths = (s.monitor.as_path(), s.console_log.as_path());
+    let waited = wait(&mut child, &rx, launched, &limits, &last_output, paths);
     let exit = launched.elapsed();
     stop.store(true, Ordering::SeqCst);
     // The pumps end at EOF (QEMU closed the sockets) or, never connected, at the stop flag;
@@ -116,13 +138,44 @@ pub fn supervise(s: Supervise) -> Result<Outcome> {
     )
 }
 
-/// Polls QEMU and the marker channel until QEMU exits or a deadline passes (then kills it).
+/// The deadlines [`wait`] enforces.
+#[derive(Debug)]
+struct Limits {
+    boot: Duration,
+    total: Duration,
+    idle: Option<Duration>,
+}
+
+/// Records, for the idle deadline, when the command last printed something.
+#[derive(Debug, Clone)]
+struct Activity {
+    launched: Instant,
+    last_ms: Arc<AtomicU64>,
+}
+
+impl Activity {
+    fn new(launched: Instant, last_ms: &Arc<AtomicU64>) -> Self {
+        Self {
+            launched,
+            last_ms: Arc::clone(last_ms),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.launched.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.fetch_max(ms, Ordering::SeqCst);
+    }
+}
+
+/// Polls QEMU and the marker channel until QEMU exits or a deadline passes (then diagnoses a
+/// stall through the monitor and kills QEMU).
 fn wait(
     child: &mut Child,
     rx: &Receiver<Event>,
     launched: Instant,
-    boot_timeout: Duration,
-    timeout: Duration,
+    limits: &Limits,
+    last_output: &AtomicU64,
+    (monitor, console_log): (&std::path::Path, &std::path::Path),
 ) -> Result<(std::process::ExitStatus, RunTimes, Option<String>)> {
     let mut times = RunTimes::default();
     let mut fail = None;
@@ -135,18 +188,19 @@ fn wait(
             return Ok((status, times, fail));
         }
         let elapsed = launched.elapsed();
-        if times.init.is_none() && elapsed > boot_timeout {
+        if times.init.is_none() && elapsed > limits.boot {
             kill(child);
             bail!(
                 "L1 did not reach its init within {} s (QEMU killed); rerun with --verbose to see its console",
-                boot_timeout.as_secs()
+                limits.boot.as_secs()
             );
         }
-        if elapsed > timeout {
+        if elapsed > limits.total {
+            let diagnosis = diagnose(monitor, console_log);
             kill(child);
             bail!(
-                "harness timeout: the run took longer than {} s (QEMU killed){}",
-                timeout.as_secs(),
+                "harness timeout: the run took longer than {} s (QEMU killed){}{diagnosis}",
+                limits.total.as_secs(),
                 if times.start.is_some() {
                     " while the command was running"
                 } else {
@@ -154,7 +208,107 @@ fn wait(
                 }
             );
         }
+        if let (Some(idle), Some(start)) = (limits.idle, times.start) {
+            let last = Duration::from_millis(last_output.load(Ordering::SeqCst)).max(start);
+            if elapsed.saturating_sub(last) > idle {
+                let diagnosis = diagnose(monitor, console_log);
+                kill(child);
+                bail!(
+                    "harness stall: the command printed nothing for {} s (QEMU killed){diagnosis}",
+                    idle.as_secs()
+                );
+            }
+        }
     }
+}
+
+/// HMP commands whose answers describe a stalled L1; the register dump is taken several times
+/// so a spinning vCPU can be told from a stopped one.
+const MONITOR_QUERIES: &[&str] = &[
+    "info status",
+    "info registers",
+    "info lapic",
+    "info pic",
+    "info registers",
+    "info registers",
+];
+/// SysRq keys sent to L1 (its kernel runs with `sysrq_always_enabled`): console log level 9
+/// (L1 boots `quiet`), CPU backtraces, blocked tasks, all tasks.
+const SYSRQ_KEYS: &[&str] = &["alt-sysrq-9", "alt-sysrq-l", "alt-sysrq-w", "alt-sysrq-t"];
+
+/// Asks QEMU's monitor about a stalled L1 and L1's kernel for backtraces, writes the answers
+/// next to the console log (`monitor.txt`) and returns a short text for the error message.
+/// Best effort and bounded: a monitor that does not answer costs a few seconds, nothing more.
+fn diagnose(monitor: &std::path::Path, console_log: &std::path::Path) -> String {
+    let Some(dir) = console_log.parent() else {
+        return String::new();
+    };
+    let out = dir.join("monitor.txt");
+    let text = match query_monitor(monitor) {
+        Ok(t) => {
+            // The backtraces land on the console, which is still being logged.
+            std::thread::sleep(Duration::from_secs(10));
+            t
+        }
+        Err(e) => format!("monitor: {e:#}"),
+    };
+    let _ = fs::write(&out, &text);
+    let rip: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("RIP=")))
+        .collect();
+    let status = text
+        .lines()
+        .find(|l| l.starts_with("VM status"))
+        .unwrap_or("VM status unknown");
+    format!(
+        "\nharness: diagnosis: {status}; vCPU {}; monitor answers in {}; console (with SysRq \
+         backtraces) in {}\n---- last console lines ----\n{}",
+        if rip.is_empty() {
+            "registers unknown".to_string()
+        } else {
+            rip.join(" ")
+        },
+        out.display(),
+        console_log.display(),
+        console_tail(console_log, 40)
+    )
+}
+
+fn query_monitor(path: &std::path::Path) -> Result<String> {
+    use std::os::unix::net::UnixStream;
+    let mut conn = UnixStream::connect(path)
+        .with_context(|| format!("connecting to QEMU's monitor {}", path.display()))?;
+    conn.set_read_timeout(Some(Duration::from_millis(500)))?;
+    conn.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let mut text = String::new();
+    let read_available = |conn: &mut UnixStream, text: &mut String| {
+        let mut buf = [0u8; 16 * 1024];
+        // Bounded: at most ~5 s of answers per command.
+        for _ in 0..10 {
+            match conn.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => text.push_str(&String::from_utf8_lossy(&buf[..n])),
+                Err(_) => break,
+            }
+        }
+    };
+    read_available(&mut conn, &mut text);
+    for q in MONITOR_QUERIES {
+        conn.write_all(format!("{q}\n").as_bytes())?;
+        read_available(&mut conn, &mut text);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    for key in SYSRQ_KEYS {
+        conn.write_all(format!("sendkey {key}\n").as_bytes())?;
+        read_available(&mut conn, &mut text);
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    // HMP echoes with terminal escapes; keep the text readable.
+    Ok(text
+        .replace("\u{1b}[D", "")
+        .replace("\u{1b}[K", "")
+        .replace('\r', ""))
 }
 
 fn record(times: &mut RunTimes, launched: Instant, ev: Event, fail: &mut Option<String>) {
@@ -232,6 +386,7 @@ fn pump<W: Write + 'static>(
     listener: UnixListener,
     stop: Arc<AtomicBool>,
     out: fn() -> W,
+    activity: Activity,
 ) -> JoinHandle<()> {
     std::thread::spawn(move || {
         if listener.set_nonblocking(true).is_err() {
@@ -257,6 +412,7 @@ fn pump<W: Write + 'static>(
             match conn.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
+                    activity.touch();
                     let mut w = out();
                     // A closed stdout (e.g. `| head`) must not stop QEMU's side from draining.
                     let _ = w.write_all(&buf[..n]);
@@ -280,6 +436,16 @@ mod tests {
 
     /// A stand-in for QEMU: a shell script printing on "the console" (its stdout).
     fn fake(dir: &std::path::Path, script: &str, boot: u64, total: u64) -> Result<Outcome> {
+        fake_idle(dir, script, boot, total, None)
+    }
+
+    fn fake_idle(
+        dir: &std::path::Path,
+        script: &str,
+        boot: u64,
+        total: u64,
+        idle: Option<u64>,
+    ) -> Result<Outcome> {
         let mut cmd = Command::new("sh");
         cmd.arg("-c")
             .arg(script)
@@ -295,6 +461,8 @@ mod tests {
             status_file: dir.join("status"),
             boot_timeout: Duration::from_secs(boot),
             timeout: Duration::from_secs(total),
+            idle_timeout: idle.map(Duration::from_secs),
+            monitor: dir.join("monitor.sock"),
             verbose: false,
         })
     }
@@ -371,6 +539,25 @@ mod tests {
         let msg = format!("{err:#}");
         assert!(msg.contains("longer than 1 s"), "{msg}");
         assert!(msg.contains("while the command was running"), "{msg}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn silence_deadline_kills_a_stalled_command_and_says_what_it_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let started = Instant::now();
+        let err = fake_idle(
+            dir.path(),
+            "echo KILN-HARNESS-INIT; echo KILN-HARNESS-START; exec sleep 30",
+            5,
+            20,
+            Some(1),
+        )
+        .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("printed nothing for 1 s"), "{msg}");
+        // No monitor to ask: the diagnosis says so instead of hanging.
+        assert!(msg.contains("monitor"), "{msg}");
         assert!(started.elapsed() < Duration::from_secs(10));
     }
 }
