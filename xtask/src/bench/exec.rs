@@ -1,16 +1,21 @@
-//! `cargo xtask bench exec [--json]`: command execution in a warm Linux guest.
+//! `cargo xtask bench exec [--json]`: command execution in a warm Linux guest, Kiln side by
+//! side with QEMU microvm running the same guest.
 //!
-//! Builds the guest assets and the release `kiln` CLI, then runs its hidden `kiln bench-exec`
-//! (directly on a hardware-virtualization host, elsewhere inside the emulated-virtualization
-//! harness) which writes raw samples to `<target>/bench/exec-kiln.json`. Metrics (ms):
-//! - `exec.kiln.exec_true`: `Sandbox::exec(["true"])` round trip in a warm guest;
-//! - `exec.kiln.ping`: `Sandbox::ping()` round trip;
-//! - `exec.kiln.boot_to_handshake`: cold `Sandbox::create` until the agent's `Hello`;
-//! - `exec.qemu_microvm.boot_to_ready`: the same kernel + initramfs under QEMU `-M microvm`
-//!   with KVM, launch until the agent's READY line, side by side (ratio = Kiln / QEMU).
+//! Builds the guest assets and the release `kiln` CLI, then runs its hidden
+//! `kiln bench-exec --peer qemu` (directly on a hardware-virtualization host, elsewhere inside
+//! the emulated-virtualization harness) which writes raw samples to
+//! `<target>/bench/exec-kiln.json`. Metrics (ms), each Kiln row with its ratio Kiln / QEMU
+//! (medians) and the QEMU row right below it:
+//! - `exec.kiln.exec_true` / `exec.qemu_microvm.exec_true`: exec round trip of `true` in a warm
+//!   guest (`Sandbox::exec(["true"])`; on QEMU the same kiln-proto request from the same client);
+//! - `exec.kiln.ping` / `exec.qemu_microvm.ping`: ping round trip;
+//! - `exec.kiln.boot_to_handshake` / `exec.qemu_microvm.boot_to_handshake`: cold boot until
+//!   the agent's `Hello` (Kiln: `Sandbox::create`; QEMU: process launch);
+//! - `exec.qemu_microvm.boot_to_ready`: QEMU launch until the agent's READY console line.
 //!
-//! Exec and ping round trips have no QEMU counterpart: the agent reaches the host over
-//! virtio-vsock, which under QEMU needs vhost-vsock in L1, which the harness does not load.
+//! The QEMU peer is the same kernel + initramfs under `-M microvm,acpi=off -accel kvm` with a
+//! `vhost-vsock-device`: the agent reaches the bench process over AF_VSOCK through the kernel's
+//! vhost-vsock (the harness's L1 loads `vhost_vsock`). Same warm-up and sample counts as Kiln.
 
 use std::time::Duration;
 
@@ -18,7 +23,7 @@ use anyhow::{bail, Result};
 use serde::Deserialize;
 
 use super::{
-    build_kiln_release, metric_stats as stats, read_samples, report, samples_file, Format,
+    build_kiln_release, format_row, metric_stats as stats, read_samples, samples_file, Format,
     PeerRatio, Stats,
 };
 use crate::{build_guest, kernel, util};
@@ -39,9 +44,19 @@ struct Samples {
     ping_ms: Vec<f64>,
     boot_ms: f64,
     boot_samples_ms: Vec<f64>,
+    #[serde(default)]
+    qemu_exec_true_ms: Vec<f64>,
+    #[serde(default)]
+    qemu_ping_ms: Vec<f64>,
+    #[serde(default)]
+    qemu_microvm_handshake_ms: Vec<f64>,
+    #[serde(default)]
     qemu_microvm_ready_ms: Vec<f64>,
     qemu_error: Option<String>,
 }
+
+/// The QEMU peer's name in ratios.
+const PEER: &str = "qemu-microvm";
 
 /// Runs the exec benchmark and reports each metric in `format`.
 pub fn run(format: Format) -> Result<()> {
@@ -59,6 +74,8 @@ pub fn run(format: Format) -> Result<()> {
         WARMUP.to_string(),
         "--boots".into(),
         BOOTS.to_string(),
+        "--peer".into(),
+        "qemu".into(),
         "--qemu-boots".into(),
         BOOTS.to_string(),
         "--out".into(),
@@ -75,44 +92,124 @@ pub fn run(format: Format) -> Result<()> {
         bail!("kiln bench-exec failed with status {status}");
     }
     let s: Samples = read_samples(&out)?;
+    for row in rows(&s, format)? {
+        println!("{row}");
+    }
+    match &s.qemu_error {
+        Some(e) => eprintln!("bench exec: QEMU microvm peer incomplete: {e}"),
+        None if s.qemu_exec_true_ms.is_empty() => {
+            eprintln!("bench exec: QEMU microvm peer not measured")
+        }
+        None => {}
+    }
+    Ok(())
+}
 
-    report(
-        "exec.kiln.exec_true",
-        "ms",
-        &stats("exec_true", &s.exec_true_ms)?,
-        None,
-        format,
-    );
-    report(
-        "exec.kiln.ping",
-        "ms",
-        &stats("ping", &s.ping_ms)?,
-        None,
-        format,
-    );
+/// The report: each Kiln metric with its ratio against the QEMU peer (medians), then the
+/// peer's row when it was measured.
+fn rows(s: &Samples, format: Format) -> Result<Vec<String>> {
+    let mut out = Vec::new();
     let mut boots = s.boot_samples_ms.clone();
     boots.push(s.boot_ms);
-    let kiln_boot = stats("boot", &boots)?;
-    let qemu = Stats::from_samples(&s.qemu_microvm_ready_ms);
-    let peer = qemu.as_ref().map(|q| PeerRatio {
-        peer: "qemu-microvm".into(),
-        ratio: kiln_boot.median / q.median,
-    });
-    report(
-        "exec.kiln.boot_to_handshake",
-        "ms",
-        &kiln_boot,
-        peer.as_ref(),
-        format,
-    );
-    match (&qemu, &s.qemu_error) {
-        (Some(q), _) => report("exec.qemu_microvm.boot_to_ready", "ms", q, None, format),
-        (None, Some(e)) => eprintln!("bench exec: QEMU microvm not measured: {e}"),
-        (None, None) => eprintln!("bench exec: QEMU microvm not measured"),
+    let pairs: [(&str, &[f64], &[f64]); 3] = [
+        ("exec_true", &s.exec_true_ms, &s.qemu_exec_true_ms),
+        ("ping", &s.ping_ms, &s.qemu_ping_ms),
+        ("boot_to_handshake", &boots, &s.qemu_microvm_handshake_ms),
+    ];
+    for (name, kiln, peer) in pairs {
+        let ours = stats(name, kiln)?;
+        let theirs = Stats::from_samples(peer);
+        let ratio = theirs.as_ref().map(|q| PeerRatio {
+            peer: PEER.into(),
+            ratio: ours.median / q.median,
+        });
+        out.push(format_row(
+            &format!("exec.kiln.{name}"),
+            "ms",
+            &ours,
+            ratio.as_ref(),
+            format,
+        ));
+        if let Some(q) = &theirs {
+            out.push(format_row(
+                &format!("exec.qemu_microvm.{name}"),
+                "ms",
+                q,
+                None,
+                format,
+            ));
+        }
     }
-    eprintln!(
-        "bench exec: exec/ping round trips have no QEMU microvm counterpart here (the agent \
-         needs vhost-vsock in L1, which the harness does not load)"
-    );
-    Ok(())
+    if let Some(q) = Stats::from_samples(&s.qemu_microvm_ready_ms) {
+        out.push(format_row(
+            "exec.qemu_microvm.boot_to_ready",
+            "ms",
+            &q,
+            None,
+            format,
+        ));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples(json: &str) -> Samples {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn kiln_rows_carry_the_qemu_ratio_and_the_peer_row_follows() {
+        let s = samples(
+            r#"{"vmm":"kiln","boot_ms":100.0,"exec_true_ms":[1.0,2.0,3.0],"ping_ms":[0.5],
+                "boot_samples_ms":[300.0,200.0],"qemu_exec_true_ms":[4.0,4.0,4.0],
+                "qemu_ping_ms":[0.25],"qemu_microvm_handshake_ms":[400.0],
+                "qemu_microvm_ready_ms":[390.0],"qemu_error":null}"#,
+        );
+        let json = rows(&s, Format::Json).unwrap();
+        let v: Vec<serde_json::Value> = json
+            .iter()
+            .map(|r| serde_json::from_str(r).unwrap())
+            .collect();
+        let names: Vec<&str> = v.iter().map(|r| r["name"].as_str().unwrap()).collect();
+        assert_eq!(
+            names,
+            [
+                "exec.kiln.exec_true",
+                "exec.qemu_microvm.exec_true",
+                "exec.kiln.ping",
+                "exec.qemu_microvm.ping",
+                "exec.kiln.boot_to_handshake",
+                "exec.qemu_microvm.boot_to_handshake",
+                "exec.qemu_microvm.boot_to_ready",
+            ]
+        );
+        assert_eq!(v[0]["ratio_vs"], 0.5);
+        assert_eq!(v[0]["peer"], PEER);
+        assert_eq!(v[2]["ratio_vs"], 2.0);
+        // The warm sandbox's boot counts as a boot sample: median of 100, 200, 300.
+        assert_eq!(v[4]["median"], 200.0);
+        assert_eq!(v[4]["ratio_vs"], 0.5);
+        assert!(v[1].get("ratio_vs").is_none());
+        for r in &v {
+            assert_eq!(r["unit"], "ms");
+        }
+    }
+
+    #[test]
+    fn without_the_peer_only_kiln_rows_and_no_ratio() {
+        let s = samples(
+            r#"{"boot_ms":100.0,"exec_true_ms":[1.0],"ping_ms":[0.5],"boot_samples_ms":[],
+                "qemu_error":"/dev/vhost-vsock is missing"}"#,
+        );
+        let human = rows(&s, Format::Human).unwrap();
+        assert_eq!(human.len(), 3, "{human:#?}");
+        assert!(human.iter().all(|r| r.starts_with("exec.kiln.")));
+        assert!(human.iter().all(|r| !r.contains("qemu")), "{human:#?}");
+        // A Kiln metric without samples is an error, not a row of NaNs.
+        let s = samples(r#"{"boot_ms":1.0,"exec_true_ms":[],"ping_ms":[],"boot_samples_ms":[]}"#);
+        assert!(rows(&s, Format::Json).is_err());
+    }
 }

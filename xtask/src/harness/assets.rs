@@ -2,7 +2,9 @@
 //! Debian's `linux-image-6.1.0-<N>-amd64` unpacked (`pkg/`, with `depmod -b` run on it), the
 //! ELF `vmlinux` unpacked from its vmlinuz (QEMU boots it through PVH, ~4-5 s faster than the
 //! bzImage), and `initramfs-<hash>.cpio` (newc: static busybox, the modules L1 needs in load
-//! order, `/modules.load`, and `l1-init.sh` as `/init`).
+//! order — KVM (kvm_amd nested), the virtio/9p stack for the shares and console ports, and
+//! vhost_vsock for QEMU peers that need `/dev/vhost-vsock` — `/modules.load`, and
+//! `l1-init.sh` as `/init`).
 //!
 //! Also installs the host tools the harness needs (qemu-system-x86, busybox-static, kmod,
 //! xz-utils) with apt-get when they are missing.
@@ -34,6 +36,9 @@ const WANTED_MODULES: &[(&str, &str)] = &[
     ("virtio_console", ""),
     ("9pnet_virtio", ""),
     ("9p", ""),
+    // /dev/vhost-vsock for QEMU's vhost-vsock-device (the QEMU peer of `cargo xtask bench
+    // exec`); pulls in vsock, vmw_vsock_virtio_transport_common, vhost_iotlb and vhost.
+    ("vhost_vsock", ""),
 ];
 
 /// Where static busybox comes from (Debian's busybox-static).
@@ -497,6 +502,31 @@ kernel/drivers/virtio/virtio_pci_modern_dev.ko:
                 m.name
             );
         }
+    }
+
+    #[test]
+    fn vhost_vsock_comes_after_its_dependencies() {
+        // The lines of Debian 6.1's modules.dep for vhost-vsock.
+        let dep = "\
+kernel/drivers/vhost/vhost_vsock.ko: kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko kernel/drivers/vhost/vhost.ko kernel/drivers/vhost/vhost_iotlb.ko kernel/net/vmw_vsock/vsock.ko
+kernel/drivers/vhost/vhost.ko: kernel/drivers/vhost/vhost_iotlb.ko
+kernel/drivers/vhost/vhost_iotlb.ko:
+kernel/net/vmw_vsock/vsock.ko:
+kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko: kernel/net/vmw_vsock/vsock.ko
+";
+        let order = resolve_modules(dep, "", &[("vhost_vsock", "")]).unwrap();
+        let names: Vec<&str> = order.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "vsock",
+                "vhost_iotlb",
+                "vhost",
+                "vmw_vsock_virtio_transport_common",
+                "vhost_vsock",
+            ]
+        );
+        assert!(WANTED_MODULES.iter().any(|(m, _)| *m == "vhost_vsock"));
     }
 
     #[test]

@@ -2,23 +2,35 @@
 //! trips of `true` and ping round trips, and prints the raw samples as one JSON document
 //! (`cargo xtask bench exec` summarises them). Speed is measured here, never asserted.
 //!
-//! With `--boots N` it also measures N cold boots (create until the agent's handshake), and
-//! with `--qemu-boots N` N boots of the same kernel + initramfs under QEMU `-M microvm`
-//! (launch until the agent's `KILN-AGENT-READY` console line, which it prints just before
-//! connecting). Exec and ping round trips have no QEMU counterpart here: the same agent would
-//! need a vhost-vsock device, which the harness's L1 does not load.
+//! With `--boots N` it also measures N cold boots (create until the agent's handshake).
+//!
+//! With `--peer qemu` it measures the same on QEMU microvm ([`qemu`]): the same kernel +
+//! initramfs under `-M microvm,acpi=off -accel kvm` with a vhost-vsock device; the same agent
+//! connects to AF_VSOCK port 1024 of this host and the same kiln-proto client drives it. One
+//! warm QEMU guest gets the same warm-up and measured exec/ping round trips as Kiln's, then
+//! `--qemu-boots N` more cold boots are measured (launch until the agent's `Hello`, and until
+//! its `KILN-AGENT-READY` console line). A QEMU failure is recorded in `qemu_error` and does
+//! not void the Kiln samples.
 
-use std::io::Read;
+mod qemu;
+
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use clap::Args;
-use kiln::{Sandbox, SandboxConfig};
+use clap::{Args, ValueEnum};
+use kiln::{Sandbox, SandboxConfig, DEFAULT_OUTPUT_CAP};
+use kiln_proto::ExecRequest;
 use serde::Serialize;
 
 use super::exit;
+use qemu::{QemuGuest, QemuPeer, QemuPeerError};
+
+/// A comparison peer for `kiln bench-exec`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Peer {
+    /// QEMU `-M microvm` with KVM and vhost-vsock, the same guest.
+    Qemu,
+}
 
 /// `kiln bench-exec` arguments.
 #[derive(Debug, Args)]
@@ -38,18 +50,25 @@ pub struct BenchExecArgs {
     /// Extra cold boots to measure (create until the handshake).
     #[arg(long, default_value_t = 0)]
     pub boots: usize,
-    /// Boots of the same guest under QEMU microvm (KVM) to measure, launch until READY.
-    #[arg(long, default_value_t = 0)]
+    /// Also measure this peer with the same guest, warm-up and iterations.
+    #[arg(long, value_enum)]
+    pub peer: Option<Peer>,
+    /// Extra cold boots of the QEMU peer (launch until the agent's Hello and READY line).
+    #[arg(long, default_value_t = 0, requires = "peer")]
     pub qemu_boots: usize,
+    /// The QEMU binary of the QEMU peer.
+    #[arg(long, default_value = "qemu-system-x86_64", requires = "peer")]
+    pub qemu: PathBuf,
+    /// vsock CID of the QEMU peer's guest (unique on this host).
+    #[arg(long, default_value_t = 3, requires = "peer")]
+    pub qemu_cid: u32,
     /// Write the JSON here instead of stdout.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
 }
 
-/// Deadline of one QEMU boot.
-const QEMU_TIMEOUT: Duration = Duration::from_secs(180);
-/// The agent's readiness line (docs/ARCHITECTURE.md).
-const READY_LINE: &str = "KILN-AGENT-READY";
+/// Deadline of one QEMU boot (launch until the agent's Hello).
+const QEMU_BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// The samples, in milliseconds.
 #[derive(Debug, Serialize)]
@@ -64,9 +83,16 @@ pub struct BenchSamples {
     pub ping_ms: Vec<f64>,
     /// Cold boots, create until the agent's handshake.
     pub boot_samples_ms: Vec<f64>,
-    /// QEMU microvm boots of the same guest, launch until `KILN-AGENT-READY`.
+    /// The QEMU peer's exec `true` round trips in its warm guest.
+    pub qemu_exec_true_ms: Vec<f64>,
+    /// The QEMU peer's ping round trips in its warm guest.
+    pub qemu_ping_ms: Vec<f64>,
+    /// QEMU boots (the warm guest's first), launch until the agent's `Hello`.
+    pub qemu_microvm_handshake_ms: Vec<f64>,
+    /// QEMU boots, launch until `KILN-AGENT-READY` on the console.
     pub qemu_microvm_ready_ms: Vec<f64>,
-    /// Why the QEMU measurement failed, if it did (the Kiln samples stay valid).
+    /// Why the QEMU measurement failed or stopped early, if it did (the Kiln samples and
+    /// the QEMU samples taken before stay valid).
     pub qemu_error: Option<String>,
 }
 
@@ -103,6 +129,33 @@ pub fn bench_exec(args: &BenchExecArgs) -> i32 {
     }
 }
 
+/// Warm-up (`warmup` of each, interleaved), then `iterations` measured calls of `exec`, then
+/// of `ping`; returns their durations in ms.
+fn round_trips<E>(
+    warmup: usize,
+    iterations: usize,
+    mut exec: impl FnMut() -> Result<(), E>,
+    mut ping: impl FnMut() -> Result<(), E>,
+) -> Result<(Vec<f64>, Vec<f64>), E> {
+    for _ in 0..warmup {
+        exec()?;
+        ping()?;
+    }
+    let mut exec_ms = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        let t = Instant::now();
+        exec()?;
+        exec_ms.push(ms(t.elapsed()));
+    }
+    let mut ping_ms = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        let t = Instant::now();
+        ping()?;
+        ping_ms.push(ms(t.elapsed()));
+    }
+    Ok((exec_ms, ping_ms))
+}
+
 fn measure(args: &BenchExecArgs) -> Result<BenchSamples, kiln::SandboxError> {
     let t0 = Instant::now();
     let sb = Sandbox::create(
@@ -112,29 +165,23 @@ fn measure(args: &BenchExecArgs) -> Result<BenchSamples, kiln::SandboxError> {
             .memory_mib(args.memory),
     )?;
     let boot_ms = ms(t0.elapsed());
-    for _ in 0..args.warmup {
-        sb.exec(&["true"])?;
-        sb.ping()?;
-    }
-    let mut exec_true_ms = Vec::with_capacity(args.iterations);
-    for _ in 0..args.iterations {
-        let t = Instant::now();
-        let r = sb.exec(&["true"])?;
-        exec_true_ms.push(ms(t.elapsed()));
-        if !r.success() {
-            return Err(kiln::SandboxError::Protocol {
-                vm: sb.name().to_owned(),
-                op: "bench exec",
-                message: format!("`true` exited with {:?}", r.status),
-            });
-        }
-    }
-    let mut ping_ms = Vec::with_capacity(args.iterations);
-    for _ in 0..args.iterations {
-        let t = Instant::now();
-        sb.ping()?;
-        ping_ms.push(ms(t.elapsed()));
-    }
+    let (exec_true_ms, ping_ms) = round_trips(
+        args.warmup,
+        args.iterations,
+        || {
+            let r = sb.exec(&["true"])?;
+            if r.success() {
+                Ok(())
+            } else {
+                Err(kiln::SandboxError::Protocol {
+                    vm: sb.name().to_owned(),
+                    op: "bench exec",
+                    message: format!("`true` exited with {:?}", r.status),
+                })
+            }
+        },
+        || sb.ping(),
+    )?;
     drop(sb);
     let mut boot_samples_ms = Vec::with_capacity(args.boots);
     for i in 0..args.boots {
@@ -148,91 +195,80 @@ fn measure(args: &BenchExecArgs) -> Result<BenchSamples, kiln::SandboxError> {
         boot_samples_ms.push(ms(t.elapsed()));
         drop(sb);
     }
-    let mut qemu_microvm_ready_ms = Vec::with_capacity(args.qemu_boots);
-    let mut qemu_error = None;
-    if args.qemu_boots > 0 {
-        let resolved = SandboxConfig::new().validate()?;
-        for _ in 0..args.qemu_boots {
-            match qemu_boot(&resolved, args) {
-                Ok(d) => qemu_microvm_ready_ms.push(ms(d)),
-                Err(e) => {
-                    qemu_error = Some(e);
-                    break;
-                }
-            }
-        }
-    }
-    Ok(BenchSamples {
+    let mut samples = BenchSamples {
         vmm: "kiln",
         boot_ms,
         exec_true_ms,
         ping_ms,
         boot_samples_ms,
-        qemu_microvm_ready_ms,
-        qemu_error,
-    })
+        qemu_exec_true_ms: Vec::new(),
+        qemu_ping_ms: Vec::new(),
+        qemu_microvm_handshake_ms: Vec::new(),
+        qemu_microvm_ready_ms: Vec::new(),
+        qemu_error: None,
+    };
+    if args.peer == Some(Peer::Qemu) {
+        let resolved = SandboxConfig::new().validate()?;
+        let peer = QemuPeer {
+            qemu: args.qemu.clone(),
+            kernel: resolved.kernel,
+            initramfs: resolved.initramfs,
+            vcpus: args.vcpus,
+            memory_mib: args.memory,
+            cid: args.qemu_cid,
+            extra_cmdline: resolved.extra_cmdline,
+            boot_timeout: QEMU_BOOT_TIMEOUT,
+        };
+        if let Err(e) = measure_qemu(&peer, args, &mut samples) {
+            eprintln!("kiln: QEMU peer: {e}");
+            samples.qemu_error = Some(e.to_string());
+        }
+    }
+    Ok(samples)
 }
 
-/// Boots the guest under QEMU microvm with KVM; returns launch -> READY line.
-fn qemu_boot(cfg: &kiln::ResolvedConfig, args: &BenchExecArgs) -> Result<Duration, String> {
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-M", "microvm", "-accel", "kvm", "-cpu", "host"])
-        .args(["-nodefaults", "-no-user-config", "-display", "none"])
-        .args(["-monitor", "none", "-serial", "stdio", "-no-reboot"])
-        .args(["-m", &args.memory.to_string()])
-        .args(["-smp", &args.vcpus.to_string()])
-        .arg("-kernel")
-        .arg(&cfg.kernel)
-        .arg("-initrd")
-        .arg(&cfg.initramfs)
-        .args(["-append", "console=ttyS0 reboot=t panic=-1"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let launched = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("starting qemu-system-x86_64: {e}"))?;
-    let Some(stdout) = child.stdout.take() else {
-        let _ = child.kill();
-        let _ = child.wait();
-        return Err("qemu's stdout is not piped".into());
-    };
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut r = stdout;
-        // A bounded window over the console: the READY line can straddle two reads.
-        let mut window: Vec<u8> = Vec::new();
-        let mut buf = [0u8; 4096];
-        loop {
-            match r.read(&mut buf) {
-                Ok(0) | Err(_) => {
-                    let _ = tx.send(None);
-                    return;
-                }
-                Ok(n) => {
-                    window.extend_from_slice(&buf[..n]);
-                    if window
-                        .windows(READY_LINE.len())
-                        .any(|w| w == READY_LINE.as_bytes())
-                    {
-                        let _ = tx.send(Some(Instant::now()));
-                        return;
-                    }
-                    let keep = READY_LINE.len();
-                    if window.len() > keep {
-                        window.drain(..window.len() - keep);
-                    }
-                }
-            }
+/// Boots `peer` once warm (round trips as for Kiln), then `--qemu-boots` more times cold;
+/// samples are added to `out` as they are taken.
+fn measure_qemu(
+    peer: &QemuPeer,
+    args: &BenchExecArgs,
+    out: &mut BenchSamples,
+) -> Result<(), QemuPeerError> {
+    peer.check_host()?;
+    let record_boot = |guest: &QemuGuest, out: &mut BenchSamples| {
+        out.qemu_microvm_handshake_ms
+            .push(ms(guest.handshake_after()));
+        if let Some(ready) = guest.ready_after(Duration::from_secs(2)) {
+            out.qemu_microvm_ready_ms.push(ms(ready));
         }
-    });
-    let res = match rx.recv_timeout(QEMU_TIMEOUT) {
-        Ok(Some(at)) => Ok(at.saturating_duration_since(launched)),
-        Ok(None) => Err("qemu exited before the READY line".to_string()),
-        Err(_) => Err(format!("no READY line from qemu within {QEMU_TIMEOUT:?}")),
     };
-    let _ = child.kill();
-    let _ = child.wait();
-    res
+    let mut guest = peer.boot()?;
+    record_boot(&guest, out);
+    let client = guest.client()?.clone();
+    let result = round_trips(
+        args.warmup,
+        args.iterations,
+        || {
+            let mut req = ExecRequest::new(["true"]);
+            // As `Sandbox::exec` sends it.
+            req.output_cap = Some(DEFAULT_OUTPUT_CAP);
+            let r = client.exec(req).map_err(|e| ("exec", e.to_string()))?;
+            if r.status.code == Some(0) {
+                Ok(())
+            } else {
+                Err(("exec", format!("`true` exited with {:?}", r.status)))
+            }
+        },
+        || client.ping().map_err(|e| ("ping", e.to_string())),
+    );
+    let (exec_ms, ping_ms) = result.map_err(|(op, e)| guest.request_error(op, e))?;
+    out.qemu_exec_true_ms = exec_ms;
+    out.qemu_ping_ms = ping_ms;
+    drop(client);
+    drop(guest);
+    for _ in 0..args.qemu_boots {
+        let guest = peer.boot()?;
+        record_boot(&guest, out);
+    }
+    Ok(())
 }
