@@ -52,6 +52,22 @@ fn uname_reports_linux() {
 }
 
 #[test]
+fn every_vcpu_has_the_tsc_deadline_timer() {
+    // Kiln announces KVM's TSC-deadline timer, so Linux skips calibrating its LAPIC timer
+    // against the PIT (a 100 ms busy-wait at every boot; docs/VMM.md).
+    kiln_tests::require_tier4();
+    let r = shared()
+        .exec(&["grep", "-c", "tsc_deadline_timer", "/proc/cpuinfo"])
+        .unwrap();
+    assert!(r.success(), "{r:?}");
+    assert_eq!(
+        r.stdout_str().trim(),
+        "2",
+        "one line per vCPU of the shared sandbox"
+    );
+}
+
+#[test]
 fn stdin_bytes_and_streamed_reader() {
     kiln_tests::require_tier4();
     let sb = shared();

@@ -135,6 +135,9 @@ pub fn run_with(opts: &HarnessOptions, extras: &HarnessExtras) -> Result<i32> {
         .with_context(|| format!("binding {}", stdout_sock.display()))?;
     let stderr_listener = UnixListener::bind(&stderr_sock)
         .with_context(|| format!("binding {}", stderr_sock.display()))?;
+    let tick_sock = scratch.path().join("tick.sock");
+    let tick_listener = UnixListener::bind(&tick_sock)
+        .with_context(|| format!("binding {}", tick_sock.display()))?;
 
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu_args(
@@ -142,8 +145,7 @@ pub fn run_with(opts: &HarnessOptions, extras: &HarnessExtras) -> Result<i32> {
         &assets,
         &spec,
         scratch.path(),
-        &stdout_sock,
-        &stderr_sock,
+        [&stdout_sock, &stderr_sock, &tick_sock],
     )?;
     let timeout = opts
         .timeout
@@ -159,6 +161,7 @@ pub fn run_with(opts: &HarnessOptions, extras: &HarnessExtras) -> Result<i32> {
         qemu,
         stdout: stdout_listener,
         stderr: stderr_listener,
+        tick: tick_listener,
         console_log: scratch.path().join("console.log"),
         status_file: scratch.path().join("status"),
         boot_timeout,
@@ -365,8 +368,7 @@ fn qemu_args(
     assets: &assets::L1Assets,
     spec: &RunSpec,
     scratch: &Path,
-    stdout_sock: &Path,
-    stderr_sock: &Path,
+    [stdout_sock, stderr_sock, tick_sock]: [&Path; 3],
 ) -> Result<()> {
     let memory = std::env::var("KILN_HARNESS_MEMORY_MIB")
         .ok()
@@ -417,7 +419,13 @@ fn qemu_args(
         qemu.arg("-virtfs").arg(virtfs(dir, &rw_tag(i), false)?);
     }
     qemu.args(["-device", "virtio-serial-pci"]);
-    for (id, sock) in [("stdout", stdout_sock), ("stderr", stderr_sock)] {
+    // kiln.tick carries one byte a second from the host into L1, which discards it: see
+    // `l1::tick`.
+    for (id, sock) in [
+        ("stdout", stdout_sock),
+        ("stderr", stderr_sock),
+        ("tick", tick_sock),
+    ] {
         qemu.arg("-chardev")
             .arg(format!("socket,id={id},path={}", path_str(sock)?));
         qemu.arg("-device")

@@ -34,6 +34,8 @@ pub struct Supervise {
     pub stdout: UnixListener,
     /// Listener QEMU's `kiln.stderr` port connects to.
     pub stderr: UnixListener,
+    /// Listener QEMU's `kiln.tick` port connects to (see [`tick`]).
+    pub tick: UnixListener,
     /// Where the console is logged.
     pub console_log: PathBuf,
     /// Where L1's init writes the command's exit status.
@@ -101,6 +103,8 @@ pub fn supervise(s: Supervise) -> Result<Outcome> {
         Activity::new(launched, &last_output),
     );
 
+    let tick_thread = tick(s.tick, Arc::clone(&stop));
+
     let limits = Limits {
         boot: s.boot_timeout,
         total: s.timeout,
@@ -112,7 +116,7 @@ pub fn supervise(s: Supervise) -> Result<Outcome> {
     stop.store(true, Ordering::SeqCst);
     // The pumps end at EOF (QEMU closed the sockets) or, never connected, at the stop flag;
     // the console reader at EOF of QEMU's stdout.
-    for t in [out_thread, err_thread] {
+    for t in [out_thread, err_thread, tick_thread] {
         let _ = t.join();
     }
     let _ = console_thread.join();
@@ -381,6 +385,60 @@ fn filter_qemu_stderr(err: impl Read) {
     }
 }
 
+/// Period of the ticks sent into L1.
+const TICK_PERIOD: Duration = Duration::from_secs(1);
+
+/// Accepts QEMU's connection on `listener` (the `kiln.tick` port) and writes one byte every
+/// [`TICK_PERIOD`] until told to stop or QEMU goes away; L1's init reads and discards them.
+///
+/// Why: QEMU's TCG can lose L1's timer interrupt (it stays pending in L1's LAPIC IRR while
+/// the CPU never takes it — seen while L2 busy-waited under L1's KVM), which freezes L1, its
+/// clock and every deadline inside it until some other interrupt arrives. Each tick is such an
+/// interrupt (virtio), so a lost timer interrupt costs at most a second instead of the run.
+fn tick(listener: UnixListener, stop: Arc<AtomicBool>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let Some(mut conn) = accept_until_stopped(&listener, &stop) else {
+            return;
+        };
+        // A full pipe (L1 not reading) must not block this thread past the stop flag.
+        if conn.set_write_timeout(Some(TICK_PERIOD)).is_err() {
+            return;
+        }
+        while !stop.load(Ordering::SeqCst) {
+            match conn.write(b".") {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(_) => return,
+            }
+            std::thread::sleep(TICK_PERIOD);
+        }
+    })
+}
+
+/// Accepts one connection on `listener`, polling so that the stop flag ends the wait.
+fn accept_until_stopped(
+    listener: &UnixListener,
+    stop: &AtomicBool,
+) -> Option<std::os::unix::net::UnixStream> {
+    listener.set_nonblocking(true).ok()?;
+    loop {
+        match listener.accept() {
+            Ok((conn, _)) => {
+                conn.set_nonblocking(false).ok()?;
+                return Some(conn);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if stop.load(Ordering::SeqCst) {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
 /// Accepts QEMU's connection on `listener` and copies everything to `out` until EOF.
 fn pump<W: Write + 'static>(
     listener: UnixListener,
@@ -389,24 +447,9 @@ fn pump<W: Write + 'static>(
     activity: Activity,
 ) -> JoinHandle<()> {
     std::thread::spawn(move || {
-        if listener.set_nonblocking(true).is_err() {
+        let Some(mut conn) = accept_until_stopped(&listener, &stop) else {
             return;
-        }
-        let mut conn = loop {
-            match listener.accept() {
-                Ok((conn, _)) => break conn,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if stop.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(_) => return,
-            }
         };
-        if conn.set_nonblocking(false).is_err() {
-            return;
-        }
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             match conn.read(&mut buf) {
@@ -457,6 +500,7 @@ mod tests {
             qemu: cmd,
             stdout: UnixListener::bind(dir.join("o.sock")).unwrap(),
             stderr: UnixListener::bind(dir.join("e.sock")).unwrap(),
+            tick: UnixListener::bind(dir.join("t.sock")).unwrap(),
             console_log: dir.join("console.log"),
             status_file: dir.join("status"),
             boot_timeout: Duration::from_secs(boot),
