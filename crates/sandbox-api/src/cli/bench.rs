@@ -272,3 +272,67 @@ fn measure_qemu(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> Result<BenchExecArgs, clap::Error> {
+        let mut argv = vec!["kiln", "bench-exec"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv)?.command {
+            Command::BenchExec(a) => Ok(a),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn qemu_options_need_the_peer() {
+        let a = parse(&[]).unwrap();
+        assert_eq!((a.peer, a.qemu_boots, a.qemu_cid), (None, 0, 3));
+        assert!(parse(&["--qemu-boots", "2"]).is_err());
+        assert!(parse(&["--qemu-cid", "9"]).is_err());
+        let a = parse(&["--peer", "qemu", "--qemu-boots", "2", "--qemu-cid", "9"]).unwrap();
+        assert_eq!((a.peer, a.qemu_boots, a.qemu_cid), (Some(Peer::Qemu), 2, 9));
+        assert!(parse(&["--peer", "firecracker"]).is_err());
+    }
+
+    #[test]
+    fn round_trips_warm_up_then_time_each_kind() {
+        let (mut execs, mut pings) = (0, 0);
+        let (e, p) = round_trips::<()>(
+            3,
+            5,
+            || {
+                execs += 1;
+                Ok(())
+            },
+            || {
+                pings += 1;
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!((e.len(), p.len()), (5, 5));
+        assert_eq!((execs, pings), (8, 8));
+        // The first failure ends the measurement.
+        let mut n = 0;
+        let r = round_trips(
+            0,
+            5,
+            || {
+                n += 1;
+                if n == 2 {
+                    Err("stalled")
+                } else {
+                    Ok(())
+                }
+            },
+            || Ok(()),
+        );
+        assert_eq!(r, Err("stalled"));
+        assert_eq!(n, 2);
+    }
+}
