@@ -351,3 +351,138 @@ fn a_dead_guest_is_never_handed_out_and_pings_fail_fast() {
     assert!(s.evict_count >= 1, "{s:?}");
     assert_eq!(s.in_use_count, 0);
 }
+
+/// How long after its VM starts every guest of the dying pools below reboots itself.
+const GUEST_LIFETIME: Duration = Duration::from_secs(45);
+
+/// A restore-mode pool (min_size 1, max_size 1, one slot) whose guests all end their VM
+/// [`GUEST_LIFETIME`] after it started, idle or not: the kernel runs `/bin/sh` as init, which
+/// starts a background `sleep; reboot -f` and then `exec`s the agent as PID 1. The timer is
+/// part of the pristine snapshot, so a restored sandbox reboots once its guest clock (restored
+/// with the snapshot) reaches the same point: `GUEST_LIFETIME` minus the snapshot's age.
+fn dying_pool(name: &str, maintenance_interval: Duration) -> SandboxPool {
+    let secs = GUEST_LIFETIME.as_secs();
+    SandboxPool::with_reset_mode(
+        SandboxConfig::new()
+            .name(name)
+            .memory_mib(256)
+            .vcpus(1)
+            .boot_timeout(BOOT_TIMEOUT)
+            .request_timeout(REQUEST_TIMEOUT)
+            .extra_cmdline(format!(
+                "rdinit=/bin/sh -- -c \"(/bin/busybox sleep {secs}; /bin/busybox reboot -f) & \
+                 exec /init\""
+            )),
+        PoolConfig {
+            min_size: 1,
+            max_size: 1,
+            max_in_use: 1,
+            max_idle_duration: None,
+            health_check_interval: 1,
+            acquire_timeout: Duration::from_secs(60),
+            maintenance_interval,
+        },
+        ResetMode::Restore,
+    )
+    .unwrap_or_else(|e| panic!("creating pool {name}: {e}"))
+}
+
+/// A guest that dies while its sandbox waits idle in the pool (here: reboots itself) is never
+/// handed out. Two pools: in one the background pass (every 200 ms) finds the dead idle
+/// sandbox and restores a replacement before anyone asks; in the other the background pass
+/// never runs on its own (1 h tick), so the check on the hit finds it and the acquire
+/// restores a new one itself. Both then run `true` in what they got.
+#[test]
+fn an_idle_sandbox_whose_guest_died_is_not_handed_out() {
+    kiln_tests::require_tier4();
+    let t0 = Instant::now();
+    let background = dying_pool("pool-dies-bg", Duration::from_millis(200));
+    let on_hit = dying_pool("pool-dies-hit", Duration::from_secs(3600));
+    wait_idle(&background, 1);
+    wait_idle(&on_hit, 1);
+    let booted = t0.elapsed();
+    assert!(
+        booted < GUEST_LIFETIME,
+        "booting and snapshotting the first sandboxes took {booted:?}, longer than the \
+         guests live ({GUEST_LIFETIME:?})"
+    );
+    for pool in [&background, &on_hit] {
+        let s = pool.stats();
+        assert_eq!(
+            (s.dead_count, s.hit_count, s.miss_count),
+            (0, 0, 0),
+            "{s:?}"
+        );
+    }
+
+    // Background pass: the dead idle sandbox is evicted and replaced without an acquire.
+    let replaced_by = t0 + GUEST_LIFETIME + BOOT_TIMEOUT;
+    let mut found_dead_at = None;
+    loop {
+        let s = background.stats();
+        if s.dead_count >= 1 && found_dead_at.is_none() {
+            found_dead_at = Some(t0.elapsed());
+        }
+        if s.dead_count >= 1 && s.idle_count == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < replaced_by,
+            "the dead idle sandbox was not replaced by {:?}: {s:?}",
+            replaced_by - t0
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "first sandboxes idle after {booted:?}; background pool: idle guest found dead after \
+         {found_dead_at:?}, replaced after {:?}",
+        t0.elapsed()
+    );
+    {
+        let sb = background.acquire().unwrap();
+        assert!(sb.is_running());
+        assert!(
+            sb.hello().restored,
+            "the replacement is restored from the snapshot"
+        );
+        let r = sb.exec_with_options(&["true"], deadline()).unwrap();
+        assert!(r.success(), "{r:?}");
+    }
+    let s = background.stats();
+    assert_eq!((s.hit_count, s.miss_count), (1, 0), "{s:?}");
+    assert!(s.dead_count >= 1 && s.evict_count > s.dead_count, "{s:?}");
+    background.shutdown();
+
+    // Check on the hit: the first guest has been dead for a while (it rebooted
+    // GUEST_LIFETIME after its VM started, at most `booted` after t0) but, with no background
+    // pass, the pool has not noticed yet.
+    let dead_by = GUEST_LIFETIME + booted + Duration::from_secs(15);
+    if let Some(wait) = dead_by.checked_sub(t0.elapsed()) {
+        std::thread::sleep(wait);
+    }
+    let s = on_hit.stats();
+    assert_eq!(
+        (s.idle_count, s.dead_count, s.evict_count),
+        (1, 0, 0),
+        "{s:?}"
+    );
+    {
+        let sb = on_hit.acquire().unwrap();
+        let s = on_hit.stats();
+        assert_eq!(
+            (s.hit_count, s.miss_count, s.dead_count, s.evict_count),
+            (0, 1, 1, 1),
+            "the dead idle sandbox was skipped and a new one restored: {s:?}"
+        );
+        assert!(sb.is_running());
+        assert!(
+            sb.hello().restored,
+            "the new one is restored from the snapshot"
+        );
+        let r = sb.exec_with_options(&["true"], deadline()).unwrap();
+        assert!(r.success(), "{r:?}");
+    }
+    on_hit.shutdown();
+    let s = on_hit.stats();
+    assert_eq!(s.created_count, s.destroyed_count, "{s:?}");
+}

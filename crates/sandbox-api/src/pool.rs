@@ -18,6 +18,14 @@
 //! refills; an `acquire()` that finds the pool empty creates in the caller's thread (a miss).
 //!
 //! Health check: a ping that must answer within [`HEALTH_CHECK_TIMEOUT`].
+//!
+//! **Dead idle sandboxes.** A sandbox waiting in the pool can die without anyone touching it
+//! (kernel panic, OOM of PID 1, a guest timer that reboots): `is_alive` is
+//! [`Sandbox::is_running`], the VM's recorded exit state — no guest round trip — checked by
+//! the pool on every hit and on every idle sandbox in each background pass. A dead one is
+//! stopped (counted in `evict_count` and `dead_count`) and replaced; `acquire()` hands out the
+//! next idle one or creates one. A guest that hangs without ending its VM is not detected here
+//! (that needs a round trip); its first request fails at its deadline.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
@@ -208,7 +216,8 @@ impl Drop for Reaper {
 }
 
 /// The `kiln_pool::Manager` of a [`SandboxPool`]: boots sandboxes from one [`SandboxConfig`],
-/// health-checks them with a short ping and stops them on the reaper thread.
+/// health-checks them with a short ping, never hands out one whose VM has ended
+/// (`is_alive`) and stops them on the reaper thread.
 pub struct SandboxManager {
     config: SandboxConfig,
     next: AtomicU64,
@@ -309,6 +318,19 @@ impl Manager for SandboxManager {
             op: "reset",
             message: "a sandbox is never reset in place; destroying it".into(),
         })
+    }
+
+    fn is_alive(&self, sandbox: &Sandbox) -> bool {
+        // Cheap (two uncontended mutexes, no guest round trip): called on every hit and, under
+        // the pool's lock, on every idle sandbox in each background pass.
+        let running = sandbox.is_running();
+        if !running {
+            tracing::debug!(
+                vm = sandbox.name(),
+                "sandbox pool: an idle sandbox's VM has ended; replacing it"
+            );
+        }
+        running
     }
 
     fn is_reusable(&self, _sandbox: &Sandbox) -> bool {

@@ -117,6 +117,18 @@ impl Sandbox {
         self.inner.serial_tail(max)
     }
 
+    /// Whether the sandbox's VM is still running: `false` once the guest ended it (reboot,
+    /// kernel panic — `panic=-1` reboots —, triple fault, the agent dying as PID 1) or the host
+    /// stopped it. Reads the exit state the VMM records: no guest round trip, cheap enough for
+    /// a pool's hot path (`SandboxPool` checks it before handing out an idle sandbox). A guest
+    /// that hangs without ending its VM still counts as running; a ping tells.
+    pub fn is_running(&self) -> bool {
+        self.inner
+            .vm_guard()
+            .as_ref()
+            .is_some_and(|vm| vm.exit_reason().is_none())
+    }
+
     /// Round trip a ping to the agent.
     pub fn ping(&self) -> Result<(), SandboxError> {
         self.inner
