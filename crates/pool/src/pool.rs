@@ -109,7 +109,7 @@ impl<M: Manager> Shared<M> {
         let slot = SlotGuard {
             shared: self,
             armed: true,
-            undo_hit: false,
+            kind: SlotKind::Release,
         };
         let verdict = if self.closed.load(Ordering::Acquire) {
             Verdict::Destroy(Discard::ShutDown)
@@ -307,14 +307,23 @@ enum Verdict {
     Destroy(Discard),
 }
 
-/// Frees an in-use slot if a `Manager` hook panics while a handle is being returned
-/// (`reset`, `health_check`...) or while an idle resource is being validated on a hit
-/// (`is_alive`; then the hit is rolled back too).
+/// What an in-use slot was doing when a `Manager` hook panicked.
+#[derive(Clone, Copy)]
+enum SlotKind {
+    /// A handle being returned (`is_reusable`, `health_check`, `reset`): the resource is
+    /// dropped by the unwinding; count it as evicted.
+    Release,
+    /// A hit being validated (`is_alive`): as `Release`, and the hit is rolled back.
+    Hit,
+    /// An `acquire()` destroying an idle resource found dead (`destroy`), already counted.
+    DestroyingDead,
+}
+
+/// Frees an in-use slot if a `Manager` hook panics while the slot's thread runs it.
 struct SlotGuard<'a, M: Manager> {
     shared: &'a Shared<M>,
     armed: bool,
-    /// The slot was taken by a hit that is not complete yet: uncount it.
-    undo_hit: bool,
+    kind: SlotKind,
 }
 
 impl<'a, M: Manager> SlotGuard<'a, M> {
@@ -337,12 +346,14 @@ impl<M: Manager> Drop for SlotGuard<'_, M> {
         }
         let mut state = self.shared.lock();
         state.in_use -= 1;
-        if self.undo_hit {
+        if matches!(self.kind, SlotKind::Hit) {
             state.hit_count -= 1;
         }
-        // The resource was dropped by the unwinding, not by Manager::destroy.
-        state.evict_count += 1;
-        state.destroyed_count += 1;
+        if matches!(self.kind, SlotKind::Release | SlotKind::Hit) {
+            // The resource was dropped by the unwinding, not by Manager::destroy.
+            state.evict_count += 1;
+            state.destroyed_count += 1;
+        }
         let notify = state.waiters > 0;
         drop(state);
         if notify {
@@ -519,7 +530,7 @@ impl<M: Manager> Pool<M> {
             let guard = SlotGuard {
                 shared,
                 armed: true,
-                undo_hit: true,
+                kind: SlotKind::Hit,
             };
             let alive = shared.manager.is_alive(&entry.resource);
             guard.disarm_unlocked();
@@ -538,7 +549,13 @@ impl<M: Manager> Pool<M> {
             state.dead_count += 1;
             state.destroyed_count += 1;
             drop(state);
+            let guard = SlotGuard {
+                shared,
+                armed: true,
+                kind: SlotKind::DestroyingDead,
+            };
             shared.manager.destroy(entry.resource);
+            guard.disarm_unlocked();
             state = shared.lock();
             if state.shut_down {
                 state.in_use -= 1;

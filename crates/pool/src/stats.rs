@@ -27,7 +27,8 @@ pub struct PoolStats {
     pub dead_count: u64,
     /// Idle resources ready to hand out.
     pub idle_count: usize,
-    /// Resources handed out, plus `acquire()` calls creating one.
+    /// Resources handed out, plus `acquire()` calls creating one (or validating an idle one
+    /// with `Manager::is_alive`).
     pub in_use_count: usize,
     /// `acquire()` calls waiting for an in-use slot (`max_in_use` reached).
     pub waiting_count: usize,

@@ -339,6 +339,23 @@ fn panicking_is_alive_on_a_hit_frees_its_slot() {
 }
 
 #[test]
+fn panicking_destroy_of_a_dead_idle_resource_frees_its_slot() {
+    let (pool, c) = pool(PoolConfig {
+        max_in_use: 1,
+        ..hit_check_only()
+    });
+    assert_eq!(pool.warm(1).unwrap(), 1);
+    c.kill(0);
+    c.panic_next_destroy.store(true, SeqCst);
+    assert!(panic::catch_unwind(AssertUnwindSafe(|| pool.acquire())).is_err());
+    let s = pool.stats();
+    assert_eq!((s.in_use_count, s.idle_count), (0, 0), "{s:?}");
+    assert_eq!((s.hit_count, s.miss_count), (0, 0), "{s:?}");
+    assert_eq!((s.dead_count, s.evict_count, s.destroyed_count), (1, 1, 1));
+    assert_eq!(pool.acquire_timeout(Duration::ZERO).unwrap().id, 1);
+}
+
+#[test]
 fn panicking_is_alive_in_the_background_keeps_the_thread_alive() {
     let (pool, c) = pool(PoolConfig {
         min_size: 1,

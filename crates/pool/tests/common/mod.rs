@@ -50,6 +50,8 @@ pub struct Counters {
     pub found_dead_ids: Mutex<HashSet<u64>>,
     /// Panic in the next `is_alive`.
     pub panic_next_alive: AtomicBool,
+    /// Panic in the next `destroy` (the resource is dropped uncounted).
+    pub panic_next_destroy: AtomicBool,
     /// Fail this many upcoming creates.
     pub fail_creates: AtomicU64,
     /// Fail every Nth create attempt (0: never).
@@ -208,6 +210,9 @@ impl Manager for MockManager {
     }
 
     fn destroy(&self, r: MockRes) {
+        if self.c.panic_next_destroy.swap(false, SeqCst) {
+            panic!("mock destroy panics (injected)");
+        }
         self.c.destroyed.fetch_add(1, SeqCst);
         self.c.alive.fetch_sub(1, SeqCst);
         self.c.destroyed_ids.lock().unwrap().push(r.id);
