@@ -15,7 +15,9 @@
 //!
 //! The QEMU peer is the same kernel + initramfs under `-M microvm,acpi=off -accel kvm` with a
 //! `vhost-vsock-device`: the agent reaches the bench process over AF_VSOCK through the kernel's
-//! vhost-vsock (the harness's L1 loads `vhost_vsock`). Same warm-up and sample counts as Kiln.
+//! vhost-vsock (the harness's L1 loads `vhost_vsock`). Same warm-up and sample counts as Kiln;
+//! both warm guests run at once and take turns in blocks of calls, and the cold boots
+//! alternate, so drifting host load hits both sides alike.
 
 use std::time::Duration;
 
