@@ -5,7 +5,9 @@
 
 mod sandbox_common;
 
-use sandbox_common::{describe, run_kiln};
+use std::time::Duration;
+
+use sandbox_common::{describe, run_kiln, run_kiln_with};
 
 /// Flags every booting test passes: generous deadlines for software emulation.
 const BOOT: &[&str] = &["run", "--boot-timeout", "180"];
@@ -62,6 +64,26 @@ fn kiln_run_env_cwd_and_stdin() {
         "{}",
         describe(&o)
     );
+}
+
+#[test]
+fn kiln_run_waits_for_a_reader_that_pauses() {
+    // `kiln run ... | less` left alone: nothing reads kiln's stdout for longer than boot +
+    // filling the client's 16 MiB buffer + its default 30 s consumer deadline, while the
+    // command writes more than the buffer holds. The guest must be throttled, not the command
+    // failed, and every byte must arrive once the reader resumes.
+    kiln_tests::require_tier4();
+    const LEN: usize = 24_000_000;
+    let o = run_kiln_with(
+        &args(&["--", "head", "-c", "24000000", "/dev/zero"]),
+        &[],
+        None,
+        Some(Duration::from_secs(80)),
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "stderr: {err}");
+    assert_eq!(o.stdout.len(), LEN, "stderr: {err}");
+    assert!(o.stdout.iter().all(|&b| b == 0), "the bytes were changed");
 }
 
 #[test]

@@ -29,6 +29,8 @@ pub const DEFAULT_MEMORY_MIB: u32 = 512;
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default deadline of every non-exec request to the agent.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default [`SandboxConfig::consumer_deadline`].
+pub const DEFAULT_CONSUMER_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Errors of configuration validation.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +92,11 @@ pub struct SandboxConfig {
     /// Deadline of every non-exec request (ping, file operations) and slack added to an exec's
     /// own timeout.
     pub request_timeout: Duration,
+    /// How long the output of a request may wait unread in its full buffer (16 MiB) before
+    /// that request fails with `ConsumerTooSlow` — meanwhile the guest is throttled and the
+    /// other requests of the sandbox wait too. `Duration::MAX` waits as long as it takes: for
+    /// a single consumer whose reader may pause at will, like `kiln run | less`.
+    pub consumer_deadline: Duration,
 }
 
 impl Default for SandboxConfig {
@@ -103,6 +110,7 @@ impl Default for SandboxConfig {
             extra_cmdline: String::new(),
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            consumer_deadline: DEFAULT_CONSUMER_DEADLINE,
         }
     }
 }
@@ -161,6 +169,13 @@ impl SandboxConfig {
         self
     }
 
+    /// Sets how long unread output may block its request (see
+    /// [`SandboxConfig::consumer_deadline`]).
+    pub fn consumer_deadline(mut self, t: Duration) -> Self {
+        self.consumer_deadline = t;
+        self
+    }
+
     /// Checks every field and resolves the asset paths (defaults, existence).
     pub fn validate(&self) -> Result<ResolvedConfig, ConfigError> {
         self.validate_with(&|what| match what {
@@ -195,6 +210,12 @@ impl SandboxConfig {
         if self.request_timeout.is_zero() {
             return Err(invalid(
                 "request_timeout",
+                "must be greater than zero".into(),
+            ));
+        }
+        if self.consumer_deadline.is_zero() {
+            return Err(invalid(
+                "consumer_deadline",
                 "must be greater than zero".into(),
             ));
         }
@@ -249,6 +270,7 @@ impl SandboxConfig {
             extra_cmdline: self.extra_cmdline.trim().to_owned(),
             boot_timeout: self.boot_timeout,
             request_timeout: self.request_timeout,
+            consumer_deadline: self.consumer_deadline,
         })
     }
 }
@@ -272,6 +294,8 @@ pub struct ResolvedConfig {
     pub boot_timeout: Duration,
     /// Request deadline.
     pub request_timeout: Duration,
+    /// Unread-output deadline.
+    pub consumer_deadline: Duration,
 }
 
 /// Which guest asset.
@@ -394,6 +418,24 @@ mod tests {
                     .unwrap_err()
             ),
             "boot_timeout"
+        );
+        assert_eq!(
+            field_of(
+                cfg.clone()
+                    .consumer_deadline(Duration::ZERO)
+                    .validate()
+                    .unwrap_err()
+            ),
+            "consumer_deadline"
+        );
+        assert_eq!(
+            cfg.clone()
+                .consumer_deadline(Duration::MAX)
+                .validate()
+                .unwrap()
+                .consumer_deadline,
+            Duration::MAX,
+            "waiting without a deadline is a valid choice"
         );
         assert_eq!(
             field_of(cfg.clone().extra_cmdline("a\nb").validate().unwrap_err()),

@@ -764,22 +764,32 @@ fn boot(cfg: ResolvedConfig, t0: Instant) -> Result<Sandbox, SandboxError> {
             });
         }
     };
-    let sandbox = connect_agent(
-        vm,
-        listener,
-        name,
-        t0,
-        vm_start,
-        cfg.boot_timeout,
-        cfg.request_timeout,
-    )?;
+    let sandbox = connect_agent(vm, listener, name, t0, vm_start, Deadlines::of(&cfg))?;
     let ready = sandbox.inner.timings.ready;
     let agent = &sandbox.inner.hello.agent_version;
     tracing::debug!(vm = %sandbox.inner.name, ?vm_start, ?ready, %agent, "sandbox ready");
     Ok(sandbox)
 }
 
-/// Waits (within `boot_timeout`) for the guest agent to connect to `listener`, checks its
+/// The deadlines a sandbox's connection to its agent runs under.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Deadlines {
+    pub(crate) boot: Duration,
+    pub(crate) request: Duration,
+    pub(crate) consumer: Duration,
+}
+
+impl Deadlines {
+    pub(crate) fn of(cfg: &ResolvedConfig) -> Self {
+        Self {
+            boot: cfg.boot_timeout,
+            request: cfg.request_timeout,
+            consumer: cfg.consumer_deadline,
+        }
+    }
+}
+
+/// Waits (within `deadlines.boot`) for the guest agent to connect to `listener`, checks its
 /// `Hello` and wraps `vm` and the client in a [`Sandbox`] with its watchdog thread. `t0` is
 /// when creating the sandbox began, `vm_start` how long after it the VM was running. On
 /// error the VM is stopped.
@@ -789,9 +799,13 @@ fn connect_agent(
     name: String,
     t0: Instant,
     vm_start: Duration,
-    boot_timeout: Duration,
-    request_timeout: Duration,
+    deadlines: Deadlines,
 ) -> Result<Sandbox, SandboxError> {
+    let Deadlines {
+        boot: boot_timeout,
+        request: request_timeout,
+        consumer: consumer_deadline,
+    } = deadlines;
     let deadline = Instant::now() + boot_timeout;
     // On error `vm` is dropped, which stops it.
     let stream = accept_agent(&vm, &listener, &name, deadline, boot_timeout)?;
@@ -814,6 +828,7 @@ fn connect_agent(
         writer,
         ClientConfig {
             request_timeout,
+            consumer_deadline,
             ..ClientConfig::default()
         },
     );

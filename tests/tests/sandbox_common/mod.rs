@@ -55,6 +55,17 @@ pub fn kiln_bin() -> PathBuf {
 /// Runs `kiln <args>` with extra environment and optional stdin; kills it after
 /// [`CLI_TIMEOUT`] (the test then fails) so a test never hangs.
 pub fn run_kiln(args: &[&str], env: &[(&str, &str)], stdin: Option<&[u8]>) -> Output {
+    run_kiln_with(args, env, stdin, None)
+}
+
+/// [`run_kiln`] whose stdout is first read after `stdout_pause` (a reader that pauses, like
+/// a pager nobody scrolls).
+pub fn run_kiln_with(
+    args: &[&str],
+    env: &[(&str, &str)],
+    stdin: Option<&[u8]>,
+    stdout_pause: Option<Duration>,
+) -> Output {
     let mut cmd = Command::new(kiln_bin());
     cmd.args(args)
         .envs(env.iter().copied())
@@ -76,6 +87,9 @@ pub fn run_kiln(args: &[&str], env: &[(&str, &str)], stdin: Option<&[u8]>) -> Ou
     let mut out = child.stdout.take().expect("piped stdout");
     let mut err = child.stderr.take().expect("piped stderr");
     let t_out = std::thread::spawn(move || {
+        if let Some(pause) = stdout_pause {
+            std::thread::sleep(pause);
+        }
         let mut v = Vec::new();
         let _ = out.read_to_end(&mut v);
         v

@@ -142,10 +142,13 @@ pub fn run(args: RunArgs) -> i32 {
             Err(e) => return fail(exit::USAGE, format!("--stdin {path}: {e}")),
         },
     };
+    // One command, one consumer: when whatever reads kiln's stdout pauses (`kiln run | less`),
+    // the guest is throttled for as long as it takes instead of the command failing.
     let mut config = SandboxConfig::new()
         .vcpus(args.vcpus)
         .memory_mib(args.memory)
-        .boot_timeout(boot_timeout);
+        .boot_timeout(boot_timeout)
+        .consumer_deadline(Duration::MAX);
     config.name = args.name;
     config.kernel = args.kernel;
     config.initramfs = args.initramfs;

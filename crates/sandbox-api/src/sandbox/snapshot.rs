@@ -94,8 +94,11 @@ impl Sandbox {
             name,
             t0,
             vm_start,
-            config.boot_timeout,
-            config.request_timeout,
+            super::Deadlines {
+                boot: config.boot_timeout,
+                request: config.request_timeout,
+                consumer: config.consumer_deadline,
+            },
         )?;
         let ready = sandbox.inner.timings.ready;
         let now_ns = std::time::SystemTime::now()
