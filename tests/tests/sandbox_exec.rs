@@ -1,6 +1,7 @@
 //! Tier-4: running commands in a real Kiln guest through the `kiln` library API — env, cwd and
 //! stdin; exit codes and signals; streaming; timeouts that kill the whole process group; 100 MB
-//! of stdout streamed intact; 16 concurrent execs in one VM; guest death mid-command.
+//! of stdout streamed intact; 16 concurrent execs in one VM; guest death mid-command; a guest
+//! that panics at boot or spins is reported with a reason, at once or at its deadline.
 //!
 //! Most tests share one sandbox (booting is the slow part under the harness's software
 //! emulation); tests that end their VM boot their own.
@@ -345,4 +346,61 @@ fn shutdown_ends_the_vm() {
     let sb = sandbox("exec-shutdown", 256, 1);
     sb.ping().unwrap();
     sb.shutdown().unwrap();
+}
+
+#[test]
+fn a_guest_that_panics_at_boot_is_reported_with_the_panic_text() {
+    // No init to run: the guest kernel panics, `panic=-1` reboots it and the VM ends. The
+    // error must come at once (not at the boot deadline), say the guest died during boot and
+    // quote the console's panic line.
+    kiln_tests::require_tier4();
+    let t0 = Instant::now();
+    let err = Sandbox::create(
+        kiln::SandboxConfig::new()
+            .name("exec-panics")
+            .memory_mib(256)
+            .extra_cmdline("rdinit=/nonexistent")
+            .boot_timeout(sandbox_common::BOOT_TIMEOUT),
+    )
+    .expect_err("a guest without an init cannot boot");
+    let took = t0.elapsed();
+    let msg = err.to_string();
+    assert!(err.is_guest_death(), "{msg}");
+    assert!(msg.contains("exec-panics"), "{msg}");
+    assert!(
+        msg.contains("Kernel panic"),
+        "the serial tail is quoted: {msg}"
+    );
+    assert!(
+        took < sandbox_common::BOOT_TIMEOUT,
+        "reported after {took:?}, not at the deadline"
+    );
+}
+
+#[test]
+fn a_guest_that_spins_is_reported_at_its_boot_deadline() {
+    // The init spins forever and no agent ever connects: creating the sandbox fails with a
+    // boot timeout naming the deadline, not later, and the VM is stopped.
+    kiln_tests::require_tier4();
+    let deadline = Duration::from_secs(40);
+    let t0 = Instant::now();
+    let err = Sandbox::create(
+        kiln::SandboxConfig::new()
+            .name("exec-spins")
+            .memory_mib(256)
+            .extra_cmdline("rdinit=/bin/sh -- -c \"while :; do :; done\"")
+            .boot_timeout(deadline),
+    )
+    .expect_err("no agent ever connects");
+    let took = t0.elapsed();
+    assert!(
+        matches!(err, SandboxError::BootTimeout { .. }),
+        "expected a boot timeout: {err}"
+    );
+    assert!(err.to_string().contains("exec-spins"), "{err}");
+    assert!(took >= deadline, "gave up early: {took:?}");
+    assert!(
+        took < deadline + Duration::from_secs(30),
+        "the VM was not stopped promptly at its deadline: {took:?}"
+    );
 }
