@@ -122,6 +122,18 @@ impl GuestQueue {
         self.chains.insert(head, idxs);
     }
 
+    /// Write hand-built descriptors `(index, descriptor)` and make the chain that starts at the
+    /// first one available (no notify). The caller picks every flag and `next`, so this also
+    /// builds malformed chains.
+    pub fn publish_descs(&mut self, mem: &GuestMem, descs: &[(u16, SplitDescriptor)]) {
+        for &(idx, d) in descs {
+            self.write_desc(mem, idx, d);
+        }
+        let head = descs[0].0;
+        self.track(head, descs.iter().map(|&(idx, _)| idx).collect());
+        self.publish(mem, head);
+    }
+
     pub fn used_idx(&self, mem: &GuestMem) -> u16 {
         mem.read_obj(GuestAddress(self.used_addr() + 2)).unwrap()
     }
@@ -306,23 +318,24 @@ impl TestGuest {
             let head = self.rx.take_index();
             let didx = self.rx.take_index();
             let slot = RX_BUF + u64::from(head) * SLOT;
-            self.rx.write_desc(
+            self.rx.publish_descs(
                 &self.mem,
-                head,
-                SplitDescriptor::new(
-                    slot,
-                    HDR_SIZE as u32,
-                    VRING_DESC_F_WRITE | VRING_DESC_F_NEXT,
-                    didx,
-                ),
+                &[
+                    (
+                        head,
+                        SplitDescriptor::new(
+                            slot,
+                            HDR_SIZE as u32,
+                            VRING_DESC_F_WRITE | VRING_DESC_F_NEXT,
+                            didx,
+                        ),
+                    ),
+                    (
+                        didx,
+                        SplitDescriptor::new(slot + 0x100, self.rx_data_len, VRING_DESC_F_WRITE, 0),
+                    ),
+                ],
             );
-            self.rx.write_desc(
-                &self.mem,
-                didx,
-                SplitDescriptor::new(slot + 0x100, self.rx_data_len, VRING_DESC_F_WRITE, 0),
-            );
-            self.rx.track(head, vec![head, didx]);
-            self.rx.publish(&self.mem, head);
             self.rx_heads.insert(head, slot);
         }
         self.notify(RXQ);
@@ -405,30 +418,29 @@ impl TestGuest {
             .write_slice(&hdr.to_bytes(), GuestAddress(slot))
             .unwrap();
         if data.is_empty() {
-            self.tx.write_desc(
+            self.tx.publish_descs(
                 &self.mem,
-                idx,
-                SplitDescriptor::new(slot, HDR_SIZE as u32, 0, 0),
+                &[(idx, SplitDescriptor::new(slot, HDR_SIZE as u32, 0, 0))],
             );
-            self.tx.track(idx, vec![idx]);
         } else {
             let didx = self.tx.take_index();
             self.mem
                 .write_slice(data, GuestAddress(slot + 0x100))
                 .unwrap();
-            self.tx.write_desc(
+            self.tx.publish_descs(
                 &self.mem,
-                idx,
-                SplitDescriptor::new(slot, HDR_SIZE as u32, VRING_DESC_F_NEXT, didx),
+                &[
+                    (
+                        idx,
+                        SplitDescriptor::new(slot, HDR_SIZE as u32, VRING_DESC_F_NEXT, didx),
+                    ),
+                    (
+                        didx,
+                        SplitDescriptor::new(slot + 0x100, data.len() as u32, 0, 0),
+                    ),
+                ],
             );
-            self.tx.write_desc(
-                &self.mem,
-                didx,
-                SplitDescriptor::new(slot + 0x100, data.len() as u32, 0, 0),
-            );
-            self.tx.track(idx, vec![idx, didx]);
         }
-        self.tx.publish(&self.mem, idx);
         self.notify(TXQ);
     }
 

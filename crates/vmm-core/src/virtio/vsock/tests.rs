@@ -42,8 +42,7 @@ fn guest_connect(g: &mut TestGuest, l: &VsockListener, gport: u32) -> VsockStrea
 
 /// Host connects to guest port `gport`; the guest answers RESPONSE.
 fn host_connect(g: &mut TestGuest, gport: u32) -> VsockStream {
-    let host = g.host.clone();
-    let t = std::thread::spawn(move || host.connect(gport, T));
+    let t = spawn_connect(g, gport, T);
     let req = g.recv_wait(T).expect("no REQUEST");
     assert_eq!(req.0.op, OP_REQUEST);
     assert_eq!(req.0.dst_port, gport);
@@ -52,12 +51,93 @@ fn host_connect(g: &mut TestGuest, gport: u32) -> VsockStream {
     t.join().unwrap().unwrap()
 }
 
-#[test]
-fn guest_request_to_listener_gets_response_and_stream() {
-    let mut g = TestGuest::new();
-    g.post_rx(8);
+/// Posts `rx` RX buffers and connects guest port 40000 to a host listener on port 1024.
+/// Keep the listener bound (`_l`, not `_`) where the original test kept it alive.
+fn connected(mut g: TestGuest, rx: usize) -> (TestGuest, VsockListener, VsockStream) {
+    g.post_rx(rx);
     let l = g.host.listen(1024).unwrap();
     let s = guest_connect(&mut g, &l, 40000);
+    (g, l, s)
+}
+
+/// A guest whose device has per-connection buffers of `conn_buffer_size` bytes.
+fn with_conn_buffer(conn_buffer_size: u32) -> TestGuest {
+    TestGuest::with_config(VsockConfig {
+        conn_buffer_size,
+        ..VsockConfig::default()
+    })
+}
+
+/// Host connect to guest port `gport` on another thread (the test thread plays the guest).
+fn spawn_connect(
+    g: &TestGuest,
+    gport: u32,
+    timeout: Duration,
+) -> std::thread::JoinHandle<Result<VsockStream, VsockError>> {
+    let host = g.host.clone();
+    std::thread::spawn(move || host.connect(gport, timeout))
+}
+
+/// The guest sends SHUTDOWN with `flags` on its connection `src` -> `dst`.
+fn send_shutdown(g: &mut TestGuest, src: u32, dst: u32, flags: u32) {
+    let mut h = g.hdr(OP_SHUTDOWN, src, dst);
+    h.flags = flags;
+    g.send_hdr(h, &[]);
+}
+
+/// `r` failed with an I/O error of `kind`.
+#[track_caller]
+fn assert_io_err<T: std::fmt::Debug>(r: std::io::Result<T>, kind: std::io::ErrorKind) {
+    assert_eq!(r.unwrap_err().kind(), kind);
+}
+
+/// Payload bytes carried by the RW packets in `pkts`.
+fn rw_bytes(pkts: &[(Header, Vec<u8>)]) -> usize {
+    pkts.iter()
+        .filter(|(h, _)| h.op == OP_RW)
+        .map(|(h, _)| h.len as usize)
+        .sum()
+}
+
+/// Guest-memory address of the TX buffer slot that belongs to descriptor `idx`.
+fn tx_slot(idx: u16) -> u64 {
+    TX_BUF + u64::from(idx) * SLOT
+}
+
+/// Write header `h` into guest memory at `addr`.
+fn write_hdr(g: &TestGuest, h: &Header, addr: u64) {
+    g.mem
+        .write_slice(&h.to_bytes(), GuestAddress(addr))
+        .unwrap();
+}
+
+/// The guest sends an RW 40000 -> 1024 whose header claims `claimed_len` payload bytes while
+/// its data descriptor is `data_desc_len` long (nothing is written there), and notifies TX.
+/// Returns the chain's head index.
+fn send_rw_claiming(g: &mut TestGuest, claimed_len: u32, data_desc_len: u32) -> u16 {
+    let mut h = g.hdr(OP_RW, 40000, 1024);
+    h.len = claimed_len;
+    let i = g.tx.take_index();
+    let d = g.tx.take_index();
+    let slot = tx_slot(i);
+    write_hdr(g, &h, slot);
+    g.tx.publish_descs(
+        &g.mem,
+        &[
+            (
+                i,
+                SplitDescriptor::new(slot, HDR_SIZE as u32, VRING_DESC_F_NEXT, d),
+            ),
+            (d, SplitDescriptor::new(slot + 0x100, data_desc_len, 0, 0)),
+        ],
+    );
+    g.notify(TXQ);
+    i
+}
+
+#[test]
+fn guest_request_to_listener_gets_response_and_stream() {
+    let (g, _l, s) = connected(TestGuest::new(), 8);
     assert_eq!((s.local_port(), s.peer_port()), (1024, 40000));
     assert_eq!(g.host.connection_count(), 1);
 }
@@ -85,10 +165,7 @@ fn rw_for_unknown_connection_gets_rst_and_data_is_dropped() {
 
 #[test]
 fn full_lifecycle_guest_initiated() {
-    let mut g = TestGuest::new();
-    g.post_rx(16);
-    let l = g.host.listen(1024).unwrap();
-    let mut s = guest_connect(&mut g, &l, 40000);
+    let (mut g, _l, mut s) = connected(TestGuest::new(), 16);
 
     // Guest -> host.
     g.send(OP_RW, 40000, 1024, b"ping from guest");
@@ -105,15 +182,10 @@ fn full_lifecycle_guest_initiated() {
     assert_eq!(p[0].0.fwd_cnt, 15, "our fwd_cnt counts what the host read");
 
     // Guest closes fully: we answer RST and the host reads EOF.
-    let mut h = g.hdr(OP_SHUTDOWN, 40000, 1024);
-    h.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
-    g.send_hdr(h, &[]);
+    send_shutdown(&mut g, 40000, 1024, SHUTDOWN_RCV | SHUTDOWN_SEND);
     assert_eq!(ops(&g.recv_all()), vec![OP_RST]);
     assert_eq!(s.read(&mut buf).unwrap(), 0);
-    assert_eq!(
-        s.write(b"x").unwrap_err().kind(),
-        std::io::ErrorKind::BrokenPipe
-    );
+    assert_io_err(s.write(b"x"), std::io::ErrorKind::BrokenPipe);
     assert_eq!(g.host.connection_count(), 0);
 }
 
@@ -134,8 +206,7 @@ fn host_connect_gets_response() {
 fn host_connect_refused_by_guest_rst() {
     let mut g = TestGuest::new();
     g.post_rx(8);
-    let host = g.host.clone();
-    let t = std::thread::spawn(move || host.connect(GPORT, T));
+    let t = spawn_connect(&g, GPORT, T);
     let req = g.recv_wait(T).unwrap();
     g.send(OP_RST, GPORT, req.0.src_port, &[]);
     match t.join().unwrap() {
@@ -149,8 +220,7 @@ fn host_connect_refused_by_guest_rst() {
 fn host_connect_times_out_and_guest_gets_rst() {
     let mut g = TestGuest::new();
     g.post_rx(8);
-    let host = g.host.clone();
-    let t = std::thread::spawn(move || host.connect(GPORT, Duration::from_millis(200)));
+    let t = spawn_connect(&g, GPORT, Duration::from_millis(200));
     let req = g.recv_wait(T).unwrap();
     assert_eq!(req.0.op, OP_REQUEST);
     let started = Instant::now();
@@ -180,18 +250,12 @@ fn connect_before_driver_ok_waits_for_activation_deadline() {
 fn host_write_stops_at_guest_credit_and_resumes_on_credit_update() {
     let mut g = TestGuest::new();
     g.buf_alloc = 8192;
-    g.post_rx(32);
-    let l = g.host.listen(1024).unwrap();
-    let mut s = guest_connect(&mut g, &l, 40000);
+    let (mut g, _l, mut s) = connected(g, 32);
     let data: Vec<u8> = (0..20000u32).map(|i| (i % 251) as u8).collect();
     s.write_all(&data).unwrap();
     g.pump();
     let p = g.recv_all();
-    let rw: usize = p
-        .iter()
-        .filter(|(h, _)| h.op == OP_RW)
-        .map(|(h, _)| h.len as usize)
-        .sum();
+    let rw = rw_bytes(&p);
     assert_eq!(rw, 8192, "host sent exactly the guest's credit");
     assert_eq!(p.last().unwrap().0.op, OP_CREDIT_REQUEST);
     g.pump();
@@ -201,11 +265,7 @@ fn host_write_stops_at_guest_credit_and_resumes_on_credit_update() {
     g.consume(40000, 8192);
     g.send(OP_CREDIT_UPDATE, 40000, 1024, &[]);
     let p = g.recv_all();
-    let rw: usize = p
-        .iter()
-        .filter(|(h, _)| h.op == OP_RW)
-        .map(|(h, _)| h.len as usize)
-        .sum();
+    let rw = rw_bytes(&p);
     assert_eq!(rw, 8192);
     g.consume(40000, 8192);
     g.send(OP_CREDIT_UPDATE, 40000, 1024, &[]);
@@ -221,10 +281,7 @@ fn host_write_stops_at_guest_credit_and_resumes_on_credit_update() {
 
 #[test]
 fn guest_credit_request_gets_credit_update() {
-    let mut g = TestGuest::new();
-    g.post_rx(8);
-    let l = g.host.listen(1024).unwrap();
-    let mut s = guest_connect(&mut g, &l, 40000);
+    let (mut g, _l, mut s) = connected(TestGuest::new(), 8);
     g.send(OP_RW, 40000, 1024, &[7u8; 1000]);
     let mut b = [0u8; 600];
     s.read_exact(&mut b).unwrap();
@@ -237,14 +294,7 @@ fn guest_credit_request_gets_credit_update() {
 
 #[test]
 fn host_reads_return_credit_unprompted() {
-    let cfg = VsockConfig {
-        conn_buffer_size: 16384,
-        ..VsockConfig::default()
-    };
-    let mut g = TestGuest::with_config(cfg);
-    g.post_rx(8);
-    let l = g.host.listen(1024).unwrap();
-    let mut s = guest_connect(&mut g, &l, 40000);
+    let (mut g, _l, mut s) = connected(with_conn_buffer(16384), 8);
     g.send(OP_RW, 40000, 1024, &[1u8; 16384]);
     let mut b = vec![0u8; 16384];
     s.read_exact(&mut b).unwrap();
@@ -256,14 +306,7 @@ fn host_reads_return_credit_unprompted() {
 
 #[test]
 fn guest_overrunning_our_buffer_is_reset() {
-    let cfg = VsockConfig {
-        conn_buffer_size: 8192,
-        ..VsockConfig::default()
-    };
-    let mut g = TestGuest::with_config(cfg);
-    g.post_rx(8);
-    let l = g.host.listen(1024).unwrap();
-    let mut s = guest_connect(&mut g, &l, 40000);
+    let (mut g, _l, mut s) = connected(with_conn_buffer(8192), 8);
     g.send(OP_RW, 40000, 1024, &[1u8; 8192]);
     assert!(g.recv_all().is_empty());
     // One byte past the advertised buffer.
@@ -273,27 +316,18 @@ fn guest_overrunning_our_buffer_is_reset() {
     let mut b = vec![0u8; 8192];
     s.read_exact(&mut b).unwrap();
     assert!(b.iter().all(|&x| x == 1));
-    assert_eq!(
-        s.read(&mut b).unwrap_err().kind(),
-        std::io::ErrorKind::ConnectionReset
-    );
+    assert_io_err(s.read(&mut b), std::io::ErrorKind::ConnectionReset);
     assert_eq!(g.dev.lock().unwrap().stats().muxer.protocol_resets, 1);
     assert_eq!(g.host.connection_count(), 0);
 }
 
 #[test]
 fn unknown_op_on_connection_resets_it() {
-    let mut g = TestGuest::new();
-    g.post_rx(8);
-    let l = g.host.listen(1024).unwrap();
-    let mut s = guest_connect(&mut g, &l, 40000);
+    let (mut g, _l, mut s) = connected(TestGuest::new(), 8);
     g.send(99, 40000, 1024, &[]);
     assert_eq!(ops(&g.recv_all()), vec![OP_RST]);
     let mut b = [0u8; 4];
-    assert_eq!(
-        s.read(&mut b).unwrap_err().kind(),
-        std::io::ErrorKind::ConnectionReset
-    );
+    assert_io_err(s.read(&mut b), std::io::ErrorKind::ConnectionReset);
 }
 
 #[test]
@@ -352,14 +386,9 @@ fn seqpacket_type_gets_rst_and_bad_cid_is_dropped() {
 
 #[test]
 fn guest_shutdown_send_gives_eof_but_host_can_still_write() {
-    let mut g = TestGuest::new();
-    g.post_rx(8);
-    let l = g.host.listen(1024).unwrap();
-    let mut s = guest_connect(&mut g, &l, 40000);
+    let (mut g, _l, mut s) = connected(TestGuest::new(), 8);
     g.send(OP_RW, 40000, 1024, b"last words");
-    let mut h = g.hdr(OP_SHUTDOWN, 40000, 1024);
-    h.flags = SHUTDOWN_SEND;
-    g.send_hdr(h, &[]);
+    send_shutdown(&mut g, 40000, 1024, SHUTDOWN_SEND);
     let mut v = Vec::new();
     s.read_to_end(&mut v).unwrap();
     assert_eq!(v, b"last words");
@@ -428,10 +457,7 @@ fn host_drop_forces_rst_after_close_timeout() {
 
 #[test]
 fn clone_reads_while_other_handle_writes() {
-    let mut g = TestGuest::new();
-    g.post_rx(16);
-    let l = g.host.listen(1024).unwrap();
-    let s = guest_connect(&mut g, &l, 40000);
+    let (mut g, _l, s) = connected(TestGuest::new(), 16);
     let mut r = s.try_clone().unwrap();
     let mut w = s;
     let reader = std::thread::spawn(move || {
@@ -461,26 +487,19 @@ fn clone_reads_while_other_handle_writes() {
 fn read_and_write_timeouts() {
     let mut g = TestGuest::new();
     g.buf_alloc = 0;
-    g.post_rx(8);
-    let l = g.host.listen(1024).unwrap();
-    let mut s = guest_connect(&mut g, &l, 40000);
+    // `_g` keeps the device alive to the end of the test.
+    let (_g, _l, mut s) = connected(g, 8);
     s.set_read_timeout(Some(Duration::from_millis(30))).unwrap();
     let mut b = [0u8; 4];
     let t0 = Instant::now();
-    assert_eq!(
-        s.read(&mut b).unwrap_err().kind(),
-        std::io::ErrorKind::TimedOut
-    );
+    assert_io_err(s.read(&mut b), std::io::ErrorKind::TimedOut);
     assert!(t0.elapsed() >= Duration::from_millis(30));
     // Guest advertises no buffer: the host send buffer fills, then writes time out.
     s.set_write_timeout(Some(Duration::from_millis(30)))
         .unwrap();
     let cap = VsockConfig::default().conn_buffer_size as usize;
     s.write_all(&vec![0u8; cap]).unwrap();
-    assert_eq!(
-        s.write(b"more").unwrap_err().kind(),
-        std::io::ErrorKind::TimedOut
-    );
+    assert_io_err(s.write(b"more"), std::io::ErrorKind::TimedOut);
     assert!(s.set_read_timeout(Some(Duration::ZERO)).is_err());
 }
 
@@ -599,10 +618,7 @@ fn transport_reset_drops_connections_and_sends_event() {
     assert_eq!(g.events(), vec![EVENT_TRANSPORT_RESET]);
     assert_eq!(g.host.connection_count(), 0);
     let mut buf = [0u8; 1];
-    assert_eq!(
-        a.read(&mut buf).unwrap_err().kind(),
-        std::io::ErrorKind::ConnectionAborted
-    );
+    assert_io_err(a.read(&mut buf), std::io::ErrorKind::ConnectionAborted);
     assert!(b.write(b"x").is_err());
     // Listeners survive: the guest reconnects.
     let _c = guest_connect(&mut g, &l, 40000);
@@ -612,15 +628,21 @@ fn transport_reset_drops_connections_and_sends_event() {
     assert_eq!(g.dev.lock().unwrap().stats().transport_resets, 2);
 }
 
-#[test]
-fn host_connect_after_transport_reset_waits_for_the_guest_to_handle_it() {
+/// A guest with 8 RX buffers that got a TRANSPORT_RESET event and has not handled it yet
+/// (its event queue is not refilled).
+fn guest_after_unhandled_reset() -> TestGuest {
     let mut g = TestGuest::new();
     g.post_rx(8);
     g.host.transport_reset();
     g.pump();
     assert_eq!(g.events_no_refill(), vec![EVENT_TRANSPORT_RESET]);
-    let host = g.host.clone();
-    let t = std::thread::spawn(move || host.connect(GPORT, T));
+    g
+}
+
+#[test]
+fn host_connect_after_transport_reset_waits_for_the_guest_to_handle_it() {
+    let mut g = guest_after_unhandled_reset();
+    let t = spawn_connect(&g, GPORT, T);
     std::thread::sleep(Duration::from_millis(50));
     g.pump();
     assert!(
@@ -638,14 +660,9 @@ fn host_connect_after_transport_reset_waits_for_the_guest_to_handle_it() {
 
 #[test]
 fn host_connect_after_transport_reset_proceeds_after_settle_deadline() {
-    let mut g = TestGuest::new();
-    g.post_rx(8);
-    g.host.transport_reset();
-    g.pump();
-    assert_eq!(g.events_no_refill(), vec![EVENT_TRANSPORT_RESET]);
-    let host = g.host.clone();
+    let mut g = guest_after_unhandled_reset();
     let t0 = Instant::now();
-    let t = std::thread::spawn(move || host.connect(GPORT, T));
+    let t = spawn_connect(&g, GPORT, T);
     // This guest never refills its event queue.
     let req = g.recv_wait(T).expect("REQUEST after the settle deadline");
     assert_eq!(req.0.op, OP_REQUEST);
@@ -672,18 +689,12 @@ fn transport_reset_waits_for_an_event_buffer() {
 
 #[test]
 fn device_reset_drops_connections_and_reinit_works() {
-    let mut g = TestGuest::new();
-    g.post_rx(8);
-    let l = g.host.listen(1024).unwrap();
-    let mut s = guest_connect(&mut g, &l, 40000);
+    let (mut g, _l, mut s) = connected(TestGuest::new(), 8);
     g.w32(regs::STATUS, 0);
     assert_eq!(g.r32(regs::STATUS), 0);
     assert!(!g.dev.lock().unwrap().is_active());
     let mut b = [0u8; 1];
-    assert_eq!(
-        s.read(&mut b).unwrap_err().kind(),
-        std::io::ErrorKind::ConnectionAborted
-    );
+    assert_io_err(s.read(&mut b), std::io::ErrorKind::ConnectionAborted);
     // Full re-initialisation, as a rebooting driver does.
     let mut g2 = TestGuest::with_config(VsockConfig::default());
     g2.post_rx(8);
@@ -715,18 +726,11 @@ fn tx_header_descriptor_write_only_is_dropped() {
     let mut g = TestGuest::new();
     g.post_rx(8);
     let i = g.tx.take_index();
-    let slot = TX_BUF + u64::from(i) * SLOT;
+    let slot = tx_slot(i);
     let h = g.hdr(OP_REQUEST, 40000, 1024);
-    g.mem
-        .write_slice(&h.to_bytes(), GuestAddress(slot))
-        .unwrap();
-    g.tx.write_desc(
-        &g.mem,
-        i,
-        SplitDescriptor::new(slot, HDR_SIZE as u32, VRING_DESC_F_WRITE, 0),
-    );
-    g.tx.track(i, vec![i]);
-    g.tx.publish(&g.mem, i);
+    write_hdr(&g, &h, slot);
+    let hdr = SplitDescriptor::new(slot, HDR_SIZE as u32, VRING_DESC_F_WRITE, 0);
+    g.tx.publish_descs(&g.mem, &[(i, hdr)]);
     g.notify(TXQ);
     assert_eq!(g.reclaim_tx(), vec![(i, 0)], "chain returned");
     assert_eq!(g.dev.lock().unwrap().stats().bad_tx_chains, 1);
@@ -737,9 +741,7 @@ fn tx_header_descriptor_write_only_is_dropped() {
 fn tx_header_too_short_is_dropped() {
     let mut g = TestGuest::new();
     let i = g.tx.take_index();
-    g.tx.write_desc(&g.mem, i, SplitDescriptor::new(TX_BUF, 20, 0, 0));
-    g.tx.track(i, vec![i]);
-    g.tx.publish(&g.mem, i);
+    g.tx.publish_descs(&g.mem, &[(i, SplitDescriptor::new(TX_BUF, 20, 0, 0))]);
     g.notify(TXQ);
     assert_eq!(g.reclaim_tx(), vec![(i, 0)]);
     assert_eq!(g.dev.lock().unwrap().stats().bad_tx_chains, 1);
@@ -747,67 +749,23 @@ fn tx_header_too_short_is_dropped() {
 
 #[test]
 fn tx_oversize_len_resets_connection() {
-    let mut g = TestGuest::new();
-    g.post_rx(8);
-    let l = g.host.listen(1024).unwrap();
-    let mut s = guest_connect(&mut g, &l, 40000);
+    let (mut g, _l, mut s) = connected(TestGuest::new(), 8);
     // Header claims 1 MiB of payload (> 64 KiB max).
-    let mut h = g.hdr(OP_RW, 40000, 1024);
-    h.len = 1 << 20;
-    let i = g.tx.take_index();
-    let d = g.tx.take_index();
-    let slot = TX_BUF + u64::from(i) * SLOT;
-    g.mem
-        .write_slice(&h.to_bytes(), GuestAddress(slot))
-        .unwrap();
-    g.tx.write_desc(
-        &g.mem,
-        i,
-        SplitDescriptor::new(slot, HDR_SIZE as u32, VRING_DESC_F_NEXT, d),
-    );
-    g.tx.write_desc(&g.mem, d, SplitDescriptor::new(slot + 0x100, 1 << 20, 0, 0));
-    g.tx.track(i, vec![i, d]);
-    g.tx.publish(&g.mem, i);
-    g.notify(TXQ);
+    let i = send_rw_claiming(&mut g, 1 << 20, 1 << 20);
     assert_eq!(g.reclaim_tx().last(), Some(&(i, 0)));
     assert_eq!(ops(&g.recv_all()), vec![OP_RST]);
     let mut b = [0u8; 1];
-    assert_eq!(
-        s.read(&mut b).unwrap_err().kind(),
-        std::io::ErrorKind::ConnectionReset
-    );
+    assert_io_err(s.read(&mut b), std::io::ErrorKind::ConnectionReset);
 }
 
 #[test]
 fn tx_data_descriptor_shorter_than_len_is_dropped() {
-    let mut g = TestGuest::new();
-    g.post_rx(8);
-    let l = g.host.listen(1024).unwrap();
-    let mut s = guest_connect(&mut g, &l, 40000);
-    let mut h = g.hdr(OP_RW, 40000, 1024);
-    h.len = 4096;
-    let i = g.tx.take_index();
-    let d = g.tx.take_index();
-    let slot = TX_BUF + u64::from(i) * SLOT;
-    g.mem
-        .write_slice(&h.to_bytes(), GuestAddress(slot))
-        .unwrap();
-    g.tx.write_desc(
-        &g.mem,
-        i,
-        SplitDescriptor::new(slot, HDR_SIZE as u32, VRING_DESC_F_NEXT, d),
-    );
-    g.tx.write_desc(&g.mem, d, SplitDescriptor::new(slot + 0x100, 100, 0, 0));
-    g.tx.track(i, vec![i, d]);
-    g.tx.publish(&g.mem, i);
-    g.notify(TXQ);
+    let (mut g, _l, mut s) = connected(TestGuest::new(), 8);
+    send_rw_claiming(&mut g, 4096, 100);
     assert_eq!(ops(&g.recv_all()), vec![OP_RST]);
     s.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
     let mut b = [0u8; 1];
-    assert_eq!(
-        s.read(&mut b).unwrap_err().kind(),
-        std::io::ErrorKind::ConnectionReset
-    );
+    assert_io_err(s.read(&mut b), std::io::ErrorKind::ConnectionReset);
 }
 
 #[test]
@@ -818,32 +776,14 @@ fn tx_descriptor_loop_is_dropped() {
     // Two descriptors pointing at each other, forever.
     let a = g.tx.take_index();
     let b = g.tx.take_index();
-    let slot = TX_BUF + u64::from(a) * SLOT;
+    let slot = tx_slot(a);
     let h = g.hdr(OP_REQUEST, 40000, 1024);
-    g.mem
-        .write_slice(&h.to_bytes(), GuestAddress(slot))
-        .unwrap();
-    g.tx.write_desc(
-        &g.mem,
-        a,
-        SplitDescriptor::new(slot, HDR_SIZE as u32, VRING_DESC_F_NEXT, b),
-    );
-    g.tx.write_desc(
-        &g.mem,
-        b,
-        SplitDescriptor::new(slot, HDR_SIZE as u32, VRING_DESC_F_NEXT, a),
-    );
-    g.tx.track(a, vec![a, b]);
-    g.tx.publish(&g.mem, a);
+    write_hdr(&g, &h, slot);
+    let to = |next| SplitDescriptor::new(slot, HDR_SIZE as u32, VRING_DESC_F_NEXT, next);
+    g.tx.publish_descs(&g.mem, &[(a, to(b)), (b, to(a))]);
     // And one pointing at itself.
     let c = g.tx.take_index();
-    g.tx.write_desc(
-        &g.mem,
-        c,
-        SplitDescriptor::new(slot, HDR_SIZE as u32, VRING_DESC_F_NEXT, c),
-    );
-    g.tx.track(c, vec![c]);
-    g.tx.publish(&g.mem, c);
+    g.tx.publish_descs(&g.mem, &[(c, to(c))]);
     g.notify(TXQ);
     assert_eq!(g.reclaim_tx(), vec![(a, 0), (c, 0)]);
     assert_eq!(g.dev.lock().unwrap().stats().bad_tx_chains, 2);
@@ -858,13 +798,8 @@ fn tx_descriptor_loop_is_dropped() {
 fn tx_buffer_outside_guest_memory_is_dropped() {
     let mut g = TestGuest::new();
     let i = g.tx.take_index();
-    g.tx.write_desc(
-        &g.mem,
-        i,
-        SplitDescriptor::new(0xffff_ffff_0000, HDR_SIZE as u32, 0, 0),
-    );
-    g.tx.track(i, vec![i]);
-    g.tx.publish(&g.mem, i);
+    let outside = SplitDescriptor::new(0xffff_ffff_0000, HDR_SIZE as u32, 0, 0);
+    g.tx.publish_descs(&g.mem, &[(i, outside)]);
     g.notify(TXQ);
     let used = g.reclaim_tx();
     assert_eq!(used[0], (i, 0));
@@ -888,9 +823,7 @@ fn head_index_beyond_queue_marks_needs_reset() {
 fn rx_read_only_buffer_is_returned_unused() {
     let mut g = TestGuest::new();
     let i = g.rx.take_index();
-    g.rx.write_desc(&g.mem, i, SplitDescriptor::new(RX_BUF, 4096, 0, 0));
-    g.rx.track(i, vec![i]);
-    g.rx.publish(&g.mem, i);
+    g.rx.publish_descs(&g.mem, &[(i, SplitDescriptor::new(RX_BUF, 4096, 0, 0))]);
     g.notify(RXQ);
     g.send(OP_REQUEST, 40000, 99, &[]);
     assert_eq!(g.rx.pop_used(&g.mem), Some((i, 0)));
@@ -922,17 +855,10 @@ fn rst_flood_without_rx_buffers_is_bounded() {
     for i in 0..(QSIZE as u32 - 1) {
         let h = g.hdr(OP_RW, 50000 + i, 4242);
         let idx = g.tx.take_index();
-        let slot = TX_BUF + u64::from(idx) * SLOT;
-        g.mem
-            .write_slice(&h.to_bytes(), GuestAddress(slot))
-            .unwrap();
-        g.tx.write_desc(
-            &g.mem,
-            idx,
-            SplitDescriptor::new(slot, HDR_SIZE as u32, 0, 0),
-        );
-        g.tx.track(idx, vec![idx]);
-        g.tx.publish(&g.mem, idx);
+        let slot = tx_slot(idx);
+        write_hdr(&g, &h, slot);
+        let hdr = SplitDescriptor::new(slot, HDR_SIZE as u32, 0, 0);
+        g.tx.publish_descs(&g.mem, &[(idx, hdr)]);
     }
     g.notify(TXQ);
     let used = g.reclaim_tx().len();
@@ -1008,10 +934,7 @@ fn multi_mib_host_to_guest_byte_exact() {
 
 #[test]
 fn multi_mib_guest_to_host_byte_exact() {
-    let mut g = TestGuest::new();
-    g.post_rx(32);
-    let l = g.host.listen(1024).unwrap();
-    let s = guest_connect(&mut g, &l, 40000);
+    let (mut g, _l, s) = connected(TestGuest::new(), 32);
     let data = pattern(6 << 20, 2);
     let expected_len = data.len();
     let mut r = s.try_clone().unwrap();
@@ -1044,9 +967,7 @@ fn multi_mib_guest_to_host_byte_exact() {
             peer_fwd = h.fwd_cnt;
         }
     }
-    let mut h = g.hdr(OP_SHUTDOWN, 40000, 1024);
-    h.flags = SHUTDOWN_SEND | SHUTDOWN_RCV;
-    g.send_hdr(h, &[]);
+    send_shutdown(&mut g, 40000, 1024, SHUTDOWN_SEND | SHUTDOWN_RCV);
     let got = reader.join().unwrap();
     assert_eq!(got.len(), expected_len);
     assert!(got == data, "payload differs");
@@ -1055,18 +976,8 @@ fn multi_mib_guest_to_host_byte_exact() {
 
 #[test]
 fn event_loop_thread_drives_the_device() {
-    use event_manager::{EventManager, SubscriberOps};
     let mut g = TestGuest::new();
-    g.direct = false;
-    let mut em = EventManager::<Arc<std::sync::Mutex<VsockDevice>>>::new().unwrap();
-    em.add_subscriber(g.dev.clone());
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
-    let t = std::thread::spawn(move || {
-        while !stop2.load(Ordering::Acquire) {
-            em.run_with_timeout(20).unwrap();
-        }
-    });
+    let (stop, t) = spawn_event_loop(&mut g);
     g.post_rx(16);
     let l = g.host.listen(1024).unwrap();
     g.send(OP_REQUEST, 40000, 1024, &[]);
@@ -1088,6 +999,20 @@ fn event_loop_thread_drives_the_device() {
     let _ = CloseReason::Local;
 }
 
+/// A new default device and an MMIO transport for it over `mem` (not initialised by a driver).
+fn fresh_transport(
+    mem: &crate::virtio::GuestMem,
+) -> (
+    Arc<std::sync::Mutex<VsockDevice>>,
+    crate::virtio::mmio::MmioTransport<VsockDevice>,
+) {
+    let dev = Arc::new(std::sync::Mutex::new(
+        VsockDevice::new(VsockConfig::default()).unwrap(),
+    ));
+    let t = crate::virtio::mmio::MmioTransport::new(mem.clone(), dev.clone()).unwrap();
+    (dev, t)
+}
+
 #[test]
 fn transport_state_save_restore_continues_the_rings() {
     let mut g = TestGuest::new();
@@ -1101,10 +1026,7 @@ fn transport_state_save_restore_continues_the_rings() {
     assert_eq!(saved.queues[RXQ].next_index, 1, "RESPONSE delivered");
 
     // A fresh device + transport over the same guest memory, as after a restore.
-    let dev = Arc::new(std::sync::Mutex::new(
-        VsockDevice::new(VsockConfig::default()).unwrap(),
-    ));
-    let mut t = crate::virtio::mmio::MmioTransport::new(g.mem.clone(), dev.clone()).unwrap();
+    let (dev, mut t) = fresh_transport(&g.mem);
     t.restore_state(&saved).unwrap();
     assert!(t.is_activated());
     assert_eq!(t.save_state(), saved);
@@ -1127,12 +1049,7 @@ fn transport_state_save_restore_continues_the_rings() {
 fn transport_restore_rejects_mismatched_or_invalid_state() {
     let g = TestGuest::new();
     let mut saved = g.transport.save_state();
-    let fresh = || {
-        let dev = Arc::new(std::sync::Mutex::new(
-            VsockDevice::new(VsockConfig::default()).unwrap(),
-        ));
-        crate::virtio::mmio::MmioTransport::new(g.mem.clone(), dev).unwrap()
-    };
+    let fresh = || fresh_transport(&g.mem).1;
     let mut bad = saved.clone();
     bad.queues.pop();
     assert!(fresh().restore_state(&bad).is_err());
@@ -1150,21 +1067,11 @@ fn transport_restore_rejects_mismatched_or_invalid_state() {
 fn guest_shutdown_rcv_makes_host_writes_fail() {
     let mut g = TestGuest::new();
     g.buf_alloc = 0; // keep host data queued
-    g.post_rx(8);
-    let l = g.host.listen(1024).unwrap();
-    let mut s = guest_connect(&mut g, &l, 40000);
+    let (mut g, _l, mut s) = connected(g, 8);
     s.write_all(b"queued").unwrap();
-    let mut h = g.hdr(OP_SHUTDOWN, 40000, 1024);
-    h.flags = SHUTDOWN_RCV;
-    g.send_hdr(h, &[]);
-    assert_eq!(
-        s.write(b"x").unwrap_err().kind(),
-        std::io::ErrorKind::BrokenPipe
-    );
-    assert_eq!(
-        s.flush().unwrap_err().kind(),
-        std::io::ErrorKind::BrokenPipe
-    );
+    send_shutdown(&mut g, 40000, 1024, SHUTDOWN_RCV);
+    assert_io_err(s.write(b"x"), std::io::ErrorKind::BrokenPipe);
+    assert_io_err(s.flush(), std::io::ErrorKind::BrokenPipe);
     // Reading still works.
     g.send(OP_RW, 40000, 1024, b"still here");
     let mut b = [0u8; 10];
@@ -1173,14 +1080,7 @@ fn guest_shutdown_rcv_makes_host_writes_fail() {
 
 #[test]
 fn host_shutdown_read_discards_but_keeps_credit_flowing() {
-    let cfg = VsockConfig {
-        conn_buffer_size: 8192,
-        ..VsockConfig::default()
-    };
-    let mut g = TestGuest::with_config(cfg);
-    g.post_rx(16);
-    let l = g.host.listen(1024).unwrap();
-    let mut s = guest_connect(&mut g, &l, 40000);
+    let (mut g, _l, mut s) = connected(with_conn_buffer(8192), 16);
     s.shutdown(Shutdown::Read).unwrap();
     g.pump();
     let p = g.recv_all();
@@ -1201,36 +1101,24 @@ fn host_shutdown_read_discards_but_keeps_credit_flowing() {
 
 #[test]
 fn zero_length_rw_is_harmless() {
-    let mut g = TestGuest::new();
-    g.post_rx(8);
-    let l = g.host.listen(1024).unwrap();
-    let mut s = guest_connect(&mut g, &l, 40000);
+    let (mut g, _l, mut s) = connected(TestGuest::new(), 8);
     g.send(OP_RW, 40000, 1024, &[]);
     assert!(g.recv_all().is_empty());
     s.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
     let mut b = [0u8; 4];
-    assert_eq!(
-        s.read(&mut b).unwrap_err().kind(),
-        std::io::ErrorKind::TimedOut
-    );
+    assert_io_err(s.read(&mut b), std::io::ErrorKind::TimedOut);
 }
 
 #[test]
 fn buffered_data_survives_transport_reset_then_error() {
-    let mut g = TestGuest::new();
-    g.post_rx(8);
-    let l = g.host.listen(1024).unwrap();
-    let mut s = guest_connect(&mut g, &l, 40000);
+    let (mut g, _l, mut s) = connected(TestGuest::new(), 8);
     g.send(OP_RW, 40000, 1024, b"tail");
     g.host.transport_reset();
     g.pump();
     let mut b = [0u8; 4];
     s.read_exact(&mut b).unwrap();
     assert_eq!(&b, b"tail");
-    assert_eq!(
-        s.read(&mut b).unwrap_err().kind(),
-        std::io::ErrorKind::ConnectionAborted
-    );
+    assert_io_err(s.read(&mut b), std::io::ErrorKind::ConnectionAborted);
 }
 
 #[test]
@@ -1380,9 +1268,7 @@ fn tx_indirect_table_loop_and_nesting_are_dropped() {
     let table = TX_BUF + 0x80_0000;
     let hdr_addr = table + 0x1000;
     let h = g.hdr(OP_REQUEST, 40000, 77);
-    g.mem
-        .write_slice(&h.to_bytes(), GuestAddress(hdr_addr))
-        .unwrap();
+    write_hdr(&g, &h, hdr_addr);
     // Indirect table of 8 entries, each pointing to the next, the last back to the first.
     for i in 0..8u16 {
         let d = SplitDescriptor::new(hdr_addr, HDR_SIZE as u32, VRING_DESC_F_NEXT, (i + 1) % 8);
@@ -1394,13 +1280,8 @@ fn tx_indirect_table_loop_and_nesting_are_dropped() {
             .unwrap();
     }
     let a = g.tx.take_index();
-    g.tx.write_desc(
-        &g.mem,
-        a,
-        SplitDescriptor::new(table, 8 * 16, VRING_DESC_F_INDIRECT, 0),
-    );
-    g.tx.track(a, vec![a]);
-    g.tx.publish(&g.mem, a);
+    let indirect = SplitDescriptor::new(table, 8 * 16, VRING_DESC_F_INDIRECT, 0);
+    g.tx.publish_descs(&g.mem, &[(a, indirect)]);
     // An indirect descriptor inside an indirect table.
     let nested = table + 0x2000;
     let d = SplitDescriptor::new(table, 8 * 16, VRING_DESC_F_INDIRECT, 0);
@@ -1411,13 +1292,8 @@ fn tx_indirect_table_loop_and_nesting_are_dropped() {
         )
         .unwrap();
     let b = g.tx.take_index();
-    g.tx.write_desc(
-        &g.mem,
-        b,
-        SplitDescriptor::new(nested, 16, VRING_DESC_F_INDIRECT, 0),
-    );
-    g.tx.track(b, vec![b]);
-    g.tx.publish(&g.mem, b);
+    let indirect = SplitDescriptor::new(nested, 16, VRING_DESC_F_INDIRECT, 0);
+    g.tx.publish_descs(&g.mem, &[(b, indirect)]);
     g.notify(TXQ);
     assert_eq!(g.reclaim_tx(), vec![(a, 0), (b, 0)]);
     assert_eq!(g.dev.lock().unwrap().stats().bad_tx_chains, 2);
@@ -1431,7 +1307,7 @@ fn tx_indirect_table_loop_and_nesting_are_dropped() {
 
 mod with_mock_split_queue {
     use super::*;
-    use crate::virtio::{VirtioDevice, VIRTIO_F_VERSION_1};
+    use crate::virtio::{GuestMem, VirtioDevice, VIRTIO_F_VERSION_1};
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
 
@@ -1439,12 +1315,25 @@ mod with_mock_split_queue {
         RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
     }
 
+    /// RX, TX and event queues of 16 entries at 0x1_0000, 0x2_0000 and 0x3_0000.
+    fn mock_queues(mem: &GuestMem) -> [MockSplitQueue<'_, GuestMem>; 3] {
+        [0x1_0000, 0x2_0000, 0x3_0000].map(|a| MockSplitQueue::create(mem, GuestAddress(a), 16))
+    }
+
+    /// A default device activated on the mock queues.
+    fn activate(mem: &GuestMem, mocks: &[MockSplitQueue<'_, GuestMem>; 3]) -> VsockDevice {
+        let mut dev = VsockDevice::new(VsockConfig::default()).unwrap();
+        let queues = mocks.iter().map(|m| m.create_queue().unwrap()).collect();
+        dev.activate(mem.clone(), queues, VIRTIO_F_VERSION_1)
+            .unwrap();
+        dev
+    }
+
     #[test]
     fn request_to_unknown_port_gets_rst() {
         let mem = test_mem();
-        let rxm = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
-        let txm = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 16);
-        let evm = MockSplitQueue::create(&mem, GuestAddress(0x3_0000), 16);
+        let mocks = mock_queues(&mem);
+        let [rxm, txm, _] = &mocks;
         rxm.add_desc_chains(
             &[
                 raw(0x10_0000, 44, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 1),
@@ -1466,14 +1355,7 @@ mod with_mock_split_queue {
         mem.write_slice(&h.to_bytes(), GuestAddress(0x20_0000))
             .unwrap();
         txm.add_desc_chains(&[raw(0x20_0000, 44, 0, 0)], 0).unwrap();
-        let mut dev = VsockDevice::new(VsockConfig::default()).unwrap();
-        let queues = vec![
-            rxm.create_queue().unwrap(),
-            txm.create_queue().unwrap(),
-            evm.create_queue().unwrap(),
-        ];
-        dev.activate(mem.clone(), queues, VIRTIO_F_VERSION_1)
-            .unwrap();
+        let mut dev = activate(&mem, &mocks);
         dev.handle_event(device::DeviceEvent::TxQueue);
         assert_eq!(txm.used().idx().load(), 1);
         assert_eq!(rxm.used().idx().load(), 1);
@@ -1491,20 +1373,12 @@ mod with_mock_split_queue {
     #[test]
     fn self_referencing_descriptor_is_dropped() {
         let mem = test_mem();
-        let rxm = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
-        let txm = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 16);
-        let evm = MockSplitQueue::create(&mem, GuestAddress(0x3_0000), 16);
+        let mocks = mock_queues(&mem);
+        let [_, txm, _] = &mocks;
         // Descriptor 0 chains to itself.
         txm.add_desc_chains(&[raw(0x20_0000, 44, VRING_DESC_F_NEXT, 0)], 0)
             .unwrap();
-        let mut dev = VsockDevice::new(VsockConfig::default()).unwrap();
-        let queues = vec![
-            rxm.create_queue().unwrap(),
-            txm.create_queue().unwrap(),
-            evm.create_queue().unwrap(),
-        ];
-        dev.activate(mem.clone(), queues, VIRTIO_F_VERSION_1)
-            .unwrap();
+        let mut dev = activate(&mem, &mocks);
         dev.handle_event(device::DeviceEvent::TxQueue);
         assert_eq!(txm.used().idx().load(), 1);
         assert_eq!(txm.used().ring().ref_at(0).unwrap().load().len(), 0);
@@ -1526,8 +1400,7 @@ fn event_loop_settle_deadline_fires_through_the_timer() {
         std::thread::sleep(Duration::from_millis(5));
     }
     assert_eq!(ev, vec![EVENT_TRANSPORT_RESET]);
-    let host = g.host.clone();
-    let c = std::thread::spawn(move || host.connect(GPORT, T));
+    let c = spawn_connect(&g, GPORT, T);
     let req = g
         .recv_wait(T)
         .expect("REQUEST once the settle deadline passed");
