@@ -14,8 +14,56 @@ use common::{config, wait_until, MockManager};
 use kiln_pool::{Pool, PoolConfig, PoolError};
 
 fn pool(cfg: PoolConfig) -> (Pool<MockManager>, Arc<common::Counters>) {
+    pool_after(cfg, |_| {})
+}
+
+/// Like `pool`, with `setup` run on the counters before the pool (and its background thread)
+/// starts: failures injected here hit the very first creates.
+fn pool_after(
+    cfg: PoolConfig,
+    setup: impl FnOnce(&common::Counters),
+) -> (Pool<MockManager>, Arc<common::Counters>) {
     let (m, c) = MockManager::new();
+    setup(&c);
     (Pool::new(m, cfg).unwrap(), c)
+}
+
+/// `config()` with at most one resource in use.
+fn one_in_use() -> PoolConfig {
+    PoolConfig {
+        max_in_use: 1,
+        ..config()
+    }
+}
+
+/// `config()` with `min_size` resources kept warm.
+fn min_size(min_size: usize) -> PoolConfig {
+    PoolConfig {
+        min_size,
+        ..config()
+    }
+}
+
+/// A pool with `min_size` `n`, once the background thread has prewarmed all `n`.
+fn prewarmed(n: usize) -> (Pool<MockManager>, Arc<common::Counters>) {
+    let (pool, c) = pool(min_size(n));
+    assert!(wait_until(|| pool.stats().idle_count == n), "prewarm {n}");
+    (pool, c)
+}
+
+/// An `acquire` on another thread, returned once it waits for an in-use slot.
+fn spawn_waiter(
+    pool: &Arc<Pool<MockManager>>,
+) -> thread::JoinHandle<Result<u64, PoolError<common::MockError>>> {
+    let p = Arc::clone(pool);
+    let waiter = thread::spawn(move || p.acquire().map(|h| h.id));
+    assert!(wait_until(|| pool.stats().waiting_count == 1));
+    waiter
+}
+
+/// `f` panics (the pool's state afterwards is what the caller checks).
+fn assert_panics<R>(f: impl FnOnce() -> R) {
+    assert!(panic::catch_unwind(AssertUnwindSafe(f)).is_err());
 }
 
 #[test]
@@ -129,11 +177,7 @@ fn idle_ttl_keeps_the_min_size_most_recent() {
 
 #[test]
 fn min_size_is_prewarmed_in_the_background() {
-    let (pool, c) = pool(PoolConfig {
-        min_size: 3,
-        ..config()
-    });
-    assert!(wait_until(|| pool.stats().idle_count == 3));
+    let (pool, c) = prewarmed(3);
     let s = pool.stats();
     assert_eq!((s.created_count, s.miss_count), (3, 0));
     let _a = pool.acquire().unwrap();
@@ -145,18 +189,9 @@ fn min_size_is_prewarmed_in_the_background() {
 
 #[test]
 fn background_refill_does_not_block_acquire() {
-    let (m, c) = MockManager::new();
-    c.close_gate(); // the maintenance thread will block inside create()
-    let pool = Arc::new(
-        Pool::new(
-            m,
-            PoolConfig {
-                min_size: 2,
-                ..config()
-            },
-        )
-        .unwrap(),
-    );
+    // The maintenance thread will block inside create().
+    let (pool, c) = pool_after(min_size(2), |c| c.close_gate());
+    let pool = Arc::new(pool);
     assert!(wait_until(|| c.blocked_at_gate.load(SeqCst) == 1));
     let (tx, rx) = mpsc::channel();
     let p = Arc::clone(&pool);
@@ -178,11 +213,7 @@ fn background_refill_does_not_block_acquire() {
 
 #[test]
 fn failed_health_check_evicts_and_replenishes() {
-    let (pool, c) = pool(PoolConfig {
-        min_size: 1,
-        ..config()
-    });
-    assert!(wait_until(|| pool.stats().idle_count == 1));
+    let (pool, c) = prewarmed(1);
     let mut h = pool.acquire().unwrap();
     let id = h.id;
     h.healthy = false;
@@ -286,11 +317,7 @@ fn several_dead_idle_resources_are_all_skipped() {
 
 #[test]
 fn dead_idle_resources_are_replaced_in_the_background() {
-    let (pool, c) = pool(PoolConfig {
-        min_size: 2,
-        ..config()
-    });
-    assert!(wait_until(|| pool.stats().idle_count == 2));
+    let (pool, c) = prewarmed(2);
     c.kill(0);
     c.kill(1);
     // No acquire: the background pass finds both dead and refills min_size.
@@ -324,7 +351,7 @@ fn panicking_is_alive_on_a_hit_frees_its_slot() {
     });
     assert_eq!(pool.warm(1).unwrap(), 1);
     c.panic_next_alive.store(true, SeqCst);
-    assert!(panic::catch_unwind(AssertUnwindSafe(|| pool.acquire())).is_err());
+    assert_panics(|| pool.acquire());
     let s = pool.stats();
     assert_eq!((s.in_use_count, s.idle_count), (0, 0), "{s:?}");
     assert_eq!(
@@ -347,7 +374,7 @@ fn panicking_destroy_of_a_dead_idle_resource_frees_its_slot() {
     assert_eq!(pool.warm(1).unwrap(), 1);
     c.kill(0);
     c.panic_next_destroy.store(true, SeqCst);
-    assert!(panic::catch_unwind(AssertUnwindSafe(|| pool.acquire())).is_err());
+    assert_panics(|| pool.acquire());
     let s = pool.stats();
     assert_eq!((s.in_use_count, s.idle_count), (0, 0), "{s:?}");
     assert_eq!((s.hit_count, s.miss_count), (0, 0), "{s:?}");
@@ -357,11 +384,7 @@ fn panicking_destroy_of_a_dead_idle_resource_frees_its_slot() {
 
 #[test]
 fn panicking_is_alive_in_the_background_keeps_the_thread_alive() {
-    let (pool, c) = pool(PoolConfig {
-        min_size: 1,
-        ..config()
-    });
-    assert!(wait_until(|| pool.stats().idle_count == 1));
+    let (pool, c) = prewarmed(1);
     c.panic_next_alive.store(true, SeqCst);
     assert!(wait_until(|| !c.panic_next_alive.load(SeqCst)));
     // The panicking pass changed nothing; later passes still find and replace dead ones.
@@ -411,10 +434,7 @@ fn health_check_interval_zero_never_checks() {
 
 #[test]
 fn failed_create_rolls_counters_back() {
-    let (pool, c) = pool(PoolConfig {
-        max_in_use: 1,
-        ..config()
-    });
+    let (pool, c) = pool(one_in_use());
     c.fail_creates.store(1, SeqCst);
     match pool.acquire() {
         Err(PoolError::Create(e)) => assert_eq!(e.0, "create"),
@@ -448,16 +468,7 @@ fn failed_create_error_has_a_source() {
 
 #[test]
 fn failed_background_create_rolls_back_and_retries() {
-    let (m, c) = MockManager::new();
-    c.fail_creates.store(2, SeqCst);
-    let pool = Pool::new(
-        m,
-        PoolConfig {
-            min_size: 1,
-            ..config()
-        },
-    )
-    .unwrap();
+    let (pool, _c) = pool_after(min_size(1), |c| c.fail_creates.store(2, SeqCst));
     // Two failed attempts (retried on later ticks), then success.
     assert!(wait_until(|| pool.stats().idle_count == 1));
     let s = pool.stats();
@@ -522,16 +533,11 @@ fn acquire_times_out_at_the_in_use_cap() {
 
 #[test]
 fn waiter_gets_the_released_resource() {
-    let (pool, _c) = pool(PoolConfig {
-        max_in_use: 1,
-        ..config()
-    });
+    let (pool, _c) = pool(one_in_use());
     let pool = Arc::new(pool);
     let h = pool.acquire().unwrap();
     let id = h.id;
-    let p = Arc::clone(&pool);
-    let waiter = thread::spawn(move || p.acquire().map(|h| h.id));
-    assert!(wait_until(|| pool.stats().waiting_count == 1));
+    let waiter = spawn_waiter(&pool);
     drop(h);
     assert_eq!(waiter.join().unwrap().unwrap(), id);
     assert_eq!(pool.stats().hit_count, 1);
@@ -565,26 +571,17 @@ fn shutdown_while_handles_are_out() {
 
 #[test]
 fn shutdown_fails_waiting_acquires() {
-    let (pool, _c) = pool(PoolConfig {
-        max_in_use: 1,
-        ..config()
-    });
+    let (pool, _c) = pool(one_in_use());
     let pool = Arc::new(pool);
     let _h = pool.acquire().unwrap();
-    let p = Arc::clone(&pool);
-    let waiter = thread::spawn(move || p.acquire().map(|h| h.id));
-    assert!(wait_until(|| pool.stats().waiting_count == 1));
+    let waiter = spawn_waiter(&pool);
     pool.shutdown();
     assert!(matches!(waiter.join().unwrap(), Err(PoolError::ShutDown)));
 }
 
 #[test]
 fn dropping_the_pool_destroys_idle_resources() {
-    let (pool, c) = pool(PoolConfig {
-        min_size: 2,
-        ..config()
-    });
-    assert!(wait_until(|| pool.stats().idle_count == 2));
+    let (pool, c) = prewarmed(2);
     let h = pool.acquire().unwrap();
     drop(pool);
     assert_eq!(c.get(&c.destroyed), c.get(&c.created) - 1);
@@ -623,10 +620,7 @@ fn warm_reports_create_failure_and_rolls_back() {
 
 #[test]
 fn detach_takes_the_resource_out_of_the_pool() {
-    let (pool, c) = pool(PoolConfig {
-        max_in_use: 1,
-        ..config()
-    });
+    let (pool, c) = pool(one_in_use());
     let h = pool.acquire().unwrap();
     let r = h.detach();
     assert_eq!(r.id, 0);
@@ -638,12 +632,9 @@ fn detach_takes_the_resource_out_of_the_pool() {
 
 #[test]
 fn panicking_create_frees_its_slot() {
-    let (pool, c) = pool(PoolConfig {
-        max_in_use: 1,
-        ..config()
-    });
+    let (pool, c) = pool(one_in_use());
     c.panic_next_create.store(true, SeqCst);
-    assert!(panic::catch_unwind(AssertUnwindSafe(|| pool.acquire())).is_err());
+    assert_panics(|| pool.acquire());
     let s = pool.stats();
     assert_eq!(
         (s.in_use_count, s.miss_count, s.create_failed_count),
@@ -654,13 +645,10 @@ fn panicking_create_frees_its_slot() {
 
 #[test]
 fn panicking_reset_frees_its_slot() {
-    let (pool, _c) = pool(PoolConfig {
-        max_in_use: 1,
-        ..config()
-    });
+    let (pool, _c) = pool(one_in_use());
     let mut h = pool.acquire().unwrap();
     h.panic_reset = true;
-    assert!(panic::catch_unwind(AssertUnwindSafe(move || drop(h))).is_err());
+    assert_panics(move || drop(h));
     let s = pool.stats();
     assert_eq!((s.in_use_count, s.idle_count, s.evict_count), (0, 0, 1));
     assert!(pool.acquire_timeout(Duration::ZERO).is_ok());
@@ -668,16 +656,7 @@ fn panicking_reset_frees_its_slot() {
 
 #[test]
 fn panicking_background_create_keeps_the_thread_alive() {
-    let (m, c) = MockManager::new();
-    c.panic_next_create.store(true, SeqCst);
-    let pool = Pool::new(
-        m,
-        PoolConfig {
-            min_size: 1,
-            ..config()
-        },
-    )
-    .unwrap();
+    let (pool, _c) = pool_after(min_size(1), |c| c.panic_next_create.store(true, SeqCst));
     assert!(wait_until(|| pool.stats().idle_count == 1));
     assert_eq!(pool.stats().create_failed_count, 1);
 }
