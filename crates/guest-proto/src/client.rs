@@ -1437,16 +1437,7 @@ mod tests {
         }
         feeder.join().unwrap().unwrap();
         respond(&mut agent, id, Response::Stdout(b"abc".to_vec()));
-        respond(
-            &mut agent,
-            id,
-            Response::Exit(ExitStatus {
-                code: Some(0),
-                signal: None,
-                timed_out: false,
-                truncated: false,
-            }),
-        );
+        respond(&mut agent, id, exit0());
         let out = s.collect_output().unwrap();
         assert_eq!((out.exec_id, out.pid), (Some(7), Some(99)));
         assert_eq!(out.stdout, b"abc");
