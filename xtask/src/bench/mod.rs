@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 mod exec;
+mod launch;
 mod pool;
 mod snapshot;
 mod vmm;

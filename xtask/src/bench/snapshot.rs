@@ -23,15 +23,14 @@
 //! Firecracker v1.16.1's restore (new process -> resumed) of 8.7 ms min / 13.2 ms median on
 //! this machine kind (DESIGN.md) is printed as a labelled reference; it is not measured here.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::Deserialize;
 
+use super::launch::{measured_runs, time_to_line, AfterLine, LineMatch};
 use super::{build_kiln_release, command_json, note, report, Format, PeerRatio, Stats};
 use crate::util::target_dir;
 
@@ -136,15 +135,21 @@ pub fn run(format: Format) -> Result<()> {
     );
 
     // Fresh process per restore.
-    let mut fresh = Vec::with_capacity(RUNS);
-    for i in 0..WARMUP + RUNS {
+    let fresh = measured_runs(WARMUP, RUNS, |i| {
         let mut c = Command::new(&kiln);
-        c.args(["vm-snapshot", "restore", "--dir"]).arg(&fast);
-        let d = time_to_line(c, "RUNNING").with_context(|| format!("fresh restore {i}"))?;
-        if i >= WARMUP {
-            fresh.push(d);
-        }
-    }
+        c.args(["vm-snapshot", "restore", "--dir"])
+            .arg(&fast)
+            .stderr(Stdio::inherit());
+        // The restored guest runs to its end: wait for the process, its exit status counts.
+        time_to_line(
+            c,
+            "RUNNING",
+            LineMatch::StartsWith,
+            AfterLine::Wait,
+            RUN_TIMEOUT,
+        )
+        .with_context(|| format!("fresh restore {i}"))
+    })?;
     let fresh = Stats::from_durations_ms(&fresh).context("no fresh-process samples")?;
     let (fc_min, fc_median) = FIRECRACKER_RESTORE;
     let fc = PeerRatio {
@@ -260,54 +265,4 @@ fn create(
         c.arg("--fill");
     }
     command_json(&mut c)
-}
-
-/// Spawns `cmd` with stdout piped and returns the time from spawn until a stdout line
-/// starting with `needle`; the child is then waited for (it exits by itself) or killed.
-fn time_to_line(mut cmd: Command, needle: &str) -> Result<Duration> {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    let t0 = Instant::now();
-    let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
-    let stdout = child.stdout.take().context("child has no stdout")?;
-    let (tx, rx) = mpsc::channel();
-    let needle_owned = needle.to_owned();
-    let reader = std::thread::spawn(move || {
-        let mut r = BufReader::new(stdout);
-        let mut line = String::new();
-        loop {
-            line.clear();
-            match r.read_line(&mut line) {
-                Ok(0) | Err(_) => {
-                    let _ = tx.send(None);
-                    return;
-                }
-                Ok(_) if line.starts_with(&needle_owned) => {
-                    let _ = tx.send(Some(Instant::now()));
-                    let _ = std::io::copy(&mut r, &mut std::io::sink());
-                    return;
-                }
-                Ok(_) => {}
-            }
-        }
-    });
-    let got = rx.recv_timeout(RUN_TIMEOUT);
-    if got.is_err() {
-        let _ = child.kill();
-    }
-    let status = child.wait();
-    let _ = reader.join();
-    match got {
-        Ok(Some(at)) => {
-            if let Ok(s) = status {
-                if !s.success() {
-                    bail!("{cmd:?} failed: {s}");
-                }
-            }
-            Ok(at - t0)
-        }
-        Ok(None) => bail!("{cmd:?} ended without printing {needle:?}"),
-        Err(_) => bail!("{cmd:?} did not print {needle:?} within {RUN_TIMEOUT:?}"),
-    }
 }

@@ -14,14 +14,13 @@
 //! kind) is printed as a labelled reference; it is not measured here. The host's load average
 //! is printed too: on a shared 2-core machine it moves the medians (docs/VMM.md).
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
+use super::launch::{measured_runs, time_to_line, AfterLine, LineMatch};
 use super::{build_kiln_release, command_json, note, report, Format, PeerRatio, Stats};
 use crate::util::target_dir;
 
@@ -117,63 +116,20 @@ pub fn run(format: Format) -> Result<()> {
     Ok(())
 }
 
-/// Kills and reaps a child (it may already be gone).
-fn finish(mut child: Child) {
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-/// Spawns `cmd` with stdout piped and returns the time from spawn until a stdout line
-/// containing `needle`; the child is then killed and reaped.
-fn time_to_line(mut cmd: Command, needle: &str) -> Result<Duration> {
-    // stderr stays with the caller's unless `make` redirected it: a failing run says why.
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped());
-    let t0 = Instant::now();
-    let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
-    let stdout = child.stdout.take().context("child has no stdout")?;
-    let (tx, rx) = mpsc::channel();
-    let needle_owned = needle.to_owned();
-    let reader = std::thread::spawn(move || {
-        let mut r = BufReader::new(stdout);
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            match r.read_until(b'\n', &mut line) {
-                Ok(0) | Err(_) => {
-                    let _ = tx.send(None);
-                    return;
-                }
-                Ok(_) => {
-                    if String::from_utf8_lossy(&line).contains(&needle_owned) {
-                        let _ = tx.send(Some(Instant::now()));
-                        // Drain the rest so the child never blocks on a full pipe.
-                        let _ = std::io::copy(&mut r, &mut std::io::sink());
-                        return;
-                    }
-                }
-            }
-        }
-    });
-    let got = rx.recv_timeout(RUN_TIMEOUT);
-    finish(child);
-    let _ = reader.join();
-    match got {
-        Ok(Some(at)) => Ok(at - t0),
-        Ok(None) => bail!("{cmd:?} ended without printing {needle:?}"),
-        Err(_) => bail!("{cmd:?} did not print {needle:?} within {RUN_TIMEOUT:?}"),
-    }
-}
-
 /// WARMUP + RUNS launches; returns the measured RUNS.
+/// Each launch is timed to the first stdout line containing `needle`, then killed (stderr stays
+/// with the caller's unless `make` redirected it: a failing run says why).
 fn launch_samples(needle: &str, make: impl Fn() -> Command) -> Result<Vec<Duration>> {
-    let mut v = Vec::with_capacity(RUNS);
-    for i in 0..WARMUP + RUNS {
-        let d = time_to_line(make(), needle).with_context(|| format!("run {i}"))?;
-        if i >= WARMUP {
-            v.push(d);
-        }
-    }
-    Ok(v)
+    measured_runs(WARMUP, RUNS, |i| {
+        time_to_line(
+            make(),
+            needle,
+            LineMatch::Contains,
+            AfterLine::Kill,
+            RUN_TIMEOUT,
+        )
+        .with_context(|| format!("run {i}"))
+    })
 }
 
 fn qemu_samples(guest: &Path, needle: &str) -> Result<Stats> {
