@@ -19,29 +19,36 @@ use kiln::{
     ExecEvent, ExecOptions, PoolConfig, ResetMode, Sandbox, SandboxConfig, SandboxPool,
     SandboxPoolError,
 };
-use sandbox_common::{BOOT_TIMEOUT, REQUEST_TIMEOUT};
+use sandbox_common::BOOT_TIMEOUT;
+
+/// The pools' sandboxes: 256 MiB, one vCPU, the test deadlines.
+fn sandbox_config(name: &str) -> SandboxConfig {
+    sandbox_common::config(name, 256).vcpus(1)
+}
+
+/// One sandbox in use at a time, none expires idle, a health check at every release.
+fn pool_config(min_size: usize, max_size: usize, maintenance_interval: Duration) -> PoolConfig {
+    PoolConfig {
+        min_size,
+        max_size,
+        max_in_use: 1,
+        max_idle_duration: None,
+        health_check_interval: 1,
+        acquire_timeout: Duration::from_secs(60),
+        maintenance_interval,
+    }
+}
+
+/// `SandboxPool::with_reset_mode`; a failure names the pool.
+fn new_pool(name: &str, sandbox: SandboxConfig, cfg: PoolConfig, mode: ResetMode) -> SandboxPool {
+    SandboxPool::with_reset_mode(sandbox, cfg, mode)
+        .unwrap_or_else(|e| panic!("creating pool {name}: {e}"))
+}
 
 /// A pool of sandboxes with the test deadlines.
 fn pool(name: &str, min_size: usize, max_size: usize, mode: ResetMode) -> SandboxPool {
-    SandboxPool::with_reset_mode(
-        SandboxConfig::new()
-            .name(name)
-            .memory_mib(256)
-            .vcpus(1)
-            .boot_timeout(BOOT_TIMEOUT)
-            .request_timeout(REQUEST_TIMEOUT),
-        PoolConfig {
-            min_size,
-            max_size,
-            max_in_use: 1,
-            max_idle_duration: None,
-            health_check_interval: 1,
-            acquire_timeout: Duration::from_secs(60),
-            maintenance_interval: Duration::from_millis(200),
-        },
-        mode,
-    )
-    .unwrap_or_else(|e| panic!("creating pool {name}: {e}"))
+    let cfg = pool_config(min_size, max_size, Duration::from_millis(200));
+    new_pool(name, sandbox_config(name), cfg, mode)
 }
 
 /// Waits (bounded) until the pool has `n` idle sandboxes.
@@ -304,11 +311,7 @@ fn stats_count_hits_misses_and_refills_restore_mode() {
 /// min_size 1, max_size 1, max_in_use 2 (the refill happens while one is out).
 fn pool_refilling(name: &str, mode: ResetMode) -> SandboxPool {
     SandboxPool::with_reset_mode(
-        SandboxConfig::new()
-            .name(name)
-            .memory_mib(256)
-            .boot_timeout(BOOT_TIMEOUT)
-            .request_timeout(REQUEST_TIMEOUT),
+        sandbox_common::config(name, 256),
         PoolConfig {
             min_size: 1,
             max_size: 1,
@@ -364,29 +367,12 @@ const GUEST_LIFETIME: Duration = Duration::from_secs(60);
 /// with the snapshot) reaches the same point: `GUEST_LIFETIME` minus the snapshot's age.
 fn dying_pool(name: &str, maintenance_interval: Duration) -> SandboxPool {
     let secs = GUEST_LIFETIME.as_secs();
-    SandboxPool::with_reset_mode(
-        SandboxConfig::new()
-            .name(name)
-            .memory_mib(256)
-            .vcpus(1)
-            .boot_timeout(BOOT_TIMEOUT)
-            .request_timeout(REQUEST_TIMEOUT)
-            .extra_cmdline(format!(
-                "rdinit=/bin/sh -- -c \"(/bin/busybox sleep {secs}; /bin/busybox reboot -f) & \
-                 exec /init\""
-            )),
-        PoolConfig {
-            min_size: 1,
-            max_size: 1,
-            max_in_use: 1,
-            max_idle_duration: None,
-            health_check_interval: 1,
-            acquire_timeout: Duration::from_secs(60),
-            maintenance_interval,
-        },
-        ResetMode::Restore,
-    )
-    .unwrap_or_else(|e| panic!("creating pool {name}: {e}"))
+    let sandbox = sandbox_config(name).extra_cmdline(format!(
+        "rdinit=/bin/sh -- -c \"(/bin/busybox sleep {secs}; /bin/busybox reboot -f) & \
+         exec /init\""
+    ));
+    let cfg = pool_config(1, 1, maintenance_interval);
+    new_pool(name, sandbox, cfg, ResetMode::Restore)
 }
 
 /// A guest that dies while its sandbox waits idle in the pool (here: reboots itself) is never

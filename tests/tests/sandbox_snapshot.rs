@@ -114,55 +114,24 @@ fn cli_snapshot_restore_and_fork() {
     kiln_tests::require_tier4();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap();
-    let out = run_kiln(
-        &[
-            "snapshot",
-            "--dir",
-            d,
-            "--boot-timeout",
-            "180",
-            "--",
-            "sh",
-            "-c",
-            "echo cli-state > /tmp/cli.txt",
-        ],
+    // `kiln <cmd> --dir <d> <opts> --boot-timeout 180 -- <argv>`, which must succeed.
+    let kiln_ok = |cmd: &str, opts: &[&str], argv: &[&str]| {
+        let mut args = vec![cmd, "--dir", d];
+        args.extend_from_slice(opts);
+        args.extend_from_slice(&["--boot-timeout", "180", "--"]);
+        args.extend_from_slice(argv);
+        let out = run_kiln(&args, &[], None);
+        assert!(out.status.success(), "{out:?}");
+        out
+    };
+    kiln_ok(
+        "snapshot",
         &[],
-        None,
+        &["sh", "-c", "echo cli-state > /tmp/cli.txt"],
     );
-    assert!(out.status.success(), "{out:?}");
-    let out = run_kiln(
-        &[
-            "restore",
-            "--dir",
-            d,
-            "--boot-timeout",
-            "180",
-            "--",
-            "cat",
-            "/tmp/cli.txt",
-        ],
-        &[],
-        None,
-    );
-    assert!(out.status.success(), "{out:?}");
+    let out = kiln_ok("restore", &[], &["cat", "/tmp/cli.txt"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "cli-state\n");
-    let out = run_kiln(
-        &[
-            "fork",
-            "--dir",
-            d,
-            "-n",
-            "2",
-            "--boot-timeout",
-            "180",
-            "--",
-            "cat",
-            "/tmp/cli.txt",
-        ],
-        &[],
-        None,
-    );
-    assert!(out.status.success(), "{out:?}");
+    let out = kiln_ok("fork", &["-n", "2"], &["cat", "/tmp/cli.txt"]);
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(
         s.contains("[fork 0] cli-state") && s.contains("[fork 1] cli-state"),
@@ -185,11 +154,7 @@ fn restore_mode_pool_hands_out_pristine_restored_sandboxes() {
     kiln_tests::require_tier4();
     use kiln::{PoolConfig, ResetMode, SandboxPool};
     let pool = SandboxPool::with_reset_mode(
-        SandboxConfig::new()
-            .name("rpool")
-            .memory_mib(256)
-            .boot_timeout(BOOT_TIMEOUT)
-            .request_timeout(REQUEST_TIMEOUT),
+        sandbox_common::config("rpool", 256),
         PoolConfig {
             min_size: 0,
             max_size: 1,

@@ -20,14 +20,18 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// Deadline of one `kiln` CLI process.
 pub const CLI_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// A sandbox with the test deadlines and `memory_mib` of RAM.
-pub fn sandbox(name: &str, memory_mib: u32, vcpus: u32) -> Sandbox {
-    let cfg = SandboxConfig::new()
+/// A sandbox config with the test deadlines and `memory_mib` of RAM (other fields default).
+pub fn config(name: &str, memory_mib: u32) -> SandboxConfig {
+    SandboxConfig::new()
         .name(name)
         .memory_mib(memory_mib)
-        .vcpus(vcpus)
         .boot_timeout(BOOT_TIMEOUT)
-        .request_timeout(REQUEST_TIMEOUT);
+        .request_timeout(REQUEST_TIMEOUT)
+}
+
+/// A sandbox with the test deadlines and `memory_mib` of RAM.
+pub fn sandbox(name: &str, memory_mib: u32, vcpus: u32) -> Sandbox {
+    let cfg = config(name, memory_mib).vcpus(vcpus);
     match Sandbox::create(cfg) {
         Ok(s) => s,
         Err(e) => panic!("creating sandbox {name}: {e}"),
