@@ -75,8 +75,9 @@ pub struct RunArgs {
     pub command: Vec<String>,
 }
 
-/// `--boot-timeout` default, in sync with [`kiln::config::DEFAULT_BOOT_TIMEOUT`] (unit test).
-const DEFAULT_BOOT_TIMEOUT_SECS: &str = "60";
+/// `--boot-timeout` default, in sync with [`kiln::config::DEFAULT_BOOT_TIMEOUT`] (unit test);
+/// also `kiln snapshot`/`restore`/`fork`'s.
+pub(super) const DEFAULT_BOOT_TIMEOUT_SECS: &str = "60";
 
 /// Timings of one `kiln run`, in milliseconds.
 #[derive(Debug, Clone, Copy, Serialize)]

@@ -18,9 +18,8 @@ use kiln::sandbox::MAX_FORKS;
 use kiln::{ExecResult, Sandbox, SandboxConfig, SandboxError};
 
 use super::exit;
-
-/// Boot / restore deadline default (seconds).
-const DEFAULT_BOOT_TIMEOUT_SECS: &str = "60";
+// Boot / restore deadline default (seconds): the same as `kiln run`'s.
+use super::run::DEFAULT_BOOT_TIMEOUT_SECS;
 
 /// `kiln snapshot` arguments.
 #[derive(Debug, Args)]
