@@ -17,8 +17,7 @@ fn sh(script: &str) -> ExecRequest {
 fn argv_env_cwd_and_clean_environment() {
     let agent = Agent::start();
     let c = agent.client();
-    let dir = agent.path("work");
-    std::fs::create_dir(&dir).unwrap();
+    let dir = agent.mkdir("work");
     let mut req = ExecRequest::new([
         "sh",
         "-c",
@@ -216,8 +215,7 @@ fn streamed_events_arrive_in_order() {
 fn sixteen_concurrent_execs() {
     let agent = Agent::start();
     let c = agent.client();
-    let dir = agent.path("barrier");
-    std::fs::create_dir(&dir).unwrap();
+    let dir = agent.mkdir("barrier");
     // Each exec checks in, then waits until all 16 have: this only ends if they all run at
     // the same time (a timeout turns a serialised engine into a failure, not a hang).
     let handles: Vec<_> = (0..16)

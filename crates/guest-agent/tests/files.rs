@@ -190,8 +190,7 @@ fn errors_name_the_path_and_kind() {
 fn large_directories_are_listed_in_pages() {
     let agent = Agent::start();
     let c = agent.client();
-    let dir = agent.path("many");
-    std::fs::create_dir(&dir).unwrap();
+    let dir = agent.mkdir("many");
     for i in 0..2500 {
         std::fs::write(format!("{dir}/f{i:05}"), b"").unwrap();
     }

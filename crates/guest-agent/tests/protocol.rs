@@ -48,19 +48,38 @@ fn expect_response(s: &mut impl Read) -> (u64, Response) {
     }
 }
 
+/// Sends `msg` as one frame.
+fn send(s: &mut impl Write, msg: &Message) {
+    s.write_all(&encode_frame(msg).unwrap()).unwrap();
+}
+
+/// Sends `payload` framed by its length only (it need not be a valid message).
+fn send_payload(s: &mut impl Write, payload: &[u8]) {
+    s.write_all(&(payload.len() as u32).to_le_bytes()).unwrap();
+    s.write_all(payload).unwrap();
+}
+
+/// `r` is an error response of `kind`.
+#[track_caller]
+fn assert_error_kind(r: &Response, kind: ErrorKind) {
+    assert!(
+        matches!(r, Response::Error { kind: k, .. } if *k == kind),
+        "{r:?}"
+    );
+}
+
 #[test]
 fn responses_echo_request_ids() {
     let agent = Agent::start();
     let mut s = raw_conn(&agent);
     for id in [7u64, 0, u64::MAX] {
-        s.write_all(
-            &encode_frame(&Message::Request {
+        send(
+            &mut s,
+            &Message::Request {
                 id,
                 body: Request::Ping,
-            })
-            .unwrap(),
-        )
-        .unwrap();
+            },
+        );
         assert_eq!(expect_response(&mut s), (id, Response::Pong));
     }
 }
@@ -71,24 +90,13 @@ fn garbage_payload_gets_an_error_and_the_connection_survives() {
     let mut s = raw_conn(&agent);
     // A well-framed payload that is not a message.
     let garbage = [0xffu8, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01, 0x02];
-    s.write_all(&(garbage.len() as u32).to_le_bytes()).unwrap();
-    s.write_all(&garbage).unwrap();
+    send_payload(&mut s, &garbage);
     let (id, r) = expect_response(&mut s);
     assert_eq!(id, 0);
-    assert!(
-        matches!(
-            r,
-            Response::Error {
-                kind: ErrorKind::Malformed,
-                ..
-            }
-        ),
-        "{r:?}"
-    );
+    assert_error_kind(&r, ErrorKind::Malformed);
     // A request with a recoverable id but an unknown request variant.
     let payload = [1u8, 42, 0x7f];
-    s.write_all(&(payload.len() as u32).to_le_bytes()).unwrap();
-    s.write_all(&payload).unwrap();
+    send_payload(&mut s, &payload);
     let (id, r) = expect_response(&mut s);
     assert_eq!(id, 42);
     match &r {
@@ -102,57 +110,36 @@ fn garbage_payload_gets_an_error_and_the_connection_survives() {
         other => panic!("unexpected {other:?}"),
     }
     // A message the host must not send.
-    s.write_all(
-        &encode_frame(&Message::Response {
+    send(
+        &mut s,
+        &Message::Response {
             id: 3,
             body: Response::Pong,
-        })
-        .unwrap(),
-    )
-    .unwrap();
-    let (_, r) = expect_response(&mut s);
-    assert!(
-        matches!(
-            r,
-            Response::Error {
-                kind: ErrorKind::InvalidRequest,
-                ..
-            }
-        ),
-        "{r:?}"
+        },
     );
+    let (_, r) = expect_response(&mut s);
+    assert_error_kind(&r, ErrorKind::InvalidRequest);
     // An out-of-bounds request.
     let mut req = ExecRequest::new(["true"]);
     req.argv = vec!["x".into(); kiln_proto::MAX_ARGS + 1];
-    s.write_all(
-        &encode_frame(&Message::Request {
+    send(
+        &mut s,
+        &Message::Request {
             id: 5,
             body: Request::Exec(req),
-        })
-        .unwrap(),
-    )
-    .unwrap();
+        },
+    );
     let (id, r) = expect_response(&mut s);
     assert_eq!(id, 5);
-    assert!(
-        matches!(
-            r,
-            Response::Error {
-                kind: ErrorKind::TooLarge,
-                ..
-            }
-        ),
-        "{r:?}"
-    );
+    assert_error_kind(&r, ErrorKind::TooLarge);
     // Still serving.
-    s.write_all(
-        &encode_frame(&Message::Request {
+    send(
+        &mut s,
+        &Message::Request {
             id: 9,
             body: Request::Ping,
-        })
-        .unwrap(),
-    )
-    .unwrap();
+        },
+    );
     assert_eq!(expect_response(&mut s), (9, Response::Pong));
 }
 
@@ -167,16 +154,7 @@ fn oversized_frame_closes_only_that_connection() {
     // soon as it has read the length): a broken pipe here is the behaviour under test.
     let _ = s.write_all(&[0u8; 64]);
     let (_, r) = expect_response(&mut s);
-    assert!(
-        matches!(
-            r,
-            Response::Error {
-                kind: ErrorKind::Malformed,
-                ..
-            }
-        ),
-        "{r:?}"
-    );
+    assert_error_kind(&r, ErrorKind::Malformed);
     // Then the agent closes the connection.
     let mut rest = Vec::new();
     let _ = s.read_to_end(&mut rest);
@@ -293,14 +271,13 @@ fn slow_reader_gets_every_byte_after_the_leader_exits() {
     let agent = Agent::start();
     let mut s = raw_conn(&agent);
     let req = ExecRequest::new(["head", "-c", &TOTAL.to_string(), "/dev/zero"]);
-    s.write_all(
-        &encode_frame(&Message::Request {
+    send(
+        &mut s,
+        &Message::Request {
             id: 1,
             body: Request::Exec(req),
-        })
-        .unwrap(),
-    )
-    .unwrap();
+        },
+    );
     let mut got = 0usize;
     let exit = loop {
         let (id, body) = expect_response(&mut s);

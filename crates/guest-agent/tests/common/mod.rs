@@ -69,6 +69,13 @@ impl Agent {
             .to_owned()
     }
 
+    /// Creates the directory `name` in the agent's temporary directory; returns its path.
+    pub fn mkdir(&self, name: &str) -> String {
+        let dir = self.path(name);
+        std::fs::create_dir(&dir).expect("create a test directory");
+        dir
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
