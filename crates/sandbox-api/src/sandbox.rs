@@ -131,19 +131,13 @@ impl Sandbox {
 
     /// Round trip a ping to the agent.
     pub fn ping(&self) -> Result<(), SandboxError> {
-        self.inner
-            .client
-            .ping()
-            .map_err(|e| self.inner.error("ping", e))
+        self.inner.call("ping", |c| c.ping())
     }
 
     /// Round trip a ping that must be answered within `timeout` (instead of the configured
     /// request timeout): a health check. A slow agent gives [`SandboxError::Timeout`].
     pub fn ping_timeout(&self, timeout: Duration) -> Result<(), SandboxError> {
-        self.inner
-            .client
-            .ping_within(timeout)
-            .map_err(|e| self.inner.error("ping", e))
+        self.inner.call("ping", |c| c.ping_within(timeout))
     }
 
     /// Runs `argv` to completion with default options and collects its output. A command
@@ -274,91 +268,61 @@ impl Sandbox {
 
     /// Reads a whole file from the guest.
     pub fn read_file(&self, path: &str) -> Result<Vec<u8>, SandboxError> {
-        self.inner
-            .client
-            .read_file(path)
-            .map_err(|e| self.inner.error("read_file", e))
+        self.inner.call("read_file", |c| c.read_file(path))
     }
 
     /// Streams a guest file into `out`; returns the bytes copied.
     pub fn read_file_to(&self, path: &str, out: &mut dyn Write) -> Result<u64, SandboxError> {
         self.inner
-            .client
-            .read_file_to(path, 0, None, out)
-            .map_err(|e| self.inner.error("read_file", e))
+            .call("read_file", |c| c.read_file_to(path, 0, None, out))
     }
 
     /// Writes `data` as the whole content of the guest file `path` (created or truncated).
     pub fn write_file(&self, path: &str, data: &[u8]) -> Result<(), SandboxError> {
         self.inner
-            .client
-            .write_file(path, data, None)
-            .map_err(|e| self.inner.error("write_file", e))
+            .call("write_file", |c| c.write_file(path, data, None))
     }
 
     /// Writes everything `src` yields as the content of the guest file `path`; returns the
     /// bytes written.
     pub fn write_file_from(&self, path: &str, src: &mut dyn Read) -> Result<u64, SandboxError> {
         self.inner
-            .client
-            .write_file_from(path, src, None)
-            .map_err(|e| self.inner.error("write_file", e))
+            .call("write_file", |c| c.write_file_from(path, src, None))
     }
 
     /// Lists a directory, sorted by name.
     pub fn list_dir(&self, path: &str) -> Result<Vec<DirEntry>, SandboxError> {
-        self.inner
-            .client
-            .list_dir(path)
-            .map_err(|e| self.inner.error("list_dir", e))
+        self.inner.call("list_dir", |c| c.list_dir(path))
     }
 
     /// Whether `path` exists in the guest.
     pub fn file_exists(&self, path: &str) -> Result<bool, SandboxError> {
-        self.inner
-            .client
-            .exists(path)
-            .map_err(|e| self.inner.error("file_exists", e))
+        self.inner.call("file_exists", |c| c.exists(path))
     }
 
     /// Removes a file, symlink or empty directory.
     pub fn remove_file(&self, path: &str) -> Result<(), SandboxError> {
-        self.inner
-            .client
-            .remove(path, false)
-            .map_err(|e| self.inner.error("remove_file", e))
+        self.inner.call("remove_file", |c| c.remove(path, false))
     }
 
     /// Removes a path recursively (`rm -rf` without following symlinks).
     pub fn remove_all(&self, path: &str) -> Result<(), SandboxError> {
-        self.inner
-            .client
-            .remove(path, true)
-            .map_err(|e| self.inner.error("remove_all", e))
+        self.inner.call("remove_all", |c| c.remove(path, true))
     }
 
     /// Renames `from` to `to`.
     pub fn rename(&self, from: &str, to: &str) -> Result<(), SandboxError> {
-        self.inner
-            .client
-            .rename(from, to)
-            .map_err(|e| self.inner.error("rename", e))
+        self.inner.call("rename", |c| c.rename(from, to))
     }
 
     /// Stats a path (without following a final symlink).
     pub fn stat(&self, path: &str) -> Result<FileStat, SandboxError> {
-        self.inner
-            .client
-            .stat(path)
-            .map_err(|e| self.inner.error("stat", e))
+        self.inner.call("stat", |c| c.stat(path))
     }
 
     /// Creates a directory and its missing parents (`mkdir -p`).
     pub fn mkdir(&self, path: &str) -> Result<(), SandboxError> {
-        self.inner
-            .client
-            .mkdir(path, true)
-            .map_err(|e| self.inner.error("mkdir", e))
+        self.inner.call("mkdir", |c| c.mkdir(path, true))
     }
 
     /// Asks the agent to end the VM and waits (bounded) for it to stop; stops it forcibly
@@ -593,6 +557,15 @@ impl Inner {
     /// Maps a client error to a sandbox error.
     fn error(&self, op: &'static str, e: ClientError) -> SandboxError {
         map_client_error(&self.name, op, None, e, self)
+    }
+
+    /// Runs one agent request through `f`; a failure is mapped by [`error`](Self::error).
+    fn call<T>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&Client) -> Result<T, ClientError>,
+    ) -> Result<T, SandboxError> {
+        f(&self.client).map_err(|e| self.error(op, e))
     }
 
     /// Like [`error`](Self::error), but a refused exec names the program.
