@@ -65,6 +65,17 @@ fn wait_counter(vm: &Vm, min: u64) -> Vec<u64> {
 
 /// Boots a counting guest, lets it count to at least 3, pauses it and snapshots it into
 /// `dir`. Returns the last complete counter value printed before the pause.
+/// Snapshots a counting VM with a vsock device of guest CID `cid` into `dir` once it printed
+/// counter `count`, then stops it.
+fn vsock_snapshot(name: &str, cid: u64, count: u64, dir: &Path) {
+    let mut c = cfg(name, Action::Count);
+    c.vsock_cid = Some(cid);
+    let vm = Vm::start(c).unwrap();
+    wait_counter(&vm, count);
+    vm.snapshot(dir).unwrap();
+    vm.stop();
+}
+
 fn counting_snapshot(name: &str, vcpus: u8, dir: &Path) -> u64 {
     let mut c = cfg(name, Action::Count);
     c.vcpus = vcpus;
@@ -343,12 +354,7 @@ fn corrupted_truncated_or_foreign_snapshots_are_refused_without_leaving_anything
 fn vsock_device_state_round_trips_and_cid_can_change() {
     let _l = serial_lock();
     let d = snap_dir("vsock");
-    let mut c = cfg("vsock", Action::Count);
-    c.vsock_cid = Some(9);
-    let vm = Vm::start(c).unwrap();
-    wait_counter(&vm, 2);
-    vm.snapshot(&d).unwrap();
-    vm.stop();
+    vsock_snapshot("vsock", 9, 2, &d);
     let r = Vm::restore(&d, RestoreConfig::new("vsock-r")).unwrap();
     assert_eq!(r.vsock().unwrap().guest_cid(), 9);
     assert!(
@@ -388,12 +394,7 @@ fn exited_vm_cannot_be_snapshotted() {
 fn restore_with_runs_its_hook_before_the_vcpus_start() {
     let _l = serial_lock();
     let d = snap_dir("hook");
-    let mut c = cfg("hook", Action::Count);
-    c.vsock_cid = Some(3);
-    let vm = Vm::start(c).unwrap();
-    wait_counter(&vm, 1);
-    vm.snapshot(&d).unwrap();
-    vm.stop();
+    vsock_snapshot("hook", 3, 1, &d);
     let (r, listener) = Vm::restore_with(&d, RestoreConfig::new("hook-r"), |vm| {
         // Not started yet: nothing printed, no vCPU ran.
         assert_eq!(vm.serial_tail(100), "");
