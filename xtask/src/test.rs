@@ -52,6 +52,10 @@ pub struct TestArgs {
     /// Run only this tier (1-4).
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..=4))]
     pub tier: Option<u8>,
+    /// Tier 4 only runs the tests whose `<test executable> <test name>` contains this text
+    /// (e.g. `sandbox_cli` or `kiln_run_uname_a`).
+    #[arg(long, value_name = "TEXT")]
+    pub filter: Option<String>,
 }
 
 /// Tally of libtest results.
@@ -153,7 +157,10 @@ pub fn cmd_test(args: &TestArgs) -> Result<()> {
             1 => ("unit tests", tier1(&meta)),
             2 => ("VMM tests on the host /dev/kvm", tier2(&meta, &kind)),
             3 => ("agent tests over a unix socket", tier3(&meta)),
-            _ => ("Linux end-to-end tests", tier4(&kind)),
+            _ => (
+                "Linux end-to-end tests",
+                tier4(&kind, args.filter.as_deref()),
+            ),
         };
         let report = TierReport {
             tier,
@@ -356,8 +363,8 @@ fn tier3(meta: &Metadata) -> Outcome {
     integration_tests(meta, TIER3_PACKAGE)
 }
 
-fn tier4(kind: &HostKind) -> Outcome {
-    match tier4_inner(kind) {
+fn tier4(kind: &HostKind, filter: Option<&str>) -> Outcome {
+    match tier4_inner(kind, filter) {
         Ok(o) => o,
         Err(e) => Outcome::CouldNotRun(format!("{e:#}")),
     }
@@ -435,7 +442,7 @@ fn tier4_env(b: &Tier4Build) -> Vec<(String, String)> {
     ]
 }
 
-fn tier4_inner(kind: &HostKind) -> Result<Outcome> {
+fn tier4_inner(kind: &HostKind, filter: Option<&str>) -> Result<Outcome> {
     let b = build_tier4()?;
     if b.executables.is_empty() {
         return Ok(Outcome::NoTests(format!(
@@ -456,6 +463,9 @@ fn tier4_inner(kind: &HostKind) -> Result<Outcome> {
         for exe in &b.executables {
             let mut cmd = Command::new(exe);
             cmd.current_dir(&workdir).envs(tier4_env(&b));
+            if let Some(f) = filter {
+                cmd.arg(f);
+            }
             let (counts, summaries, success) = run_counting(&mut cmd)?;
             outcomes.push(Outcome::Ran {
                 counts,
@@ -475,7 +485,7 @@ fn tier4_inner(kind: &HostKind) -> Result<Outcome> {
         return Ok(merge(outcomes));
     }
     eprintln!("tier 4: this host cannot boot Linux guests ({kind}); running inside the emulated-virtualization harness");
-    run_in_harness(&b, &workdir)
+    run_in_harness(&b, &workdir, filter)
 }
 
 /// One tier-4 test: an executable and, when it could be listed, one test of it.
@@ -525,14 +535,28 @@ fn parse_test_list(text: &str) -> Vec<String> {
 /// so the harness's host-side silence deadline catches it, diagnoses it through QEMU's
 /// monitor, and this runner relaunches the harness for the tests not yet run — the stalled one
 /// included, once. Every relaunch is reported; a test that stalls twice fails.
-fn run_in_harness(b: &Tier4Build, workdir: &Path) -> Result<Outcome> {
+fn run_in_harness(b: &Tier4Build, workdir: &Path, filter: Option<&str>) -> Result<Outcome> {
     // One directory per run: several `cargo xtask test` may share a target dir.
     let out_dir = util::target_dir()
         .join("kiln-tier4")
         .join(std::process::id().to_string());
     let _ = fs::remove_dir_all(&out_dir);
     fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let tests = list_tier4_tests(b);
+    let tests: Vec<Tier4Test> = list_tier4_tests(b)
+        .into_iter()
+        .filter(|t| filter.is_none_or(|f| describe_test(b, t).contains(f)))
+        .collect();
+    if tests.is_empty() {
+        return Ok(Outcome::CouldNotRun(format!(
+            "no tier-4 test matches the filter {:?}",
+            filter.unwrap_or_default()
+        )));
+    }
+    let idle_timeout = std::env::var("KILN_TIER4_IDLE_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(IDLE_TIMEOUT);
     let deadline = Instant::now()
         + std::env::var("KILN_HARNESS_TIMEOUT")
             .ok()
@@ -566,7 +590,7 @@ fn run_in_harness(b: &Tier4Build, workdir: &Path) -> Result<Outcome> {
             command: vec!["bash".into(), script.display().to_string()],
             timeout: Some(left),
             env: tier4_env(b),
-            idle_timeout: Some(IDLE_TIMEOUT),
+            idle_timeout: Some(idle_timeout),
         };
         let result = harness::run(&opts);
         pending.retain(|&k| !out_dir.join(format!("{k}.rc")).exists());
@@ -595,11 +619,14 @@ fn run_in_harness(b: &Tier4Build, workdir: &Path) -> Result<Outcome> {
             "tier 4: the harness failed while {what} ran ({err:#}); partial output in {}",
             kept.display()
         );
-        relaunches.push(what.clone());
         if stalls[stalled] >= 2 {
             problems.push(format!("{what} stalled the harness twice"));
             pending.remove(0);
         }
+        if pending.is_empty() {
+            break;
+        }
+        relaunches.push(what.clone());
         if relaunches.len() > MAX_RELAUNCHES {
             problems.push(format!(
                 "gave up after {} harness relaunches; {} tests not run",

@@ -267,7 +267,7 @@ fn diagnose(monitor: &std::path::Path, console_log: &std::path::Path) -> String 
         .unwrap_or("VM status unknown");
     format!(
         "\nharness: diagnosis: {status}; vCPU {}; monitor answers in {}; console (with SysRq \
-         backtraces) in {}\n---- last console lines ----\n{}",
+         backtraces) in {}\n---- console ----\n{}",
         if rip.is_empty() {
             "registers unknown".to_string()
         } else {
@@ -275,7 +275,7 @@ fn diagnose(monitor: &std::path::Path, console_log: &std::path::Path) -> String 
         },
         out.display(),
         console_log.display(),
-        console_tail(console_log, 40)
+        cpu_backtrace_or_tail(&fs::read_to_string(console_log).unwrap_or_default())
     )
 }
 
@@ -466,6 +466,25 @@ fn pump<W: Write + 'static>(
     })
 }
 
+/// The part of L1's console a stall report quotes: the CPU backtraces SysRq `l` printed (what
+/// L1 was doing), at most 60 lines; without them the last 40 lines.
+fn cpu_backtrace_or_tail(console: &str) -> String {
+    let lines: Vec<&str> = console.lines().collect();
+    let start = lines
+        .iter()
+        .position(|l| l.contains("sysrq: Show backtrace of all active CPUs"));
+    match start {
+        Some(start) => lines[start..]
+            .iter()
+            .take_while(|l| !l.contains("sysrq: Show Blocked State"))
+            .take(60)
+            .copied()
+            .collect::<Vec<_>>()
+            .join("\n"),
+        None => lines[lines.len().saturating_sub(40)..].join("\n"),
+    }
+}
+
 fn console_tail(path: &std::path::Path, lines: usize) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
@@ -603,5 +622,22 @@ mod tests {
         // No monitor to ask: the diagnosis says so instead of hanging.
         assert!(msg.contains("monitor"), "{msg}");
         assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn stall_reports_quote_the_cpu_backtraces() {
+        let console =
+            "boot\n[1] sysrq: Show backtrace of all active CPUs\n[1] NMI backtrace for cpu 0\n\
+                       [1]  kvm_arch_vcpu_ioctl_run\n[2] sysrq: Show Blocked State\n[2] task list";
+        let quoted = cpu_backtrace_or_tail(console);
+        assert!(quoted.starts_with("[1] sysrq: Show backtrace"), "{quoted}");
+        assert!(quoted.contains("kvm_arch_vcpu_ioctl_run"), "{quoted}");
+        assert!(!quoted.contains("task list"), "{quoted}");
+        let plain: String = (0..100).map(|i| format!("line {i}\n")).collect();
+        let tail = cpu_backtrace_or_tail(&plain);
+        assert!(
+            tail.starts_with("line 60") && tail.ends_with("line 99"),
+            "{tail}"
+        );
     }
 }
