@@ -87,6 +87,11 @@ pub struct SandboxConfig {
     pub initramfs: Option<PathBuf>,
     /// Appended to the kernel command line the VMM builds (space separated, printable ASCII).
     pub extra_cmdline: String,
+    /// Boot the guest kernel `quiet` (console log level 4: warnings, errors and panics still
+    /// reach the serial console and its tail in error messages). Every console byte is a VM
+    /// exit, so the full boot log costs boot time. `false`, or `loglevel=N` in
+    /// [`extra_cmdline`](Self::extra_cmdline) (it comes later and wins), logs everything.
+    pub quiet_kernel: bool,
     /// Deadline from VM start to the agent's `Hello`.
     pub boot_timeout: Duration,
     /// Deadline of every non-exec request (ping, file operations) and slack added to an exec's
@@ -108,6 +113,7 @@ impl Default for SandboxConfig {
             kernel: None,
             initramfs: None,
             extra_cmdline: String::new(),
+            quiet_kernel: true,
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             consumer_deadline: DEFAULT_CONSUMER_DEADLINE,
@@ -160,6 +166,12 @@ impl SandboxConfig {
     /// Sets the boot deadline.
     pub fn boot_timeout(mut self, t: Duration) -> Self {
         self.boot_timeout = t;
+        self
+    }
+
+    /// Sets whether the guest kernel boots `quiet` (see [`SandboxConfig::quiet_kernel`]).
+    pub fn quiet_kernel(mut self, quiet: bool) -> Self {
+        self.quiet_kernel = quiet;
         self
     }
 
@@ -267,7 +279,11 @@ impl SandboxConfig {
             memory_mib: self.memory_mib,
             kernel,
             initramfs,
-            extra_cmdline: self.extra_cmdline.trim().to_owned(),
+            extra_cmdline: match (self.quiet_kernel, self.extra_cmdline.trim()) {
+                (true, "") => "quiet".to_owned(),
+                (true, extra) => format!("quiet {extra}"),
+                (false, extra) => extra.to_owned(),
+            },
             boot_timeout: self.boot_timeout,
             request_timeout: self.request_timeout,
             consumer_deadline: self.consumer_deadline,
@@ -288,7 +304,7 @@ pub struct ResolvedConfig {
     pub kernel: PathBuf,
     /// The initramfs.
     pub initramfs: PathBuf,
-    /// Extra kernel command line (trimmed).
+    /// Extra kernel command line (trimmed), after `quiet` when the kernel boots quiet.
     pub extra_cmdline: String,
     /// Boot deadline.
     pub boot_timeout: Duration,
@@ -388,6 +404,29 @@ mod tests {
         assert_eq!(r.vcpus, DEFAULT_VCPUS);
         assert_eq!(r.memory_mib, DEFAULT_MEMORY_MIB);
         assert!(r.name.starts_with(&format!("kiln-{}-", std::process::id())));
+    }
+
+    #[test]
+    fn the_kernel_boots_quiet_unless_asked_and_user_words_come_after() {
+        let (_d, cfg) = with_assets();
+        assert_eq!(cfg.clone().validate().unwrap().extra_cmdline, "quiet");
+        assert_eq!(
+            cfg.clone()
+                .extra_cmdline(" loglevel=7 ")
+                .validate()
+                .unwrap()
+                .extra_cmdline,
+            "quiet loglevel=7",
+            "a later loglevel= overrides quiet"
+        );
+        assert_eq!(
+            cfg.quiet_kernel(false)
+                .extra_cmdline("a=b")
+                .validate()
+                .unwrap()
+                .extra_cmdline,
+            "a=b"
+        );
     }
 
     #[test]

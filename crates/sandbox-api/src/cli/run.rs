@@ -61,6 +61,10 @@ pub struct RunArgs {
     /// Extra guest kernel command line.
     #[arg(long, value_name = "ARGS")]
     pub cmdline: Option<String>,
+    /// Boot the guest kernel without `quiet`: its whole log goes to the serial console (quoted
+    /// in errors); slower, every console byte is a VM exit.
+    #[arg(long)]
+    pub kernel_log: bool,
     /// Name of the sandbox (in logs and errors).
     #[arg(long)]
     pub name: Option<String>,
@@ -153,6 +157,7 @@ pub fn run(args: RunArgs) -> i32 {
     config.name = args.name;
     config.kernel = args.kernel;
     config.initramfs = args.initramfs;
+    config.quiet_kernel = !args.kernel_log;
     if let Some(c) = args.cmdline {
         config.extra_cmdline = c;
     }
