@@ -206,7 +206,8 @@ fn summary(kernel: &str, prep: Duration, t: &RunTimes) -> String {
     s
 }
 
-fn env_secs(name: &str) -> Option<Duration> {
+/// `$name` as whole seconds, if set and a number.
+pub(crate) fn env_secs(name: &str) -> Option<Duration> {
     std::env::var(name)
         .ok()?
         .trim()

@@ -552,17 +552,10 @@ fn run_in_harness(b: &Tier4Build, workdir: &Path, filter: Option<&str>) -> Resul
             filter.unwrap_or_default()
         )));
     }
-    let idle_timeout = std::env::var("KILN_TIER4_IDLE_TIMEOUT")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map(Duration::from_secs)
-        .unwrap_or(IDLE_TIMEOUT);
-    let deadline = Instant::now()
-        + std::env::var("KILN_HARNESS_TIMEOUT")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .map(Duration::from_secs)
-            .unwrap_or(HARNESS_TIMEOUT);
+    let idle_timeout = harness::env_secs("KILN_TIER4_IDLE_TIMEOUT").unwrap_or(IDLE_TIMEOUT);
+    let total = harness::env_secs("KILN_HARNESS_TIMEOUT").unwrap_or(HARNESS_TIMEOUT);
+    let deadline = Instant::now() + total;
+    let file = |k: usize, what: &str| test_file(&out_dir, k, what);
     let mut pending: Vec<usize> = (0..tests.len()).collect();
     let mut stalls = vec![0u32; tests.len()];
     let mut problems = Vec::new();
@@ -576,7 +569,7 @@ fn run_in_harness(b: &Tier4Build, workdir: &Path, filter: Option<&str>) -> Resul
             problems.push(format!(
                 "no time left for {} tests (tier-4 deadline {} s)",
                 pending.len(),
-                HARNESS_TIMEOUT.as_secs()
+                total.as_secs()
             ));
             break;
         }
@@ -593,7 +586,7 @@ fn run_in_harness(b: &Tier4Build, workdir: &Path, filter: Option<&str>) -> Resul
             idle_timeout: Some(idle_timeout),
         };
         let result = harness::run(&opts);
-        pending.retain(|&k| !out_dir.join(format!("{k}.rc")).exists());
+        pending.retain(|&k| !file(k, "rc").exists());
         let err = match result {
             Ok(_) if pending.is_empty() => break,
             Ok(status) => {
@@ -611,9 +604,8 @@ fn run_in_harness(b: &Tier4Build, workdir: &Path, filter: Option<&str>) -> Resul
         };
         let what = describe_test(b, &tests[stalled]);
         // The partial output of the stalled attempt stays next to the logs.
-        let log = out_dir.join(format!("{stalled}.log"));
-        let kept = out_dir.join(format!("{stalled}.stall{}.log", stalls[stalled] + 1));
-        let _ = fs::rename(&log, &kept);
+        let kept = file(stalled, &format!("stall{}.log", stalls[stalled] + 1));
+        let _ = fs::rename(file(stalled, "log"), &kept);
         stalls[stalled] += 1;
         eprintln!(
             "tier 4: the harness failed while {what} ran ({err:#}); partial output in {}",
@@ -643,8 +635,8 @@ fn run_in_harness(b: &Tier4Build, workdir: &Path, filter: Option<&str>) -> Resul
 
     let mut counts = Counts::default();
     for (k, t) in tests.iter().enumerate() {
-        let log = fs::read_to_string(out_dir.join(format!("{k}.log"))).unwrap_or_default();
-        let rc = fs::read_to_string(out_dir.join(format!("{k}.rc")))
+        let log = fs::read_to_string(file(k, "log")).unwrap_or_default();
+        let rc = fs::read_to_string(file(k, "rc"))
             .ok()
             .and_then(|s| s.trim().parse::<i32>().ok());
         let (c, summaries) = count_results(&log);
@@ -675,7 +667,7 @@ fn run_in_harness(b: &Tier4Build, workdir: &Path, filter: Option<&str>) -> Resul
     let never_ran = tests
         .iter()
         .enumerate()
-        .filter(|(k, _)| !out_dir.join(format!("{k}.rc")).exists() && stalls[*k] < 2)
+        .filter(|(k, _)| !file(*k, "rc").exists() && stalls[*k] < 2)
         .count();
     if never_ran > 0 && problems.is_empty() {
         problems.push(format!("{never_ran} tests never ran"));
@@ -693,6 +685,12 @@ fn run_in_harness(b: &Tier4Build, workdir: &Path, filter: Option<&str>) -> Resul
         counts,
         error: (!problems.is_empty()).then(|| problems.join("; ")),
     })
+}
+
+/// Where tier-4 test `k` leaves its output (`log`), exit code (`rc`) or a stalled attempt's
+/// partial output (`stall<n>.log`).
+fn test_file(out_dir: &Path, k: usize, what: &str) -> PathBuf {
+    out_dir.join(format!("{k}.{what}"))
 }
 
 /// `<executable file name> <test name>` for messages.
@@ -734,8 +732,8 @@ fn harness_script(
     for (n, &k) in which.iter().enumerate() {
         let test = &tests[k];
         let exe = shell_quote(&exes[test.exe].display().to_string());
-        let log = shell_quote(&out_dir.join(format!("{k}.log")).display().to_string());
-        let rc = shell_quote(&out_dir.join(format!("{k}.rc")).display().to_string());
+        let log = shell_quote(&test_file(out_dir, k, "log").display().to_string());
+        let rc = shell_quote(&test_file(out_dir, k, "rc").display().to_string());
         let args = match &test.name {
             Some(name) => format!(" --exact {} --test-threads=1", shell_quote(name)),
             None => String::new(),

@@ -74,7 +74,7 @@ OUT=$(port kiln.stdout) || fail "virtio serial port kiln.stdout not found"
 ERR=$(port kiln.stderr) || fail "virtio serial port kiln.stderr not found"
 TICK=$(port kiln.tick) || fail "virtio serial port kiln.tick not found"
 # The host sends a byte a second: each is an interrupt that re-raises any interrupt QEMU's TCG
-# lost (docs/HARNESS.md, "Ticks"); they are discarded.
+# lost (docs/HARNESS.md, "When L1 stalls"); they are discarded.
 cat "$TICK" > /dev/null &
 
 phase "mounts done"

@@ -199,29 +199,33 @@ fn wait(
                 limits.boot.as_secs()
             );
         }
-        if elapsed > limits.total {
-            let diagnosis = diagnose(monitor, console_log);
-            kill(child);
-            bail!(
-                "harness timeout: the run took longer than {} s (QEMU killed){}{diagnosis}",
+        let silent = |idle: Duration, start: Duration| {
+            let last = Duration::from_millis(last_output.load(Ordering::SeqCst)).max(start);
+            elapsed.saturating_sub(last) > idle
+        };
+        let stuck = if elapsed > limits.total {
+            Some(format!(
+                "harness timeout: the run took longer than {} s (QEMU killed){}",
                 limits.total.as_secs(),
                 if times.start.is_some() {
                     " while the command was running"
                 } else {
                     " before the command started"
                 }
-            );
-        }
-        if let (Some(idle), Some(start)) = (limits.idle, times.start) {
-            let last = Duration::from_millis(last_output.load(Ordering::SeqCst)).max(start);
-            if elapsed.saturating_sub(last) > idle {
-                let diagnosis = diagnose(monitor, console_log);
-                kill(child);
-                bail!(
-                    "harness stall: the command printed nothing for {} s (QEMU killed){diagnosis}",
+            ))
+        } else {
+            match (limits.idle, times.start) {
+                (Some(idle), Some(start)) if silent(idle, start) => Some(format!(
+                    "harness stall: the command printed nothing for {} s (QEMU killed)",
                     idle.as_secs()
-                );
+                )),
+                _ => None,
             }
+        };
+        if let Some(what) = stuck {
+            let diagnosis = diagnose(monitor, console_log);
+            kill(child);
+            bail!("{what}{diagnosis}");
         }
     }
 }
@@ -481,14 +485,18 @@ fn cpu_backtrace_or_tail(console: &str) -> String {
             .copied()
             .collect::<Vec<_>>()
             .join("\n"),
-        None => lines[lines.len().saturating_sub(40)..].join("\n"),
+        None => last_lines(console, 40),
     }
 }
 
 fn console_tail(path: &std::path::Path, lines: usize) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
+    last_lines(&fs::read_to_string(path).unwrap_or_default(), lines)
+}
+
+/// The last `n` lines of `text`.
+fn last_lines(text: &str, n: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
+    all[all.len().saturating_sub(n)..].join("\n")
 }
 
 #[cfg(test)]
