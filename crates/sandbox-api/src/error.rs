@@ -45,9 +45,10 @@ pub enum SandboxError {
         vm: String,
         /// The operation.
         op: &'static str,
-        /// The VMM's error (boxed: it is large).
+        /// What failed in the VMM (without the VM's name, which is the sandbox's; boxed: it
+        /// is large).
         #[source]
-        source: Box<kiln_vmm::VmError>,
+        source: Box<kiln_vmm::VmErrorKind>,
         /// The end of the serial console, when there was any output.
         serial_tail: String,
     },
@@ -183,9 +184,10 @@ pub enum SandboxError {
         vm: String,
         /// The operation.
         op: &'static str,
-        /// The VMM's snapshot error (boxed: it is large).
+        /// What failed in the VMM's snapshot code (without the VM's name, which is the
+        /// sandbox's; boxed: it is large).
         #[source]
-        source: Box<kiln_vmm::snapshot::SnapshotError>,
+        source: Box<kiln_vmm::snapshot::SnapshotErrorKind>,
     },
 }
 
@@ -255,6 +257,76 @@ mod tests {
             e.to_string(),
             "sandbox v: the guest agent did not connect within 2s"
         );
+    }
+
+    /// Each layer's own message, outermost first, following `source()`.
+    fn chain(e: &(dyn std::error::Error + 'static)) -> Vec<String> {
+        let mut out = vec![e.to_string()];
+        let mut cur = e.source();
+        while let Some(s) = cur {
+            out.push(s.to_string());
+            cur = s.source();
+        }
+        out
+    }
+
+    #[test]
+    fn a_vm_failure_names_the_sandbox_once_and_keeps_its_cause() {
+        use kiln_vmm::{VmError, VmErrorKind};
+        // What the VMM returns for a failed Vm::start of the sandbox's VM (named after it).
+        let vm_err = VmError::new(
+            "job-1",
+            VmErrorKind::Os {
+                what: "vCPU thread",
+                source: std::io::Error::from_raw_os_error(libc::EAGAIN),
+            },
+        );
+        assert_eq!(vm_err.to_string().matches("job-1").count(), 1, "{vm_err}");
+        let e = SandboxError::Vm {
+            vm: "job-1".into(),
+            op: "starting the VM",
+            source: Box::new(vm_err.into_kind()),
+            serial_tail: String::new(),
+        };
+        let msg = e.to_string();
+        let os = std::io::Error::from_raw_os_error(libc::EAGAIN).to_string();
+        assert_eq!(
+            msg,
+            format!("sandbox job-1: starting the VM: vCPU thread: {os}")
+        );
+        let layers = chain(&e);
+        assert_eq!(layers.len(), 3, "{layers:?}");
+        // The name is added by the outermost layer only, and the full rendering has it once.
+        assert_eq!(layers.join("\n").matches("job-1").count(), 1, "{layers:?}");
+        // The cause is the typed OS error, not a string.
+        let mut last: &(dyn std::error::Error + 'static) = &e;
+        while let Some(s) = last.source() {
+            last = s;
+        }
+        let io = last.downcast_ref::<std::io::Error>();
+        assert_eq!(io.and_then(|e| e.raw_os_error()), Some(libc::EAGAIN));
+    }
+
+    #[test]
+    fn a_snapshot_failure_names_the_sandbox_once() {
+        use kiln_vmm::snapshot::{SnapshotError, SnapshotErrorKind};
+        let snap = SnapshotError::new(
+            "job-2",
+            SnapshotErrorKind::NotSnapshottable {
+                what: "it has exited".into(),
+            },
+        );
+        assert_eq!(snap.to_string(), "VM job-2: cannot snapshot: it has exited");
+        let e = SandboxError::Snapshot {
+            vm: "job-2".into(),
+            op: "snapshot",
+            source: Box::new(snap.into_kind()),
+        };
+        assert_eq!(
+            e.to_string(),
+            "sandbox job-2: snapshot: cannot snapshot: it has exited"
+        );
+        assert_eq!(chain(&e).join("\n").matches("job-2").count(), 1);
     }
 
     #[test]

@@ -705,13 +705,13 @@ fn vm_config(cfg: &ResolvedConfig) -> VmConfig {
 
 fn boot(cfg: ResolvedConfig, t0: Instant) -> Result<Sandbox, SandboxError> {
     let name = cfg.name.clone();
-    let vm_err = |op, source, serial_tail| SandboxError::Vm {
+    // The VM is named after the sandbox: keep only what failed.
+    let vm = Vm::start(vm_config(&cfg)).map_err(|e| SandboxError::Vm {
         vm: name.clone(),
-        op,
-        source: Box::new(source),
-        serial_tail,
-    };
-    let vm = Vm::start(vm_config(&cfg)).map_err(|e| vm_err("starting the VM", e, String::new()))?;
+        op: "starting the VM",
+        source: Box::new(e.into_kind()),
+        serial_tail: String::new(),
+    })?;
     let vm_start = t0.elapsed();
     // The guest needs far longer than this to boot its kernel, and the agent retries its
     // connection with backoff anyway.

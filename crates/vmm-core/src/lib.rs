@@ -20,6 +20,6 @@ pub mod vcpu;
 pub mod virtio;
 pub mod vm;
 
-pub use vm::{ExitReason, Vm, VmConfig, VmError};
+pub use vm::{ExitReason, Vm, VmConfig, VmError, VmErrorKind};
 /// vm-memory, whose `GuestMemoryMmap` [`Vm::memory`] returns.
 pub use vm_memory;

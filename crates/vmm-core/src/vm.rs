@@ -89,12 +89,7 @@ impl VmConfig {
 
     /// Checks the configuration; the error names the VM and the offending field.
     pub fn validate(&self) -> Result<(), VmError> {
-        let bad = |what: String| {
-            Err(VmError::Config {
-                vm: self.name.clone(),
-                what,
-            })
-        };
+        let bad = |what: String| Err(VmError::new(&self.name, VmErrorKind::Config { what }));
         if self.name.is_empty() || self.name.len() > 64 || self.name.chars().any(char::is_control) {
             return bad(format!(
                 "name {:?} must be 1-64 printable characters",
@@ -127,11 +122,13 @@ impl VmConfig {
         ] {
             if let Some(p) = path {
                 if !p.is_file() {
-                    return Err(VmError::FileMissing {
-                        vm: self.name.clone(),
-                        what,
-                        path: p.clone(),
-                    });
+                    return Err(VmError::new(
+                        &self.name,
+                        VmErrorKind::FileMissing {
+                            what,
+                            path: p.clone(),
+                        },
+                    ));
                 }
             }
         }
@@ -139,32 +136,64 @@ impl VmConfig {
     }
 }
 
-/// Errors creating or driving a VM. Every variant names the VM.
+/// An error of the VM API ([`Vm::start`], the running [`Vm`]'s waits, [`VmConfig::validate`]):
+/// the VM's name, added here and nowhere below, and what failed ([`VmErrorKind`], whose
+/// causes are kept as [`source`](std::error::Error::source)s). Displays as
+/// `VM <name>: <kind>`; a layer above that names the VM itself (a sandbox) wraps
+/// [`kind`](Self::kind) instead.
 #[derive(Debug, thiserror::Error)]
-pub enum VmError {
+#[error("VM {vm}: {kind}")]
+pub struct VmError {
+    vm: String,
+    #[source]
+    kind: VmErrorKind,
+}
+
+impl VmError {
+    /// `kind` of the VM called `vm`.
+    pub fn new(vm: impl Into<String>, kind: VmErrorKind) -> Self {
+        Self {
+            vm: vm.into(),
+            kind,
+        }
+    }
+
+    /// The VM's name.
+    pub fn vm(&self) -> &str {
+        &self.vm
+    }
+
+    /// What failed.
+    pub fn kind(&self) -> &VmErrorKind {
+        &self.kind
+    }
+
+    /// What failed, without the VM's name (for a caller that names the VM itself).
+    pub fn into_kind(self) -> VmErrorKind {
+        self.kind
+    }
+}
+
+/// What failed creating or driving a VM (the VM is named once, by [`VmError`]).
+#[derive(Debug, thiserror::Error)]
+pub enum VmErrorKind {
     /// A configuration value is out of range.
-    #[error("VM {vm}: invalid config: {what}")]
+    #[error("invalid config: {what}")]
     Config {
-        /// VM name.
-        vm: String,
         /// What is wrong.
         what: String,
     },
     /// The kernel or initramfs file does not exist.
-    #[error("VM {vm}: {what} file {path} does not exist")]
+    #[error("{what} file {path} does not exist")]
     FileMissing {
-        /// VM name.
-        vm: String,
         /// "kernel" or "initramfs".
         what: &'static str,
         /// The path given.
         path: PathBuf,
     },
     /// A KVM ioctl failed.
-    #[error("VM {vm}: KVM {op} failed: {source}")]
+    #[error("KVM {op} failed: {source}")]
     Kvm {
-        /// VM name.
-        vm: String,
         /// The operation.
         op: &'static str,
         /// Cause.
@@ -172,67 +201,47 @@ pub enum VmError {
         source: kvm_ioctls::Error,
     },
     /// Guest memory could not be set up.
-    #[error("VM {vm}: {source}")]
-    Memory {
-        /// VM name.
-        vm: String,
-        /// Cause.
-        #[source]
-        source: MemoryError,
-    },
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
     /// Loading the kernel or writing boot structures failed.
-    #[error("VM {vm}: boot: {source}")]
-    Boot {
-        /// VM name.
-        vm: String,
-        /// Cause.
-        #[source]
-        source: BootError,
-    },
+    #[error("boot: {0}")]
+    Boot(#[source] BootError),
     /// The MP table could not be written.
-    #[error("VM {vm}: {source}")]
-    MpTable {
-        /// VM name.
-        vm: String,
-        /// Cause.
-        #[source]
-        source: MpTableError,
-    },
+    #[error(transparent)]
+    MpTable(#[from] MpTableError),
     /// A device range clashes on a bus.
-    #[error("VM {vm}: {source}")]
-    Bus {
-        /// VM name.
-        vm: String,
-        /// Cause.
-        #[source]
-        source: BusError,
-    },
+    #[error(transparent)]
+    Bus(#[from] BusError),
     /// An OS resource (thread, eventfd, signal) could not be created.
-    #[error("VM {vm}: {what}: {source}")]
+    #[error("{what}: {source}")]
     Os {
-        /// VM name.
-        vm: String,
         /// What was being created.
         what: &'static str,
         /// Cause.
         #[source]
         source: std::io::Error,
     },
-    /// A device could not be attached.
-    #[error("VM {vm}: device {device}: {detail}")]
+    /// The boot MSR list could not be built.
+    #[error("MSR list: {0}")]
+    MsrList(#[source] vmm_sys_util::fam::Error),
+    /// The device event manager (epoll) could not be created.
+    #[error("device event manager: {0}")]
+    EventManager(#[source] event_manager::Error),
+    /// Every MMIO slot or device GSI is taken.
+    #[error("device mmio: no free MMIO slot or GSI")]
+    NoMmioSlot,
+    /// A device could not be created or attached.
+    #[error("device {device}: {source}")]
     Device {
-        /// VM name.
-        vm: String,
         /// Device name.
-        device: String,
-        /// What went wrong.
-        detail: String,
+        device: &'static str,
+        /// Cause (the device's own error type).
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A wait passed its deadline.
-    #[error("VM {vm}: timed out after {waited:?} waiting for {what}; serial tail:\n{serial_tail}")]
+    #[error("timed out after {waited:?} waiting for {what}; serial tail:\n{serial_tail}")]
     Timeout {
-        /// VM name.
-        vm: String,
         /// What was awaited.
         what: String,
         /// How long.
@@ -241,10 +250,8 @@ pub enum VmError {
         serial_tail: String,
     },
     /// The VM ended while something was awaited.
-    #[error("VM {vm}: exited ({reason}) while waiting for {what}; serial tail:\n{serial_tail}")]
+    #[error("exited ({reason}) while waiting for {what}; serial tail:\n{serial_tail}")]
     Exited {
-        /// VM name.
-        vm: String,
         /// What was awaited.
         what: String,
         /// Why it ended.
@@ -252,6 +259,28 @@ pub enum VmError {
         /// Last serial output.
         serial_tail: String,
     },
+}
+
+impl VmErrorKind {
+    /// A failed KVM ioctl `op` (for `map_err`).
+    pub fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Self {
+        move |source| Self::Kvm { op, source }
+    }
+
+    /// A failed OS call creating `what` (for `map_err`).
+    pub fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> Self {
+        move |source| Self::Os { what, source }
+    }
+
+    /// Device `device` failed with `source` (for `map_err`).
+    pub fn device<E: std::error::Error + Send + Sync + 'static>(
+        device: &'static str,
+    ) -> impl FnOnce(E) -> Self {
+        move |source| Self::Device {
+            device,
+            source: Box::new(source),
+        }
+    }
 }
 
 /// A virtio-mmio window and its interrupt, handed out by [`DeviceContext::allocate_mmio_slot`].
@@ -313,9 +342,9 @@ impl DeviceContext<'_> {
     }
 
     /// The next free 4 KiB MMIO window and GSI.
-    pub fn allocate_mmio_slot(&mut self) -> Result<MmioSlot, VmError> {
+    pub fn allocate_mmio_slot(&mut self) -> Result<MmioSlot, VmErrorKind> {
         if self.next_mmio + MMIO_SLOT_SIZE > MMIO_DEVICES_END || self.next_gsi > LAST_DEVICE_GSI {
-            return Err(self.device_err("mmio", "no free MMIO slot or GSI".into()));
+            return Err(VmErrorKind::NoMmioSlot);
         }
         let slot = MmioSlot {
             base: self.next_mmio,
@@ -328,18 +357,13 @@ impl DeviceContext<'_> {
     }
 
     /// Puts `dev` on the MMIO bus at `slot`.
-    pub fn register_mmio(&mut self, slot: MmioSlot, dev: SharedDevice) -> Result<(), VmError> {
-        self.mmio
-            .insert(slot.base, slot.len, dev)
-            .map_err(|source| VmError::Bus {
-                vm: self.vm_name.to_owned(),
-                source,
-            })
+    pub fn register_mmio(&mut self, slot: MmioSlot, dev: SharedDevice) -> Result<(), VmErrorKind> {
+        Ok(self.mmio.insert(slot.base, slot.len, dev)?)
     }
 
     /// Allocates a slot, registers `dev` there and announces it on the kernel command line
     /// (`virtio_mmio.device=4K@<base>:<gsi>`). Returns the slot.
-    pub fn add_virtio_mmio(&mut self, dev: SharedDevice) -> Result<MmioSlot, VmError> {
+    pub fn add_virtio_mmio(&mut self, dev: SharedDevice) -> Result<MmioSlot, VmErrorKind> {
         let slot = self.allocate_mmio_slot()?;
         self.register_mmio(slot, dev)?;
         self.cmdline.push(slot.virtio_cmdline());
@@ -347,31 +371,19 @@ impl DeviceContext<'_> {
     }
 
     /// An eventfd that injects interrupt `gsi` when written (KVM_IRQFD).
-    pub fn irqfd(&self, gsi: u32) -> Result<EventFd, VmError> {
-        let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Os {
-            vm: self.vm_name.to_owned(),
-            what: "irq eventfd",
-            source,
-        })?;
+    pub fn irqfd(&self, gsi: u32) -> Result<EventFd, VmErrorKind> {
+        let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(VmErrorKind::os("irq eventfd"))?;
         self.vm_fd
             .register_irqfd(&fd, gsi)
-            .map_err(|source| VmError::Kvm {
-                vm: self.vm_name.to_owned(),
-                op: "register irqfd",
-                source,
-            })?;
+            .map_err(VmErrorKind::kvm("register irqfd"))?;
         Ok(fd)
     }
 
     /// An eventfd signalled (without a vCPU exit to user space) when the guest writes
     /// `datamatch` (or anything, if `None`) as a 32-bit value to MMIO address `addr`
     /// (KVM_IOEVENTFD) — for virtio queue notifications.
-    pub fn ioeventfd(&self, addr: u64, datamatch: Option<u32>) -> Result<EventFd, VmError> {
-        let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Os {
-            vm: self.vm_name.to_owned(),
-            what: "ioeventfd",
-            source,
-        })?;
+    pub fn ioeventfd(&self, addr: u64, datamatch: Option<u32>) -> Result<EventFd, VmErrorKind> {
+        let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(VmErrorKind::os("ioeventfd"))?;
         let res = match datamatch {
             Some(v) => self
                 .vm_fd
@@ -382,11 +394,7 @@ impl DeviceContext<'_> {
                 kvm_ioctls::NoDatamatch,
             ),
         };
-        res.map_err(|source| VmError::Kvm {
-            vm: self.vm_name.to_owned(),
-            op: "register ioeventfd",
-            source,
-        })?;
+        res.map_err(VmErrorKind::kvm("register ioeventfd"))?;
         Ok(fd)
     }
 
@@ -401,14 +409,6 @@ impl DeviceContext<'_> {
     pub fn add_cmdline(&mut self, fragment: impl Into<String>) {
         self.cmdline.push(fragment.into());
     }
-
-    fn device_err(&self, device: &str, detail: String) -> VmError {
-        VmError::Device {
-            vm: self.vm_name.to_owned(),
-            device: device.to_owned(),
-            detail,
-        }
-    }
 }
 
 /// Attaches the configured devices (besides the serial port). Each device registers its
@@ -416,7 +416,10 @@ impl DeviceContext<'_> {
 ///
 /// HOOK for devices: the virtio-vsock device is attached here when `cfg.vsock_cid` is set,
 /// and its host handle is returned in [`AttachedDevices`].
-fn attach_devices(cfg: &VmConfig, ctx: &mut DeviceContext<'_>) -> Result<AttachedDevices, VmError> {
+fn attach_devices(
+    cfg: &VmConfig,
+    ctx: &mut DeviceContext<'_>,
+) -> Result<AttachedDevices, VmErrorKind> {
     let mut devices = AttachedDevices::default();
     // --- vsock (virtio/vsock/attach.rs) ---
     if let Some(guest_cid) = cfg.vsock_cid {
@@ -440,46 +443,30 @@ struct AttachedDevices {
 static KVM: OnceLock<Kvm> = OnceLock::new();
 static SUPPORTED_CPUID: OnceLock<CpuId> = OnceLock::new();
 
-fn kvm(vm: &str) -> Result<&'static Kvm, VmError> {
+fn kvm() -> Result<&'static Kvm, VmErrorKind> {
     if let Some(k) = KVM.get() {
         return Ok(k);
     }
-    let k = Kvm::new().map_err(|source| VmError::Kvm {
-        vm: vm.to_owned(),
-        op: "open /dev/kvm",
-        source,
-    })?;
+    let k = Kvm::new().map_err(VmErrorKind::kvm("open /dev/kvm"))?;
     Ok(KVM.get_or_init(|| k))
 }
 
 /// Installs the vCPU kick handler and creates the KVM VM: the first KVM step of building any
 /// VM, fresh or restored.
-fn create_vm_fd(name: &str) -> Result<(&'static Kvm, VmFd), VmError> {
-    vcpu::install_kick_handler().map_err(|source| VmError::Os {
-        vm: name.to_owned(),
-        what: "install vCPU kick handler",
-        source,
-    })?;
-    let kvm = kvm(name)?;
-    let vm_fd = kvm.create_vm().map_err(|source| VmError::Kvm {
-        vm: name.to_owned(),
-        op: "create VM",
-        source,
-    })?;
+fn create_vm_fd() -> Result<(&'static Kvm, VmFd), VmErrorKind> {
+    vcpu::install_kick_handler().map_err(VmErrorKind::os("install vCPU kick handler"))?;
+    let kvm = kvm()?;
+    let vm_fd = kvm.create_vm().map_err(VmErrorKind::kvm("create VM"))?;
     Ok((kvm, vm_fd))
 }
 
-fn supported_cpuid(kvm: &Kvm, vm: &str) -> Result<&'static CpuId, VmError> {
+fn supported_cpuid(kvm: &Kvm) -> Result<&'static CpuId, VmErrorKind> {
     if let Some(c) = SUPPORTED_CPUID.get() {
         return Ok(c);
     }
     let mut c = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|source| VmError::Kvm {
-            vm: vm.to_owned(),
-            op: "get supported CPUID",
-            source,
-        })?;
+        .map_err(VmErrorKind::kvm("get supported CPUID"))?;
     crate::cpuid::add_emulated_features(
         &mut c,
         kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
@@ -517,21 +504,21 @@ impl Vm {
     pub fn start(cfg: VmConfig) -> Result<Vm, VmError> {
         cfg.validate()?;
         let name = cfg.name.clone();
-        let (kvm, vm_fd) = create_vm_fd(&name)?;
+        Self::build(cfg).map_err(|kind| VmError::new(name, kind))
+    }
 
-        let mem = memory::create_guest_memory(cfg.mem_mib).map_err(|source| VmError::Memory {
-            vm: name.clone(),
-            source,
-        })?;
-        let boot_err = |source| VmError::Boot {
-            vm: name.clone(),
-            source,
-        };
+    /// [`Vm::start`] after validation; the caller adds the VM's name to an error.
+    fn build(cfg: VmConfig) -> Result<Vm, VmErrorKind> {
+        let name = cfg.name.clone();
+        let (kvm, vm_fd) = create_vm_fd()?;
+
+        let mem = memory::create_guest_memory(cfg.mem_mib)?;
+        let boot_err = VmErrorKind::Boot;
 
         // Memory slots first, then irqchip/PIT/devices/vCPUs, then the kernel. (Running the
         // memory registration and kernel load on a helper thread in parallel was measured and
         // did not pay off here; see docs/VMM.md "Start-up cost".)
-        register_memory(&vm_fd, &mem, &name)?;
+        register_memory(&vm_fd, &mem)?;
         let machine = build_machine(&cfg, kvm, &vm_fd, &mem)?;
         let loaded = boot::load_kernel(&mem, cfg.mem_mib, &cfg.kernel, cfg.initramfs.as_deref())
             .map_err(boot_err)?;
@@ -540,12 +527,9 @@ impl Vm {
         let cmdline =
             boot::build_cmdline(&machine.cmdline_parts, &cfg.cmdline_extra).map_err(boot_err)?;
         let entry = boot::write_boot_info(&mem, cfg.mem_mib, loaded, &cmdline).map_err(boot_err)?;
-        mptable::setup(&mem, cfg.vcpus).map_err(|source| VmError::MpTable {
-            vm: name.clone(),
-            source,
-        })?;
+        mptable::setup(&mem, cfg.vcpus)?;
         if let Some(bsp) = machine.vcpu_fds.first() {
-            set_boot_registers(bsp, &mem, entry, &name)?;
+            set_boot_registers(bsp, &mem, entry)?;
         }
 
         let cmdline_str = cmdline
@@ -553,7 +537,7 @@ impl Vm {
             .map(|c| c.to_string_lossy().into_owned())
             .unwrap_or_default();
         let launched = Vm::launch(name, machine, vm_fd, mem, cfg.vcpus, cmdline_str, |_| {
-            Ok::<(), VmError>(())
+            Ok::<(), VmErrorKind>(())
         });
         launched.map(|(vm, ())| vm)
     }
@@ -561,7 +545,7 @@ impl Vm {
     /// Wraps a built machine whose guest is ready to run (kernel loaded, or state restored) in
     /// a `Vm`, starts its device thread, calls `before_start` and starts one thread per vCPU.
     /// On error the partly started `Vm` is dropped, which stops it.
-    fn launch<T, E: From<VmError>>(
+    fn launch<T, E: From<VmErrorKind>>(
         name: String,
         machine: Machine,
         vm_fd: VmFd,
@@ -581,10 +565,7 @@ impl Vm {
             vcpu_fds,
             serial,
         } = machine;
-        let os_err = |what: &'static str| {
-            let vm = name.clone();
-            move |source| VmError::Os { vm, what, source }
-        };
+        let os_err = VmErrorKind::os;
         let shared = Arc::new(VmShared::new(&name, console, vcpus));
         let pio = Arc::new(pio);
         let mmio = Arc::new(mmio);
@@ -652,19 +633,22 @@ impl Vm {
         let start = Instant::now();
         match self.shared.console.wait_for(needle.as_bytes(), deadline) {
             WaitOutcome::Found(_) => Ok(()),
-            WaitOutcome::TimedOut => Err(VmError::Timeout {
-                vm: self.name.clone(),
+            WaitOutcome::TimedOut => Err(self.error(VmErrorKind::Timeout {
                 what: format!("{needle:?} on the serial console"),
                 waited: start.elapsed(),
                 serial_tail: self.serial_tail(ERROR_TAIL_BYTES),
-            }),
-            WaitOutcome::Closed => Err(VmError::Exited {
-                vm: self.name.clone(),
+            })),
+            WaitOutcome::Closed => Err(self.error(VmErrorKind::Exited {
                 what: format!("{needle:?} on the serial console"),
                 reason: self.shared.exit_reason().unwrap_or(ExitReason::Stopped),
                 serial_tail: self.serial_tail(ERROR_TAIL_BYTES),
-            }),
+            })),
         }
+    }
+
+    /// `kind`, naming this VM.
+    fn error(&self, kind: VmErrorKind) -> VmError {
+        VmError::new(&self.name, kind)
     }
 
     /// The exit reason if the VM has ended.
@@ -676,11 +660,12 @@ impl Vm {
     pub fn wait_exit(&self, timeout: Duration) -> Result<ExitReason, VmError> {
         self.shared
             .wait_exit(Instant::now() + timeout)
-            .ok_or_else(|| VmError::Timeout {
-                vm: self.name.clone(),
-                what: "the guest to exit".into(),
-                waited: timeout,
-                serial_tail: self.serial_tail(ERROR_TAIL_BYTES),
+            .ok_or_else(|| {
+                self.error(VmErrorKind::Timeout {
+                    what: "the guest to exit".into(),
+                    waited: timeout,
+                    serial_tail: self.serial_tail(ERROR_TAIL_BYTES),
+                })
             })
     }
 
@@ -695,12 +680,11 @@ impl Vm {
         let deadline = Instant::now() + timeout;
         for c in &self.shared.vcpus {
             if !c.wait_state(deadline, |s| !matches!(s, VcpuState::Running)) {
-                return Err(VmError::Timeout {
-                    vm: self.name.clone(),
+                return Err(self.error(VmErrorKind::Timeout {
                     what: "the vCPUs to pause".into(),
                     waited: timeout,
                     serial_tail: self.serial_tail(ERROR_TAIL_BYTES),
-                });
+                }));
             }
         }
         Ok(())
@@ -788,21 +772,14 @@ fn configure_vcpu(
     index: u8,
     count: u8,
     name: &str,
-) -> Result<VcpuFd, VmError> {
-    let kvm_err = |op: &'static str| {
-        let vm = name.to_owned();
-        move |source| VmError::Kvm { vm, op, source }
-    };
+) -> Result<VcpuFd, VmErrorKind> {
+    let kvm_err = VmErrorKind::kvm;
     let fd = vm_fd
         .create_vcpu(u64::from(index))
         .map_err(kvm_err("create vCPU"))?;
     fd.set_cpuid2(&crate::cpuid::for_vcpu(cpuid, index, count))
         .map_err(kvm_err("set CPUID"))?;
-    let msrs = crate::msr::boot_msrs().map_err(|e| VmError::Os {
-        vm: name.to_owned(),
-        what: "MSR list",
-        source: std::io::Error::other(format!("{e:?}")),
-    })?;
+    let msrs = crate::msr::boot_msrs().map_err(VmErrorKind::MsrList)?;
     let n = fd.set_msrs(&msrs).map_err(kvm_err("set MSRs"))?;
     if n != msrs.as_slice().len() {
         tracing::debug!(
@@ -828,12 +805,8 @@ fn set_boot_registers(
     fd: &VcpuFd,
     mem: &GuestMemoryMmap,
     entry: BootEntry,
-    name: &str,
-) -> Result<(), VmError> {
-    let kvm_err = |op: &'static str| {
-        let vm = name.to_owned();
-        move |source| VmError::Kvm { vm, op, source }
-    };
+) -> Result<(), VmErrorKind> {
+    let kvm_err = VmErrorKind::kvm;
     let fpu = kvm_fpu {
         fcw: 0x37f,
         mxcsr: 0x1f80,
@@ -841,18 +814,14 @@ fn set_boot_registers(
     };
     fd.set_fpu(&fpu).map_err(kvm_err("set FPU"))?;
     let sregs = fd.get_sregs().map_err(kvm_err("get sregs"))?;
-    let (sregs, regs) =
-        boot::entry_registers(mem, entry, sregs).map_err(|source| VmError::Boot {
-            vm: name.to_owned(),
-            source,
-        })?;
+    let (sregs, regs) = boot::entry_registers(mem, entry, sregs).map_err(VmErrorKind::Boot)?;
     fd.set_sregs(&sregs).map_err(kvm_err("set sregs"))?;
     fd.set_regs(&regs).map_err(kvm_err("set regs"))?;
     Ok(())
 }
 
 /// Registers every guest RAM region as a KVM memory slot.
-fn register_memory(vm_fd: &VmFd, mem: &GuestMemoryMmap, name: &str) -> Result<(), VmError> {
+fn register_memory(vm_fd: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmErrorKind> {
     for (slot, region) in mem.iter().enumerate() {
         let r = kvm_userspace_memory_region {
             slot: slot as u32,
@@ -865,11 +834,8 @@ fn register_memory(vm_fd: &VmFd, mem: &GuestMemoryMmap, name: &str) -> Result<()
         // the host page tables, so even a mapping that went away before the slot would make
         // guest accesses fail rather than touch other host memory; and no vCPU runs after
         // `mem` is dropped (a running Vm joins its vCPUs and closes vm_fd before unmapping).
-        unsafe { vm_fd.set_user_memory_region(r) }.map_err(|source| VmError::Kvm {
-            vm: name.to_owned(),
-            op: "set memory region",
-            source,
-        })?;
+        unsafe { vm_fd.set_user_memory_region(r) }
+            .map_err(VmErrorKind::kvm("set memory region"))?;
     }
     Ok(())
 }
@@ -894,12 +860,9 @@ fn build_machine(
     kvm: &Kvm,
     vm_fd: &VmFd,
     mem: &GuestMemoryMmap,
-) -> Result<Machine, VmError> {
+) -> Result<Machine, VmErrorKind> {
     let name = cfg.name.as_str();
-    let kvm_err = |op: &'static str| {
-        let vm = name.to_owned();
-        move |source| VmError::Kvm { vm, op, source }
-    };
+    let kvm_err = VmErrorKind::kvm;
     vm_fd
         .set_tss_address(memory::KVM_TSS_ADDRESS as usize)
         .map_err(kvm_err("set TSS address"))?;
@@ -915,30 +878,18 @@ fn build_machine(
 
     // Serial console on COM1, IRQ 4.
     let console = Arc::new(Console::new(name, cfg.serial_ring_bytes, cfg.serial_log));
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Os {
-        vm: name.to_owned(),
-        what: "serial eventfd",
-        source,
-    })?;
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmErrorKind::os("serial eventfd"))?;
     vm_fd
         .register_irqfd(&serial_irq, COM1_IRQ)
         .map_err(kvm_err("register serial irqfd"))?;
     let mut pio = Bus::new();
     let serial_dev = Arc::new(Mutex::new(SerialDevice::new(serial_irq, console.clone())));
     let serial: SharedDevice = serial_dev.clone();
-    pio.insert(COM1_PORT, COM1_LEN, serial)
-        .map_err(|source| VmError::Bus {
-            vm: name.to_owned(),
-            source,
-        })?;
+    pio.insert(COM1_PORT, COM1_LEN, serial)?;
 
     // Devices.
     let mut mmio = Bus::new();
-    let mut events = DeviceEventManager::new().map_err(|e| VmError::Os {
-        vm: name.to_owned(),
-        what: "device event manager",
-        source: std::io::Error::other(format!("{e:?}")),
-    })?;
+    let mut events = DeviceEventManager::new().map_err(VmErrorKind::EventManager)?;
     let mut cmdline_parts = Vec::new();
     let mut ctx = DeviceContext {
         vm_name: name,
@@ -955,7 +906,7 @@ fn build_machine(
     let subscribers = ctx.subscribers;
 
     // vCPUs (after the irqchip: KVM refuses an irqchip once vCPUs exist).
-    let cpuid = supported_cpuid(kvm, name)?;
+    let cpuid = supported_cpuid(kvm)?;
     let mut vcpu_fds = Vec::with_capacity(usize::from(cfg.vcpus));
     for i in 0..cfg.vcpus {
         vcpu_fds.push(configure_vcpu(vm_fd, cpuid, i, cfg.vcpus, name)?);
@@ -988,6 +939,30 @@ mod tests {
     }
 
     #[test]
+    fn errors_name_the_vm_once_and_keep_the_cause_as_source() {
+        let e = VmError::new(
+            "v1",
+            VmErrorKind::device::<std::io::Error>("virtio-vsock")(
+                std::io::Error::from_raw_os_error(libc::EMFILE),
+            ),
+        );
+        let os = std::io::Error::from_raw_os_error(libc::EMFILE).to_string();
+        assert_eq!(e.to_string(), format!("VM v1: device virtio-vsock: {os}"));
+        let mut layers = vec![e.to_string()];
+        let mut cur = std::error::Error::source(&e);
+        let mut last = None;
+        while let Some(s) = cur {
+            layers.push(s.to_string());
+            last = Some(s);
+            cur = s.source();
+        }
+        assert_eq!(layers.len(), 3, "{layers:?}");
+        assert_eq!(layers.join("\n").matches("v1").count(), 1, "{layers:?}");
+        let io = last.and_then(|s| s.downcast_ref::<std::io::Error>());
+        assert_eq!(io.and_then(|e| e.raw_os_error()), Some(libc::EMFILE));
+    }
+
+    #[test]
     fn config_validation_names_the_field() {
         let dir = tempfile::tempdir().unwrap();
         let kernel = dir.path().join("vmlinux");
@@ -1014,14 +989,14 @@ mod tests {
             let mut c = ok.clone();
             mutate(&mut c);
             let e = c.validate().unwrap_err();
-            assert!(matches!(e, VmError::Config { .. }), "{e}");
+            assert!(matches!(e.kind(), VmErrorKind::Config { .. }), "{e}");
             assert!(e.to_string().contains(want), "{e} should mention {want}");
         }
         let mut c = ok.clone();
         c.initramfs = Some(dir.path().join("missing.cpio"));
         assert!(matches!(
-            c.validate(),
-            Err(VmError::FileMissing {
+            c.validate().map_err(VmError::into_kind),
+            Err(VmErrorKind::FileMissing {
                 what: "initramfs",
                 ..
             })
@@ -1029,8 +1004,8 @@ mod tests {
         let mut c = ok;
         c.kernel = dir.path().to_path_buf(); // a directory is not a kernel file
         assert!(matches!(
-            c.validate(),
-            Err(VmError::FileMissing { what: "kernel", .. })
+            c.validate().map_err(VmError::into_kind),
+            Err(VmErrorKind::FileMissing { what: "kernel", .. })
         ));
     }
 }

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use kiln_vmm::snapshot::{self, FormatError, MemFileError, RestoreConfig, SnapshotError};
+use kiln_vmm::snapshot::{
+    self, FormatError, MemFileError, RestoreConfig, SnapshotError, SnapshotErrorKind,
+};
 use kiln_vmm::test_guest::{self, counter_values, Action};
 use kiln_vmm::vcpu::VcpuState;
 use kiln_vmm::{Vm, VmConfig};
@@ -261,8 +263,8 @@ fn corrupted_truncated_or_foreign_snapshots_are_refused_without_leaving_anything
     let threads = count_dir("/proc/self/task");
     let state = |d: &Path| d.join(snapshot::STATE_FILE);
     let restore = |d: &Path| Vm::restore(d, RestoreConfig::new("bad")).unwrap_err();
-    let state_err = |e: SnapshotError| match e {
-        SnapshotError::StateFile { source, path } => {
+    let state_err = |e: SnapshotError| match e.into_kind() {
+        SnapshotErrorKind::StateFile { source, path } => {
             assert!(path.ends_with(snapshot::STATE_FILE));
             source
         }
@@ -322,7 +324,10 @@ fn corrupted_truncated_or_foreign_snapshots_are_refused_without_leaving_anything
     .unwrap();
     let e = restore(&d);
     assert!(
-        matches!(e, SnapshotError::MemoryFile(MemFileError::Mismatch { .. })),
+        matches!(
+            e.kind(),
+            SnapshotErrorKind::MemoryFile(MemFileError::Mismatch { .. })
+        ),
         "{e:?}"
     );
     let d = copy_snapshot(&good, "memtrunc");
@@ -338,8 +343,8 @@ fn corrupted_truncated_or_foreign_snapshots_are_refused_without_leaving_anything
     assert!(e.to_string().contains("truncated"), "{e}");
     std::fs::remove_file(&m).unwrap();
     assert!(matches!(
-        restore(&d),
-        SnapshotError::MemoryFile(MemFileError::Io { op: "open", .. })
+        restore(&d).into_kind(),
+        SnapshotErrorKind::MemoryFile(MemFileError::Io { op: "open", .. })
     ));
     // Nothing was left behind by any refused restore.
     assert_eq!(count_dir("/proc/self/fd"), fds, "fds leaked");
@@ -375,8 +380,8 @@ fn vsock_device_state_round_trips_and_cid_can_change() {
     let mut rc = RestoreConfig::new("x");
     rc.vsock_cid = Some(5);
     assert!(matches!(
-        Vm::restore(&d2, rc).unwrap_err(),
-        SnapshotError::Device { .. }
+        Vm::restore(&d2, rc).unwrap_err().into_kind(),
+        SnapshotErrorKind::Device { .. }
     ));
 }
 
@@ -386,7 +391,10 @@ fn exited_vm_cannot_be_snapshotted() {
     let vm = Vm::start(cfg("exited", Action::Shutdown)).unwrap();
     vm.wait_exit(T).unwrap();
     let e = vm.snapshot(&snap_dir("exited")).unwrap_err();
-    assert!(matches!(e, SnapshotError::NotSnapshottable { .. }), "{e:?}");
+    assert!(
+        matches!(e.kind(), SnapshotErrorKind::NotSnapshottable { .. }),
+        "{e:?}"
+    );
     assert!(e.to_string().contains("VM exited"), "{e}");
 }
 
@@ -410,14 +418,16 @@ fn restore_with_runs_its_hook_before_the_vcpus_start() {
     r.stop();
     // A failing hook: the error comes back and nothing is left running.
     let threads = count_dir("/proc/self/task");
-    let e = Vm::restore_with(&d, RestoreConfig::new("hook-fail"), |vm| -> Result<(), _> {
-        Err(SnapshotError::NotSnapshottable {
-            vm: vm.name().into(),
+    let e = Vm::restore_with(&d, RestoreConfig::new("hook-fail"), |_| -> Result<(), _> {
+        Err(SnapshotErrorKind::NotSnapshottable {
             what: "test hook refused".into(),
         })
     })
     .unwrap_err();
     assert!(e.to_string().contains("test hook refused"), "{e}");
+    // The restore names the VM, once.
+    assert_eq!(e.vm(), "hook-fail");
+    assert_eq!(e.to_string().matches("hook-fail").count(), 1, "{e}");
     assert_eq!(count_dir("/proc/self/task"), threads);
 }
 

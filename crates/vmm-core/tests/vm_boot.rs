@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use kiln_vmm::memory::{e820_map, E820_RAM};
 use kiln_vmm::test_guest::{self, Action};
 use kiln_vmm::vcpu::VcpuState;
-use kiln_vmm::{ExitReason, Vm, VmConfig, VmError};
+use kiln_vmm::{ExitReason, Vm, VmConfig, VmError, VmErrorKind};
 use vm_memory::{Bytes, GuestAddress};
 
 fn dir() -> &'static tempfile::TempDir {
@@ -68,14 +68,15 @@ fn i8042_reset_is_an_exit_reason() {
 fn waiting_for_output_that_never_comes_reports_the_exit() {
     let _l = serial_lock();
     let vm = Vm::start(cfg("noline", Action::Shutdown)).unwrap();
-    match vm.wait_for_serial("NEVER-PRINTED", deadline()) {
-        Err(VmError::Exited {
-            vm: name,
+    let e = vm.wait_for_serial("NEVER-PRINTED", deadline());
+    let name = e.as_ref().err().map(|e| e.vm().to_owned());
+    match e.map_err(VmError::into_kind) {
+        Err(VmErrorKind::Exited {
             reason,
             serial_tail,
             ..
         }) => {
-            assert_eq!(name, "noline");
+            assert_eq!(name.as_deref(), Some("noline"));
             assert_eq!(reason, ExitReason::Shutdown { vcpu: 0 });
             assert!(serial_tail.contains("READY"), "{serial_tail}");
         }
@@ -88,13 +89,11 @@ fn spinning_guest_times_out_then_stops_with_a_reason() {
     let _l = serial_lock();
     let vm = Vm::start(cfg("spin", Action::Spin)).unwrap();
     vm.wait_for_serial(test_guest::READY, deadline()).unwrap();
-    match vm.wait_exit(Duration::from_millis(300)) {
-        Err(VmError::Timeout {
-            vm: name,
-            serial_tail,
-            ..
-        }) => {
-            assert_eq!(name, "spin");
+    let e = vm.wait_exit(Duration::from_millis(300));
+    let name = e.as_ref().err().map(|e| e.vm().to_owned());
+    match e.map_err(VmError::into_kind) {
+        Err(VmErrorKind::Timeout { serial_tail, .. }) => {
+            assert_eq!(name.as_deref(), Some("spin"));
             assert!(serial_tail.contains("READY"));
         }
         other => panic!("expected a timeout, got {other:?}"),
@@ -233,18 +232,21 @@ fn bad_configs_are_typed_errors_naming_the_problem() {
         let msg = e.to_string();
         assert!(msg.contains("VM bad"), "{msg}");
         assert!(msg.contains(want), "{msg} should mention {want}");
-        e
+        e.into_kind()
     };
     let base = || VmConfig::new("bad", guest());
     let mut c = base();
     c.vcpus = 0;
-    assert!(matches!(check(c, "vcpus = 0"), VmError::Config { .. }));
+    assert!(matches!(check(c, "vcpus = 0"), VmErrorKind::Config { .. }));
     let mut c = base();
     c.vcpus = 9;
-    assert!(matches!(check(c, "vcpus = 9"), VmError::Config { .. }));
+    assert!(matches!(check(c, "vcpus = 9"), VmErrorKind::Config { .. }));
     let mut c = base();
     c.mem_mib = 0;
-    assert!(matches!(check(c, "mem_mib = 0"), VmError::Config { .. }));
+    assert!(matches!(
+        check(c, "mem_mib = 0"),
+        VmErrorKind::Config { .. }
+    ));
     let mut c = base();
     c.serial_ring_bytes = 0;
     check(c, "serial_ring_bytes");
@@ -254,7 +256,7 @@ fn bad_configs_are_typed_errors_naming_the_problem() {
     let c = VmConfig::new("bad", "/nonexistent/vmlinux");
     assert!(matches!(
         check(c, "kernel file /nonexistent/vmlinux"),
-        VmError::FileMissing { what: "kernel", .. }
+        VmErrorKind::FileMissing { what: "kernel", .. }
     ));
     let mut c = base();
     c.initramfs = Some("/nonexistent/initrd".into());
@@ -263,11 +265,11 @@ fn bad_configs_are_typed_errors_naming_the_problem() {
     std::fs::write(&junk, vec![0u8; 4096]).unwrap();
     assert!(matches!(
         check(VmConfig::new("bad", &junk), "junk-kernel"),
-        VmError::Boot { .. }
+        VmErrorKind::Boot { .. }
     ));
     let mut c = base();
     c.cmdline_extra = "x".repeat(4096);
-    assert!(matches!(check(c, "command line"), VmError::Boot { .. }));
+    assert!(matches!(check(c, "command line"), VmErrorKind::Boot { .. }));
 }
 
 #[test]

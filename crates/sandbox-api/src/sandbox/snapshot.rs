@@ -12,7 +12,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use kiln_vmm::snapshot::{RestoreConfig, SnapshotError, SnapshotInfo};
+use kiln_vmm::snapshot::{RestoreConfig, SnapshotError, SnapshotErrorKind, SnapshotInfo};
 
 use super::*;
 
@@ -21,11 +21,13 @@ const SEED_BYTES: usize = 32;
 /// Most forks one [`Sandbox::fork`] call makes.
 pub const MAX_FORKS: usize = 256;
 
+/// The sandbox's error for a failed snapshot operation: the VM is named after the sandbox, so
+/// only what failed is kept.
 fn snap_err(vm: &str, op: &'static str, source: SnapshotError) -> SandboxError {
     SandboxError::Snapshot {
         vm: vm.to_owned(),
         op,
-        source: Box::new(source),
+        source: Box::new(source.into_kind()),
     }
 }
 
@@ -76,15 +78,15 @@ impl Sandbox {
         rc.serial_ring_bytes = SERIAL_RING_BYTES;
         rc.vsock_cid = Some(GUEST_CID);
         let (vm, listener) = Vm::restore_with(dir, rc, |vm| {
-            let device = |what: String| SnapshotError::Device {
-                vm: vm.name().to_owned(),
-                device: "virtio-vsock",
-                what,
-            };
             vm.vsock()
-                .ok_or_else(|| device("the snapshot has no vsock device".into()))?
+                .ok_or_else(|| SnapshotErrorKind::Device {
+                    device: "virtio-vsock",
+                    what: "the snapshot has no vsock device".into(),
+                })?
                 .listen(kiln_proto::AGENT_PORT)
-                .map_err(|e| device(e.to_string()))
+                .map_err(SnapshotErrorKind::device_restore::<
+                    kiln_vmm::virtio::vsock::VsockError,
+                >("virtio-vsock"))
         })
         .map_err(|e| snap_err(&name, "restoring the VM", e))?;
         let vm_start = t0.elapsed();

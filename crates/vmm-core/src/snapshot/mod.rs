@@ -36,9 +36,47 @@ pub const MEMORY_FILE: &str = "memory.bin";
 /// How long snapshotting waits for the vCPUs to park or answer.
 pub const VCPU_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Errors creating or restoring a snapshot. Each says which VM or which file.
+/// An error of [`crate::Vm::snapshot`] or a restore ([`crate::Vm::restore`] and friends): the
+/// VM's name, added here and nowhere below, and what failed ([`SnapshotErrorKind`], causes
+/// kept as [`source`](std::error::Error::source)s). Displays as `VM <name>: <kind>`; a layer
+/// above that names the VM itself (a sandbox) wraps [`kind`](Self::kind) instead.
 #[derive(Debug, thiserror::Error)]
-pub enum SnapshotError {
+#[error("VM {vm}: {kind}")]
+pub struct SnapshotError {
+    vm: String,
+    #[source]
+    kind: SnapshotErrorKind,
+}
+
+impl SnapshotError {
+    /// `kind` of the VM called `vm`.
+    pub fn new(vm: impl Into<String>, kind: SnapshotErrorKind) -> Self {
+        Self {
+            vm: vm.into(),
+            kind,
+        }
+    }
+
+    /// The VM's name.
+    pub fn vm(&self) -> &str {
+        &self.vm
+    }
+
+    /// What failed.
+    pub fn kind(&self) -> &SnapshotErrorKind {
+        &self.kind
+    }
+
+    /// What failed, without the VM's name (for a caller that names the VM itself).
+    pub fn into_kind(self) -> SnapshotErrorKind {
+        self.kind
+    }
+}
+
+/// What failed creating or restoring a snapshot (the VM is named once, by
+/// [`SnapshotError`]); file errors say which file.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotErrorKind {
     /// A file or directory operation failed.
     #[error("snapshot {path}: {op}: {source}")]
     Io {
@@ -66,37 +104,52 @@ pub enum SnapshotError {
     #[error("snapshot: this host has no usable KVM")]
     NoKvm,
     /// Reading or loading KVM state failed.
-    #[error("VM {vm}: snapshot {what}: {source}")]
+    #[error("snapshot {what}: {source}")]
     KvmState {
-        /// VM name.
-        vm: String,
         /// vCPU n, or "VM state".
         what: String,
         /// Cause.
         #[source]
         source: KvmStateError,
     },
-    /// Building the VM failed.
+    /// Building or driving the VM failed.
     #[error(transparent)]
-    Vm(#[from] crate::vm::VmError),
+    Vm(#[from] crate::vm::VmErrorKind),
     /// The VM cannot be snapshotted in its current state.
-    #[error("VM {vm}: cannot snapshot: {what}")]
+    #[error("cannot snapshot: {what}")]
     NotSnapshottable {
-        /// VM name.
-        vm: String,
         /// Why.
         what: String,
     },
     /// A device's saved state does not fit the device being restored.
-    #[error("VM {vm}: restore device {device}: {what}")]
+    #[error("restore device {device}: {what}")]
     Device {
-        /// VM name.
-        vm: String,
         /// Device.
         device: &'static str,
         /// What is wrong.
         what: String,
     },
+    /// A device refused its saved state, or could not be set up for the restored guest.
+    #[error("restore device {device}: {source}")]
+    DeviceRestore {
+        /// Device.
+        device: &'static str,
+        /// Cause (the device's own error type).
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl SnapshotErrorKind {
+    /// Device `device` failed with `source` while being restored (for `map_err`).
+    pub fn device_restore<E: std::error::Error + Send + Sync + 'static>(
+        device: &'static str,
+    ) -> impl FnOnce(E) -> Self {
+        move |source| Self::DeviceRestore {
+            device,
+            source: Box::new(source),
+        }
+    }
 }
 
 /// What [`crate::Vm::snapshot`] wrote.
@@ -146,33 +199,36 @@ pub fn paths(dir: &Path) -> (PathBuf, PathBuf) {
 }
 
 /// The origin this process requires of state files (errors without KVM).
-pub fn current_origin() -> Result<format::Origin, SnapshotError> {
-    let kind = KvmKind::current().ok_or(SnapshotError::NoKvm)?;
+pub fn current_origin() -> Result<format::Origin, SnapshotErrorKind> {
+    let kind = KvmKind::current().ok_or(SnapshotErrorKind::NoKvm)?;
     Ok(format::Origin::current(kind))
 }
 
 /// Reads and fully checks the state file in `dir` against this host (version, KVM kind, CPU
 /// vendor, length, checksum, payload bounds). Creates nothing.
-pub fn load(dir: &Path) -> Result<VmSnapshot, SnapshotError> {
+pub fn load(dir: &Path) -> Result<VmSnapshot, SnapshotErrorKind> {
     let origin = current_origin()?;
     load_with_origin(dir, &origin)
 }
 
 /// [`load`] against an explicit origin (tests, tools).
-pub fn load_with_origin(dir: &Path, origin: &format::Origin) -> Result<VmSnapshot, SnapshotError> {
+pub fn load_with_origin(
+    dir: &Path,
+    origin: &format::Origin,
+) -> Result<VmSnapshot, SnapshotErrorKind> {
     let (state_path, _) = paths(dir);
     let bytes = read_bounded(&state_path)?;
-    format::decode(&bytes, origin).map_err(|source| SnapshotError::StateFile {
+    format::decode(&bytes, origin).map_err(|source| SnapshotErrorKind::StateFile {
         path: state_path,
         source,
     })
 }
 
 /// Reads a state file, refusing files larger than any valid one.
-fn read_bounded(path: &Path) -> Result<Vec<u8>, SnapshotError> {
+fn read_bounded(path: &Path) -> Result<Vec<u8>, SnapshotErrorKind> {
     use std::io::Read;
     let io = |op| {
-        move |source| SnapshotError::Io {
+        move |source| SnapshotErrorKind::Io {
             path: path.to_owned(),
             op,
             source,
@@ -183,7 +239,7 @@ fn read_bounded(path: &Path) -> Result<Vec<u8>, SnapshotError> {
     let mut buf = Vec::with_capacity(64 * 1024);
     f.take(limit).read_to_end(&mut buf).map_err(io("read"))?;
     if buf.len() as u64 == limit {
-        return Err(SnapshotError::StateFile {
+        return Err(SnapshotErrorKind::StateFile {
             path: path.to_owned(),
             source: FormatError::TooLarge {
                 len: buf.len() as u64,
@@ -194,11 +250,11 @@ fn read_bounded(path: &Path) -> Result<Vec<u8>, SnapshotError> {
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SnapshotErrorKind> {
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let io = |op, p: &Path| {
         let p = p.to_owned();
-        move |source| SnapshotError::Io {
+        move |source| SnapshotErrorKind::Io {
             path: p,
             op,
             source,
@@ -240,7 +296,7 @@ mod tests {
         f.set_len(format::MAX_PAYLOAD + 4096).unwrap();
         assert!(matches!(
             read_bounded(&p),
-            Err(SnapshotError::StateFile {
+            Err(SnapshotErrorKind::StateFile {
                 source: FormatError::TooLarge { .. },
                 ..
             })
@@ -250,7 +306,7 @@ mod tests {
             &format::Origin::current(KvmKind::Pvm),
         )
         .unwrap_err();
-        assert!(matches!(e, SnapshotError::Io { op: "open", .. }), "{e}");
+        assert!(matches!(e, SnapshotErrorKind::Io { op: "open", .. }), "{e}");
         assert_ne!(new_snapshot_id(), new_snapshot_id());
     }
 }

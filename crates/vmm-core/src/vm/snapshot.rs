@@ -18,11 +18,14 @@ use std::time::Instant;
 
 use kvm_ioctls::{Kvm, VcpuFd};
 
-use super::{build_machine, create_vm_fd, kvm, register_memory, Machine, Vm, VmConfig, VmError};
+use super::{
+    build_machine, create_vm_fd, kvm, register_memory, Machine, Vm, VmConfig, VmError, VmErrorKind,
+};
 use crate::snapshot::kvm_state::{self, VmKvmState};
 use crate::snapshot::state::{VcpuSnapshot, VmSnapshot, VsockSnapshot};
 use crate::snapshot::{
-    self, format, memory_file, RestoreConfig, SnapshotError, SnapshotInfo, VCPU_TIMEOUT,
+    self, format, memory_file, RestoreConfig, SnapshotError, SnapshotErrorKind, SnapshotInfo,
+    VCPU_TIMEOUT,
 };
 use crate::vcpu::VcpuState;
 use crate::virtio::VirtioDevice;
@@ -36,26 +39,22 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// KVM's MSR index list, read once per process.
-fn msr_indices(kvm: &Kvm, vm: &str) -> Result<&'static [u32], SnapshotError> {
+fn msr_indices(kvm: &Kvm) -> Result<&'static [u32], SnapshotErrorKind> {
     static LIST: OnceLock<Vec<u32>> = OnceLock::new();
     if let Some(l) = LIST.get() {
         return Ok(l);
     }
     let l = kvm
         .get_msr_index_list()
-        .map_err(|source| VmError::Kvm {
-            vm: vm.to_owned(),
-            op: "get MSR index list",
-            source,
-        })?
+        .map_err(VmErrorKind::kvm("get MSR index list"))?
         .as_slice()
         .to_vec();
     Ok(LIST.get_or_init(|| l))
 }
 
-fn io_err(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> SnapshotError {
+fn io_err(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> SnapshotErrorKind {
     let path = path.to_owned();
-    move |source| SnapshotError::Io { path, op, source }
+    move |source| SnapshotErrorKind::Io { path, op, source }
 }
 
 impl Vm {
@@ -64,10 +63,13 @@ impl Vm {
     /// VM that was paused stays paused. Open vsock connections are not saved (a restored VM
     /// starts without them and its guest gets a TRANSPORT_RESET).
     pub fn snapshot(&self, dir: &Path) -> Result<SnapshotInfo, SnapshotError> {
-        let not = |what: String| SnapshotError::NotSnapshottable {
-            vm: self.name.clone(),
-            what,
-        };
+        self.snapshot_kind(dir)
+            .map_err(|kind| SnapshotError::new(&self.name, kind))
+    }
+
+    /// [`Vm::snapshot`]; the caller adds the VM's name to an error.
+    fn snapshot_kind(&self, dir: &Path) -> Result<SnapshotInfo, SnapshotErrorKind> {
+        let not = |what: String| SnapshotErrorKind::NotSnapshottable { what };
         if let Some(r) = self.shared.exit_reason() {
             return Err(not(format!("it has exited ({r})")));
         }
@@ -77,7 +79,7 @@ impl Vm {
         let t0 = Instant::now();
         let res = match self.pause(VCPU_TIMEOUT) {
             Ok(()) => self.snapshot_paused(dir, &origin),
-            Err(e) => Err(e.into()),
+            Err(e) => Err(e.into_kind().into()),
         };
         if was_running && self.shared.exit_reason().is_none() {
             self.resume();
@@ -91,10 +93,8 @@ impl Vm {
         &self,
         dir: &Path,
         origin: &format::Origin,
-    ) -> Result<SnapshotInfo, SnapshotError> {
-        let name = self.name.clone();
-        let not = |what: &str| SnapshotError::NotSnapshottable {
-            vm: name.clone(),
+    ) -> Result<SnapshotInfo, SnapshotErrorKind> {
+        let not = |what: &str| SnapshotErrorKind::NotSnapshottable {
             what: what.to_owned(),
         };
         if let Some(s) = self
@@ -107,8 +107,8 @@ impl Vm {
         let (Some(vm_fd), Some(mem)) = (self.vm_fd.as_ref(), self.memory.as_ref()) else {
             return Err(not("it is being torn down"));
         };
-        let kvm = kvm(&self.name)?;
-        let vcpus = self.save_vcpus(msr_indices(kvm, &self.name)?)?;
+        let kvm = kvm()?;
+        let vcpus = self.save_vcpus(msr_indices(kvm)?)?;
 
         // Devices: serial, then the vsock transport and device, held until memory is written
         // so the device thread cannot touch guest memory or the rings meanwhile.
@@ -145,8 +145,7 @@ impl Vm {
                 })
             }
         };
-        let vm_state = kvm_state::save_vm(vm_fd).map_err(|source| SnapshotError::KvmState {
-            vm: self.name.clone(),
+        let vm_state = kvm_state::save_vm(vm_fd).map_err(|source| SnapshotErrorKind::KvmState {
             what: "VM state".into(),
             source,
         })?;
@@ -182,14 +181,14 @@ impl Vm {
             vsock,
         };
         snap.validate()
-            .map_err(|what| SnapshotError::NotSnapshottable {
-                vm: self.name.clone(),
+            .map_err(|what| SnapshotErrorKind::NotSnapshottable {
                 what: format!("its state does not pass validation: {what}"),
             })?;
-        let bytes = format::encode(&snap, origin).map_err(|source| SnapshotError::StateFile {
-            path: state_path.clone(),
-            source,
-        })?;
+        let bytes =
+            format::encode(&snap, origin).map_err(|source| SnapshotErrorKind::StateFile {
+                path: state_path.clone(),
+                source,
+            })?;
         snapshot::write_atomic(&state_path, &bytes)?;
         Ok(SnapshotInfo {
             dir: dir.to_owned(),
@@ -201,7 +200,7 @@ impl Vm {
     }
 
     /// Saves every (paused) vCPU on its own thread.
-    fn save_vcpus(&self, msrs: &'static [u32]) -> Result<Vec<VcpuSnapshot>, SnapshotError> {
+    fn save_vcpus(&self, msrs: &'static [u32]) -> Result<Vec<VcpuSnapshot>, SnapshotErrorKind> {
         let (tx, rx) = mpsc::channel();
         for (i, ctl) in self.shared.vcpus.iter().enumerate() {
             let tx = tx.clone();
@@ -220,14 +219,12 @@ impl Vm {
             (0..self.shared.vcpus.len()).map(|_| None).collect();
         for _ in 0..out.len() {
             let wait = deadline.saturating_duration_since(Instant::now());
-            let (i, r) = rx
-                .recv_timeout(wait)
-                .map_err(|_| SnapshotError::NotSnapshottable {
-                    vm: self.name.clone(),
-                    what: format!("a vCPU did not save its state within {VCPU_TIMEOUT:?}"),
-                })?;
-            let s = r.map_err(|source| SnapshotError::KvmState {
-                vm: self.name.clone(),
+            let (i, r) =
+                rx.recv_timeout(wait)
+                    .map_err(|_| SnapshotErrorKind::NotSnapshottable {
+                        what: format!("a vCPU did not save its state within {VCPU_TIMEOUT:?}"),
+                    })?;
+            let s = r.map_err(|source| SnapshotErrorKind::KvmState {
                 what: format!("vCPU {i}"),
                 source,
             })?;
@@ -245,13 +242,13 @@ impl Vm {
     /// [`Vm::restore`], calling `before_start` with the fully restored VM just before its
     /// vCPUs start (the device thread already runs). Use it to set up what the guest will
     /// use at once, e.g. the vsock listener its agent reconnects to after the
-    /// TRANSPORT_RESET. An error from it stops the VM and is returned.
+    /// TRANSPORT_RESET. An error from it stops the VM and is returned (naming the VM).
     pub fn restore_with<T>(
         dir: &Path,
         cfg: RestoreConfig,
-        before_start: impl FnOnce(&Vm) -> Result<T, SnapshotError>,
+        before_start: impl FnOnce(&Vm) -> Result<T, SnapshotErrorKind>,
     ) -> Result<(Vm, T), SnapshotError> {
-        let snap = snapshot::load(dir)?;
+        let snap = snapshot::load(dir).map_err(|kind| SnapshotError::new(&cfg.name, kind))?;
         let (_, mem_path) = snapshot::paths(dir);
         Self::restore_from(snap, &mem_path, cfg, before_start)
     }
@@ -261,7 +258,7 @@ impl Vm {
         snap: VmSnapshot,
         mem_path: &Path,
         cfg: RestoreConfig,
-        before_start: impl FnOnce(&Vm) -> Result<T, SnapshotError>,
+        before_start: impl FnOnce(&Vm) -> Result<T, SnapshotErrorKind>,
     ) -> Result<(Vm, T), SnapshotError> {
         Self::prepare_from(snap, mem_path, cfg)?.start_with(before_start)
     }
@@ -275,7 +272,7 @@ impl Vm {
         dir: &Path,
         cfg: RestoreConfig,
     ) -> Result<PreparedRestore, SnapshotError> {
-        let snap = snapshot::load(dir)?;
+        let snap = snapshot::load(dir).map_err(|kind| SnapshotError::new(&cfg.name, kind))?;
         let (_, mem_path) = snapshot::paths(dir);
         Self::prepare_from(snap, &mem_path, cfg)
     }
@@ -287,11 +284,18 @@ impl Vm {
         cfg: RestoreConfig,
     ) -> Result<PreparedRestore, SnapshotError> {
         let name = cfg.name.clone();
-        let device_err = |device: &'static str, what: String| SnapshotError::Device {
-            vm: name.clone(),
-            device,
-            what,
-        };
+        Self::prepare_kind(snap, mem_path, cfg).map_err(|kind| SnapshotError::new(name, kind))
+    }
+
+    /// [`Vm::prepare_from`]; the caller adds the VM's name to an error.
+    fn prepare_kind(
+        snap: VmSnapshot,
+        mem_path: &Path,
+        cfg: RestoreConfig,
+    ) -> Result<PreparedRestore, SnapshotErrorKind> {
+        let name = cfg.name.clone();
+        let device_err =
+            |device: &'static str, what: String| SnapshotErrorKind::Device { device, what };
         let mut vcfg = VmConfig::new(cfg.name.clone(), PathBuf::new());
         vcfg.vcpus = snap.vcpus.len() as u8;
         vcfg.mem_mib = snap.mem_mib;
@@ -309,8 +313,8 @@ impl Vm {
         };
         // Everything but the kernel file (a restore has none) must pass VmConfig's checks;
         // the kernel check is the last one validate() makes.
-        match vcfg.validate() {
-            Ok(()) | Err(VmError::FileMissing { what: "kernel", .. }) => {}
+        match vcfg.validate().map_err(VmError::into_kind) {
+            Ok(()) | Err(VmErrorKind::FileMissing { what: "kernel", .. }) => {}
             Err(e) => return Err(e.into()),
         }
         // Map (and check) the memory file before creating any KVM object.
@@ -321,8 +325,8 @@ impl Vm {
             snap.memory_file_len,
         )?;
 
-        let (kvm, vm_fd) = create_vm_fd(&name)?;
-        register_memory(&vm_fd, &mem, &name)?;
+        let (kvm, vm_fd) = create_vm_fd()?;
+        register_memory(&vm_fd, &mem)?;
         let machine = build_machine(&vcfg, kvm, &vm_fd, &mem)?;
 
         // The device layout must be the one the guest knows.
@@ -383,8 +387,18 @@ impl PreparedRestore {
     /// [`start`](Self::start), calling `before_start` as [`Vm::restore_with`] does.
     pub fn start_with<T>(
         self,
-        before_start: impl FnOnce(&Vm) -> Result<T, SnapshotError>,
+        before_start: impl FnOnce(&Vm) -> Result<T, SnapshotErrorKind>,
     ) -> Result<(Vm, T), SnapshotError> {
+        let name = self.name.clone();
+        self.start_kind(before_start)
+            .map_err(|kind| SnapshotError::new(name, kind))
+    }
+
+    /// [`start_with`](Self::start_with); the caller adds the VM's name to an error.
+    fn start_kind<T>(
+        self,
+        before_start: impl FnOnce(&Vm) -> Result<T, SnapshotErrorKind>,
+    ) -> Result<(Vm, T), SnapshotErrorKind> {
         // `machine` last: on an early return its vCPU fds and devices go first, as before.
         let PreparedRestore {
             vm_fd,
@@ -394,15 +408,7 @@ impl PreparedRestore {
             vcpus,
             machine,
         } = self;
-        let device_err = |device: &'static str, what: String| SnapshotError::Device {
-            vm: name.clone(),
-            device,
-            what,
-        };
-        let state_err = |what: String| {
-            let vm = name.clone();
-            move |source| SnapshotError::KvmState { vm, what, source }
-        };
+        let state_err = |what: String| move |source| SnapshotErrorKind::KvmState { what, source };
 
         // KVM state: VM-wide first, then each vCPU; device interrupts only after the LAPICs
         // are loaded (loading a LAPIC overwrites pending interrupts).
@@ -421,11 +427,13 @@ impl PreparedRestore {
         }
         lock(&machine.serial)
             .restore_snapshot_state(&snap.serial)
-            .map_err(|e| device_err("serial", e.to_string()))?;
+            .map_err(SnapshotErrorKind::device_restore::<std::io::Error>(
+                "serial",
+            ))?;
         if let (Some(saved), Some(v)) = (&snap.vsock, &machine.devices.vsock) {
-            lock(&v.transport)
-                .restore_state(&saved.transport)
-                .map_err(|e| device_err("virtio-vsock", e.to_string()))?;
+            lock(&v.transport).restore_state(&saved.transport).map_err(
+                SnapshotErrorKind::device_restore::<crate::virtio::mmio::MmioError>("virtio-vsock"),
+            )?;
             // Connections did not survive: tell the guest so its agent reconnects.
             lock(&v.device).transport_reset();
         }

@@ -5,15 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use super::{VsockConfig, VsockDevice, VsockHost};
 use crate::virtio::mmio::{regs, MmioTransport};
-use crate::vm::{DeviceContext, MmioSlot, VmError};
-
-fn dev_err(ctx: &DeviceContext<'_>, detail: String) -> VmError {
-    VmError::Device {
-        vm: ctx.vm_name().to_owned(),
-        device: "virtio-vsock".to_owned(),
-        detail,
-    }
-}
+use crate::vm::{DeviceContext, MmioSlot, VmErrorKind};
 
 /// A vsock device attached to a VM: its host endpoint, and the device and transport for
 /// snapshot save/restore (lock the transport only with the vCPUs paused).
@@ -31,18 +23,22 @@ pub struct AttachedVsock {
 
 /// Create a vsock device for `cfg`, wire it into the VM through `ctx`, and return its
 /// handles.
-pub fn attach(ctx: &mut DeviceContext<'_>, cfg: VsockConfig) -> Result<AttachedVsock, VmError> {
+pub fn attach(ctx: &mut DeviceContext<'_>, cfg: VsockConfig) -> Result<AttachedVsock, VmErrorKind> {
     let slot = ctx.allocate_mmio_slot()?;
     let irq = ctx.irqfd(slot.gsi)?;
     let queue_evts = (0..3u32)
         .map(|q| ctx.ioeventfd(slot.base + regs::QUEUE_NOTIFY, Some(q)))
         .collect::<Result<Vec<_>, _>>()?;
     let dev = VsockDevice::with_eventfds(cfg, queue_evts, irq)
-        .map_err(|e| dev_err(ctx, e.to_string()))?;
+        .map_err(VmErrorKind::device::<super::VsockError>("virtio-vsock"))?;
     let host = dev.host();
     let dev = Arc::new(Mutex::new(dev));
-    let transport = MmioTransport::new(ctx.memory().clone(), dev.clone())
-        .map_err(|e| dev_err(ctx, format!("transport: {e}")))?;
+    let transport =
+        MmioTransport::new(ctx.memory().clone(), dev.clone()).map_err(VmErrorKind::device::<
+            std::io::Error,
+        >(
+            "virtio-vsock transport",
+        ))?;
     let transport = Arc::new(Mutex::new(transport));
     ctx.register_mmio(slot, transport.clone())?;
     ctx.add_cmdline(slot.virtio_cmdline());
