@@ -7,7 +7,7 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, Once};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_run;
@@ -15,6 +15,8 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::bus::Bus;
 use crate::serial::Console;
+use crate::snapshot::kvm_state::{self, KvmStateError};
+use crate::snapshot::state::VcpuSnapshot;
 
 /// i8042 command port; writing 0xFE there resets the machine.
 const I8042_COMMAND_PORT: u16 = 0x64;
@@ -115,23 +117,57 @@ pub enum VcpuState {
     Exited(ExitReason),
 }
 
-const REQ_RUN: u8 = 0;
-const REQ_PAUSE: u8 = 1;
-const REQ_STOP: u8 = 2;
+/// What the host asks of a vCPU. `Stop` is final: no later request replaces it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum VcpuRequest {
+    /// Run guest code (resume a paused vCPU).
+    Run = 0,
+    /// Leave `KVM_RUN` and park until the next request.
+    Pause = 1,
+    /// End the vCPU thread.
+    Stop = 2,
+}
 
-/// Host-side control of one vCPU: the requested state and the current one.
+impl VcpuRequest {
+    fn from_raw(v: u8) -> Self {
+        match v {
+            0 => Self::Run,
+            1 => Self::Pause,
+            _ => Self::Stop,
+        }
+    }
+}
+
+/// Work a paused vCPU does on its own thread (KVM wants vCPU ioctls there).
+#[derive(Debug)]
+pub enum VcpuJob {
+    /// Complete a pending I/O exit, then save the vCPU's state (snapshots) and send it back.
+    SaveState {
+        /// KVM's MSR index list.
+        msrs: &'static [u32],
+        /// Where the vCPU sends its index and its state.
+        reply: mpsc::Sender<SavedVcpu>,
+    },
+}
+
+/// A vCPU's answer to [`VcpuJob::SaveState`]: its index and its state.
+pub type SavedVcpu = (u8, Result<VcpuSnapshot, KvmStateError>);
+
+/// Host-side control of one vCPU: the requested state (read by the vCPU thread before every
+/// `KVM_RUN`, so an atomic), the current one and the job slot.
 pub struct VcpuControl {
     request: AtomicU8,
     state: Mutex<VcpuState>,
     cond: Condvar,
-    /// A job to run on the vCPU thread while it is paused (snapshot hook).
+    /// A job to run on the vCPU thread while it is paused (snapshots).
     job: Mutex<Option<VcpuJob>>,
 }
 
 impl Default for VcpuControl {
     fn default() -> Self {
         Self {
-            request: AtomicU8::new(REQ_RUN),
+            request: AtomicU8::new(VcpuRequest::Run as u8),
             state: Mutex::new(VcpuState::Running),
             cond: Condvar::new(),
             job: Mutex::new(None),
@@ -149,17 +185,23 @@ impl VcpuControl {
         self.lock().clone()
     }
 
+    /// The current request.
+    pub fn requested(&self) -> VcpuRequest {
+        VcpuRequest::from_raw(self.request.load(Ordering::SeqCst))
+    }
+
     fn set_state(&self, s: VcpuState) {
         *self.lock() = s;
         self.cond.notify_all();
     }
 
-    fn request(&self, r: u8) {
-        // Stop is final: never downgrade it.
+    /// Asks the vCPU for `r` (a vCPU asked to stop stays stopping). Does not kick it.
+    pub fn request(&self, r: VcpuRequest) {
+        let stop = VcpuRequest::Stop as u8;
         let _ = self
             .request
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |cur| {
-                (cur != REQ_STOP).then_some(r)
+                (cur != stop).then_some(r as u8)
             });
         // Take the lock so a thread between "check request" and "wait" cannot miss this.
         drop(self.lock());
@@ -184,16 +226,9 @@ impl VcpuControl {
                 .0;
         }
     }
-}
 
-// ---- Snapshot hook: jobs that run on a paused vCPU's own thread (see snapshot/) ----
-
-/// Work done with a vCPU's fd on its own thread while it is paused (saving its state).
-pub type VcpuJob = Box<dyn FnOnce(&mut VcpuFd) + Send>;
-
-impl VcpuControl {
     /// Hands `job` to the vCPU thread, which runs it if and while it is paused (replacing a
-    /// job not yet picked up). The job should report back through a channel it captured.
+    /// job not yet picked up). The job reports back through its own channel.
     pub fn post_job(&self, job: VcpuJob) {
         *self.job.lock().unwrap_or_else(|p| p.into_inner()) = Some(job);
         // Take the state lock so a thread between "check job" and "wait" cannot miss this.
@@ -209,13 +244,11 @@ impl VcpuControl {
 impl std::fmt::Debug for VcpuControl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VcpuControl")
-            .field("request", &self.request)
+            .field("request", &self.requested())
             .field("state", &self.state)
             .finish_non_exhaustive()
     }
 }
-
-// ---- end snapshot hook ----
 
 thread_local! {
     /// The running vCPU's `kvm_run` page, for the kick signal handler.
@@ -308,18 +341,15 @@ impl VmShared {
 
     /// Asks every vCPU to stop and kicks them.
     pub fn request_stop_all(&self) {
-        for c in &self.vcpus {
-            c.request(REQ_STOP);
-        }
-        self.kick_all();
+        self.request_all(VcpuRequest::Stop);
     }
 
-    /// Asks every vCPU to pause (or run again) and kicks them.
-    pub fn request_all(&self, pause: bool) {
+    /// Asks every vCPU for `r`, kicking them out of `KVM_RUN` unless `r` is `Run`.
+    pub fn request_all(&self, r: VcpuRequest) {
         for c in &self.vcpus {
-            c.request(if pause { REQ_PAUSE } else { REQ_RUN });
+            c.request(r);
         }
-        if pause {
+        if r != VcpuRequest::Run {
             self.kick_all();
         }
     }
@@ -403,39 +433,72 @@ impl VcpuRunner {
         }
     }
 
+    /// The run-state machine: one handler per [`VcpuState`], each returning the next state.
     fn run_loop(&mut self, ctl: &VcpuControl) -> ExitReason {
+        let mut state = VcpuState::Running;
         loop {
-            match ctl.request.load(Ordering::SeqCst) {
-                REQ_STOP => return ExitReason::Stopped,
-                REQ_PAUSE => {
-                    ctl.set_state(VcpuState::Paused);
-                    let mut g = ctl.lock();
-                    while ctl.request.load(Ordering::SeqCst) == REQ_PAUSE {
-                        // Snapshot hook: run a job posted while paused, on this thread.
-                        if let Some(job) = ctl.take_job() {
-                            drop(g);
-                            job(&mut self.fd);
-                            g = ctl.lock();
-                            continue;
-                        }
-                        g = ctl
-                            .cond
-                            .wait_timeout(g, Duration::from_millis(100))
-                            .unwrap_or_else(|p| p.into_inner())
-                            .0;
-                    }
-                    if ctl.request.load(Ordering::SeqCst) == REQ_RUN {
-                        *g = VcpuState::Running;
-                    }
-                    drop(g);
-                    ctl.cond.notify_all();
-                    continue;
-                }
-                _ => {}
+            state = match state {
+                VcpuState::Running => self.running(ctl),
+                VcpuState::Paused => self.paused(ctl),
+                VcpuState::Exited(reason) => return reason,
+            };
+        }
+    }
+
+    /// Runs guest code until a request or an exit changes the state.
+    fn running(&mut self, ctl: &VcpuControl) -> VcpuState {
+        loop {
+            match ctl.requested() {
+                VcpuRequest::Stop => return VcpuState::Exited(ExitReason::Stopped),
+                VcpuRequest::Pause => return VcpuState::Paused,
+                VcpuRequest::Run => {}
             }
-            match self.step() {
-                Step::Continue => {}
-                Step::Exit(r) => return r,
+            if let Step::Exit(r) = self.step() {
+                return VcpuState::Exited(r);
+            }
+        }
+    }
+
+    /// Parks (running posted jobs) until asked to run again or to stop.
+    fn paused(&mut self, ctl: &VcpuControl) -> VcpuState {
+        ctl.set_state(VcpuState::Paused);
+        let mut g = ctl.lock();
+        let next = loop {
+            match ctl.requested() {
+                VcpuRequest::Pause => {}
+                VcpuRequest::Run => {
+                    *g = VcpuState::Running;
+                    break VcpuState::Running;
+                }
+                VcpuRequest::Stop => break VcpuState::Exited(ExitReason::Stopped),
+            }
+            if let Some(job) = ctl.take_job() {
+                drop(g);
+                self.run_job(job);
+                g = ctl.lock();
+                continue;
+            }
+            g = ctl
+                .cond
+                .wait_timeout(g, Duration::from_millis(100))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        };
+        drop(g);
+        ctl.cond.notify_all();
+        next
+    }
+
+    /// Does a job posted to this paused vCPU.
+    fn run_job(&mut self, job: VcpuJob) {
+        match job {
+            VcpuJob::SaveState { msrs, reply } => {
+                // KVM completes an instruction that exited to user space for I/O only on the
+                // next KVM_RUN; with immediate_exit set it does that and returns at once.
+                self.fd.set_kvm_immediate_exit(1);
+                let _ = self.fd.run();
+                self.fd.set_kvm_immediate_exit(0);
+                let _ = reply.send((self.index, kvm_state::save_vcpu(&self.fd, self.index, msrs)));
             }
         }
     }
@@ -523,5 +586,27 @@ impl VcpuRunner {
             internal.suberror,
             data.join(", ")
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_typed_and_stop_is_final() {
+        let c = VcpuControl::default();
+        assert_eq!(c.requested(), VcpuRequest::Run);
+        c.request(VcpuRequest::Pause);
+        assert_eq!(c.requested(), VcpuRequest::Pause);
+        c.request(VcpuRequest::Run);
+        assert_eq!(c.requested(), VcpuRequest::Run);
+        c.request(VcpuRequest::Stop);
+        c.request(VcpuRequest::Run);
+        c.request(VcpuRequest::Pause);
+        assert_eq!(c.requested(), VcpuRequest::Stop);
+        for r in [VcpuRequest::Run, VcpuRequest::Pause, VcpuRequest::Stop] {
+            assert_eq!(VcpuRequest::from_raw(r as u8), r);
+        }
     }
 }

@@ -676,7 +676,7 @@ impl Vm {
 
     /// Pauses every vCPU (kicking it out of the guest) and waits until all are parked.
     pub fn pause(&self, timeout: Duration) -> Result<(), VmError> {
-        self.shared.request_all(true);
+        self.shared.request_all(vcpu::VcpuRequest::Pause);
         let deadline = Instant::now() + timeout;
         for c in &self.shared.vcpus {
             if !c.wait_state(deadline, |s| !matches!(s, VcpuState::Running)) {
@@ -692,7 +692,7 @@ impl Vm {
 
     /// Resumes paused vCPUs.
     pub fn resume(&self) {
-        self.shared.request_all(false);
+        self.shared.request_all(vcpu::VcpuRequest::Run);
     }
 
     /// Host endpoint of the VM's virtio-vsock device (`None` without `vsock_cid`). Clone it

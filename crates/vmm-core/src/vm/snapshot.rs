@@ -16,7 +16,7 @@ use std::sync::mpsc;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
-use kvm_ioctls::{Kvm, VcpuFd};
+use kvm_ioctls::Kvm;
 
 use super::{
     build_machine, create_vm_fd, kvm, register_memory, Machine, Vm, VmConfig, VmError, VmErrorKind,
@@ -27,7 +27,7 @@ use crate::snapshot::{
     self, format, memory_file, RestoreConfig, SnapshotError, SnapshotErrorKind, SnapshotInfo,
     VCPU_TIMEOUT,
 };
-use crate::vcpu::VcpuState;
+use crate::vcpu::{VcpuJob, VcpuState};
 use crate::virtio::VirtioDevice;
 
 /// How often snapshotting retries when the device thread moved a queue between reading the
@@ -202,16 +202,11 @@ impl Vm {
     /// Saves every (paused) vCPU on its own thread.
     fn save_vcpus(&self, msrs: &'static [u32]) -> Result<Vec<VcpuSnapshot>, SnapshotErrorKind> {
         let (tx, rx) = mpsc::channel();
-        for (i, ctl) in self.shared.vcpus.iter().enumerate() {
-            let tx = tx.clone();
-            ctl.post_job(Box::new(move |fd: &mut VcpuFd| {
-                // KVM completes an instruction that exited to user space for I/O only on the
-                // next KVM_RUN; with immediate_exit set it does that and returns at once.
-                fd.set_kvm_immediate_exit(1);
-                let _ = fd.run();
-                fd.set_kvm_immediate_exit(0);
-                let _ = tx.send((i, kvm_state::save_vcpu(fd, i as u8, msrs)));
-            }));
+        for ctl in &self.shared.vcpus {
+            ctl.post_job(VcpuJob::SaveState {
+                msrs,
+                reply: tx.clone(),
+            });
         }
         drop(tx);
         let deadline = Instant::now() + VCPU_TIMEOUT;
@@ -228,7 +223,9 @@ impl Vm {
                 what: format!("vCPU {i}"),
                 source,
             })?;
-            out[i] = Some(s);
+            if let Some(slot) = out.get_mut(usize::from(i)) {
+                *slot = Some(s);
+            }
         }
         Ok(out.into_iter().flatten().collect())
     }
