@@ -7,8 +7,11 @@
 //!   REQUEST (our RESPONSE is queued).
 //! - `Closing`: the host dropped its last handle; we flush what the host wrote, send
 //!   SHUTDOWN(RCV|SEND) and wait (bounded by a deadline) for the guest's RST.
-//! - A connection is removed from the muxer once it is `done` (RST sent or received, or the
-//!   close deadline passed).
+//! - `Done`: finished (RST sent or received, an abandoned connect the guest never heard of);
+//!   the muxer removes it.
+//!
+//! Control packets owed to the guest (REQUEST, RESPONSE, CREDIT_UPDATE, RST) are a typed
+//! [`PendingRx`] set, drained by [`Conn::fill_rx`] in a fixed priority order.
 //!
 //! Credit: we never send the guest more RW payload than `peer_buf_alloc - (tx_cnt -
 //! peer_fwd_cnt)`; we advertise our `buf_alloc` (= the host receive buffer) and `fwd_cnt`
@@ -39,6 +42,48 @@ pub enum CsmState {
         /// When we stop waiting and send RST ourselves.
         deadline: Instant,
     },
+    /// Finished; the muxer removes it.
+    Done,
+}
+
+/// A control packet owed to the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Reply {
+    /// REQUEST (host-initiated connect).
+    Request = 1 << 0,
+    /// RESPONSE (we accept the guest's REQUEST).
+    Response = 1 << 1,
+    /// CREDIT_UPDATE (the guest asked, or we freed enough buffer).
+    CreditUpdate = 1 << 2,
+    /// RST, after which the connection is done.
+    Rst = 1 << 3,
+}
+
+/// The set of [`Reply`]s owed to the guest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PendingRx(u8);
+
+impl PendingRx {
+    /// Adds `r`.
+    pub fn insert(&mut self, r: Reply) {
+        self.0 |= r as u8;
+    }
+
+    /// Removes `r`.
+    pub fn remove(&mut self, r: Reply) {
+        self.0 &= !(r as u8);
+    }
+
+    /// Whether `r` is owed.
+    pub fn contains(self, r: Reply) -> bool {
+        self.0 & r as u8 != 0
+    }
+
+    /// Whether nothing is owed.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
 }
 
 /// What a guest packet did to a connection.
@@ -58,45 +103,37 @@ pub struct Conn {
     /// Shared state with the host handles.
     pub shared: Arc<ConnShared>,
     /// State machine state.
-    pub state: CsmState,
+    state: CsmState,
+    /// Control packets owed to the guest.
+    pending: PendingRx,
     /// Guest's receive buffer size.
-    pub peer_buf_alloc: u32,
+    peer_buf_alloc: u32,
     /// Bytes the guest consumed.
-    pub peer_fwd_cnt: Wrapping<u32>,
+    peer_fwd_cnt: Wrapping<u32>,
     /// RW payload bytes we sent to the guest.
-    pub tx_cnt: Wrapping<u32>,
+    tx_cnt: Wrapping<u32>,
     /// RW payload bytes we received from the guest.
-    pub rx_cnt: Wrapping<u32>,
+    rx_cnt: Wrapping<u32>,
     /// Our buffer size (advertised `buf_alloc`).
-    pub buf_alloc: u32,
-    /// REQUEST must be sent.
-    pub need_request: bool,
-    /// RESPONSE must be sent.
-    pub need_response: bool,
-    /// CREDIT_UPDATE must be sent (guest asked, or we have freed enough).
-    pub need_credit_update: bool,
+    buf_alloc: u32,
     /// We asked the guest for credit and have not heard back.
-    pub credit_requested: bool,
+    credit_requested: bool,
     /// SHUTDOWN flags already sent.
-    pub shutdown_sent: u32,
-    /// RST must be sent, after which the connection is removed.
-    pub need_rst: bool,
-    /// The connection is finished and must be removed.
-    pub done: bool,
+    shutdown_sent: u32,
 }
 
 impl Conn {
     /// A host-initiated connection (REQUEST pending).
     pub fn new_local(shared: Arc<ConnShared>, buf_alloc: u32) -> Self {
         let mut c = Self::base(shared, buf_alloc, CsmState::LocalInit);
-        c.need_request = true;
+        c.pending.insert(Reply::Request);
         c
     }
 
     /// A guest-initiated connection we accept (RESPONSE pending).
     pub fn new_peer(shared: Arc<ConnShared>, buf_alloc: u32, req: &Header) -> Self {
         let mut c = Self::base(shared, buf_alloc, CsmState::Established);
-        c.need_response = true;
+        c.pending.insert(Reply::Response);
         c.peer_buf_alloc = req.buf_alloc;
         c.peer_fwd_cnt = Wrapping(req.fwd_cnt);
         c
@@ -106,19 +143,30 @@ impl Conn {
         Conn {
             shared,
             state,
+            pending: PendingRx::default(),
             peer_buf_alloc: 0,
             peer_fwd_cnt: Wrapping(0),
             tx_cnt: Wrapping(0),
             rx_cnt: Wrapping(0),
             buf_alloc,
-            need_request: false,
-            need_response: false,
-            need_credit_update: false,
             credit_requested: false,
             shutdown_sent: 0,
-            need_rst: false,
-            done: false,
         }
+    }
+
+    /// The state machine's state.
+    pub fn state(&self) -> CsmState {
+        self.state
+    }
+
+    /// The control packets owed to the guest.
+    pub fn pending(&self) -> PendingRx {
+        self.pending
+    }
+
+    /// Whether the connection is finished and must be removed.
+    pub fn is_done(&self) -> bool {
+        self.state == CsmState::Done
     }
 
     /// Host-side port.
@@ -139,7 +187,7 @@ impl Conn {
 
     /// Mark for reset: RST goes out next, then removal. Host handles see `reason`.
     pub fn reset(&mut self, reason: CloseReason) {
-        self.need_rst = true;
+        self.pending.insert(Reply::Rst);
         self.close_shared(reason);
     }
 
@@ -220,7 +268,7 @@ impl Conn {
                 Outcome::Keep
             }
             (_, OP_CREDIT_REQUEST) => {
-                self.need_credit_update = true;
+                self.pending.insert(Reply::CreditUpdate);
                 Outcome::Keep
             }
             (_, OP_SHUTDOWN) => {
@@ -252,11 +300,10 @@ impl Conn {
         };
         drop(st);
         self.shared.cond.notify_all();
-        if outcome == Outcome::Reset {
-            self.need_rst = true;
-        }
-        if outcome == Outcome::Remove {
-            self.done = true;
+        match outcome {
+            Outcome::Keep => {}
+            Outcome::Reset => self.pending.insert(Reply::Rst),
+            Outcome::Remove => self.state = CsmState::Done,
         }
         outcome
     }
@@ -265,29 +312,29 @@ impl Conn {
     /// data) and update what must be sent. Returns whether there is something for the RX queue.
     pub fn poll_host(&mut self, now: Instant, close_timeout: std::time::Duration) -> bool {
         let st = self.shared.lock();
-        if self.done {
+        if self.is_done() {
             return false;
         }
         if st.handles == 0 {
             match self.state {
                 CsmState::LocalInit => {
                     // Connect abandoned (timeout): tell the guest if it heard of us.
-                    if self.need_request {
-                        self.done = true;
+                    if self.pending.contains(Reply::Request) {
+                        self.state = CsmState::Done;
                         return false;
                     }
-                    self.need_rst = true;
+                    self.pending.insert(Reply::Rst);
                 }
                 CsmState::Established => {
                     self.state = CsmState::Closing {
                         deadline: now + close_timeout,
                     };
                 }
-                CsmState::Closing { .. } => {}
+                CsmState::Closing { .. } | CsmState::Done => {}
             }
         }
         if (st.fwd_cnt - st.last_fwd_sent).0 >= self.buf_alloc / 4 {
-            self.need_credit_update = true;
+            self.pending.insert(Reply::CreditUpdate);
         }
         self.has_rx_work(&st)
     }
@@ -298,23 +345,26 @@ impl Conn {
     }
 
     fn next_op(&self, st: &ConnState) -> Option<(u16, u32)> {
-        if self.done {
+        if self.is_done() {
             return None;
         }
-        if self.need_rst {
+        if self.pending.contains(Reply::Rst) {
             return Some((OP_RST, 0));
         }
         if self.state == CsmState::LocalInit {
-            return self.need_request.then_some((OP_REQUEST, 0));
+            return self
+                .pending
+                .contains(Reply::Request)
+                .then_some((OP_REQUEST, 0));
         }
-        if self.need_response {
+        if self.pending.contains(Reply::Response) {
             return Some((OP_RESPONSE, 0));
         }
         let can_send = !st.peer_rcv_closed && !st.tx_buf.is_empty();
         if can_send && self.peer_credit() > 0 {
             return Some((OP_RW, 0));
         }
-        if self.need_credit_update {
+        if self.pending.contains(Reply::CreditUpdate) {
             return Some((OP_CREDIT_UPDATE, 0));
         }
         if can_send && !self.credit_requested {
@@ -367,11 +417,11 @@ impl Conn {
         let mut notify = false;
         match op {
             OP_RST => {
-                self.need_rst = false;
-                self.done = true;
+                self.pending.remove(Reply::Rst);
+                self.state = CsmState::Done;
             }
-            OP_REQUEST => self.need_request = false,
-            OP_RESPONSE => self.need_response = false,
+            OP_REQUEST => self.pending.remove(Reply::Request),
+            OP_RESPONSE => self.pending.remove(Reply::Response),
             OP_RW => {
                 let room = data.map_or(0, |d| d.len());
                 let n = (st.tx_buf.len())
@@ -404,9 +454,9 @@ impl Conn {
                         notify = true;
                     }
                 }
-                self.need_credit_update = false;
+                self.pending.remove(Reply::CreditUpdate);
             }
-            OP_CREDIT_UPDATE => self.need_credit_update = false,
+            OP_CREDIT_UPDATE => self.pending.remove(Reply::CreditUpdate),
             OP_CREDIT_REQUEST => self.credit_requested = true,
             OP_SHUTDOWN => {
                 hdr.flags = flags;
@@ -428,5 +478,25 @@ impl Conn {
             CsmState::Closing { deadline } => Some(deadline),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_replies_are_a_set() {
+        let mut p = PendingRx::default();
+        assert!(p.is_empty());
+        p.insert(Reply::Response);
+        p.insert(Reply::Rst);
+        p.insert(Reply::Rst);
+        assert!(p.contains(Reply::Response) && p.contains(Reply::Rst));
+        assert!(!p.contains(Reply::Request) && !p.contains(Reply::CreditUpdate));
+        p.remove(Reply::Rst);
+        assert!(!p.contains(Reply::Rst) && p.contains(Reply::Response));
+        p.remove(Reply::Response);
+        assert!(p.is_empty());
     }
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::VolatileSlice;
 
-use super::connection::{Conn, CsmState, Outcome};
+use super::connection::{Conn, CsmState, Outcome, Reply};
 use super::host::{CloseReason, ConnShared, HostShared, Phase, VsockStream};
 use super::packet::{Header, HOST_CID, OP_REQUEST, OP_RST, TYPE_STREAM};
 use super::{CLOSE_TIMEOUT, RST_QUEUE_MAX};
@@ -269,7 +269,7 @@ impl Muxer {
             if conn.poll_host(now, timeout) {
                 ready.push(*key);
             }
-            if conn.done {
+            if conn.is_done() {
                 gone.push(*key);
             }
         }
@@ -289,7 +289,7 @@ impl Muxer {
         for (key, conn) in self.conns.iter_mut() {
             if let Some(d) = conn.deadline() {
                 if d <= now {
-                    if !conn.need_rst {
+                    if !conn.pending().contains(Reply::Rst) {
                         conn.reset(CloseReason::Local);
                         expired.push(*key);
                     }
@@ -342,7 +342,7 @@ impl Muxer {
             let Some(out) = conn.fill_rx(cid, data, max_data) else {
                 continue;
             };
-            if conn.done {
+            if conn.is_done() {
                 self.remove(key);
             } else if conn.has_rx_work(&conn.shared.lock()) {
                 self.mark_ready(key);
@@ -354,6 +354,6 @@ impl Muxer {
 
     /// State of a connection (tests and diagnostics).
     pub fn conn_state(&self, key: ConnKey) -> Option<CsmState> {
-        self.conns.get(&key).map(|c| c.state)
+        self.conns.get(&key).map(Conn::state)
     }
 }
