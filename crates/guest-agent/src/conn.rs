@@ -9,95 +9,21 @@
 //! stops the agent.
 
 use std::io::{Read, Write};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::thread;
 
 use kiln_proto::{
-    encode_frame, read_frame, ErrorKind, Hello, Message, ProtoError, Request, Response,
-    PROTOCOL_VERSION,
+    read_frame, ErrorKind, Hello, Message, ProtoError, Request, Response, PROTOCOL_VERSION,
 };
 
 use crate::exec::ExecContext;
 use crate::files;
+use crate::sys::Mode;
+use crate::writer::ConnWriter;
 
 /// Most requests running on worker threads at once, per agent.
 const MAX_WORKERS: usize = 512;
-
-/// The write half of a connection. Sends whole frames; remembers when the peer is gone.
-pub struct ConnWriter {
-    w: Mutex<Box<dyn Write + Send>>,
-    alive: AtomicBool,
-}
-
-impl std::fmt::Debug for ConnWriter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConnWriter")
-            .field("alive", &self.is_alive())
-            .finish()
-    }
-}
-
-impl ConnWriter {
-    /// Wrap a stream's write half.
-    pub fn new(w: Box<dyn Write + Send>) -> Self {
-        Self {
-            w: Mutex::new(w),
-            alive: AtomicBool::new(true),
-        }
-    }
-
-    /// Send one response; false when the connection is gone.
-    pub fn send(&self, id: u64, body: Response) -> bool {
-        self.send_msg(&Message::Response { id, body })
-    }
-
-    fn send_msg(&self, msg: &Message) -> bool {
-        if !self.is_alive() {
-            return false;
-        }
-        let frame = match encode_frame(msg) {
-            Ok(f) => f,
-            Err(e) => {
-                // Only an over-large message can fail to encode; answer with an error instead.
-                let Message::Response { id, .. } = msg else {
-                    return false;
-                };
-                match encode_frame(&Message::Response {
-                    id: *id,
-                    body: Response::error(ErrorKind::TooLarge, e.to_string()),
-                }) {
-                    Ok(f) => f,
-                    Err(_) => return false,
-                }
-            }
-        };
-        let mut w = self.w.lock().unwrap_or_else(|p| p.into_inner());
-        if w.write_all(&frame).and_then(|()| w.flush()).is_err() {
-            self.alive.store(false, Ordering::Release);
-            return false;
-        }
-        true
-    }
-
-    /// False once a write failed or the reader saw the end of the connection.
-    pub fn is_alive(&self) -> bool {
-        self.alive.load(Ordering::Acquire)
-    }
-
-    fn mark_dead(&self) {
-        self.alive.store(false, Ordering::Release);
-    }
-}
-
-/// What the agent does on `Shutdown` and `PostRestore`, by mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// PID 1 in the guest.
-    Guest,
-    /// An ordinary host process (tier-3 tests).
-    Host,
-}
 
 /// Agent-wide state shared by all connections.
 #[derive(Debug)]

@@ -30,8 +30,8 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::{pipe2, Pid};
 
-use crate::conn::ConnWriter;
 use crate::reaper::{ChildStatus, Reaper};
+use crate::writer::ConnWriter;
 
 /// PATH of the clean default environment.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";

@@ -20,12 +20,14 @@ mod files;
 mod reaper;
 mod sys;
 mod transport;
+mod writer;
 
 use std::sync::Arc;
 
-use conn::{Agent, Mode};
+use conn::Agent;
 use exec::{ExecContext, ExecTable};
 use reaper::Reaper;
+use sys::Mode;
 
 /// The readiness line (contract: docs/ARCHITECTURE.md).
 const READY: &str = "KILN-AGENT-READY";

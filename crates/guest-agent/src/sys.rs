@@ -6,7 +6,14 @@ use std::os::fd::AsRawFd;
 
 use nix::mount::{mount, MsFlags};
 
-use crate::conn::Mode;
+/// What the agent does on `Shutdown` and `PostRestore`, by mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// PID 1 in the guest.
+    Guest,
+    /// An ordinary host process (tier-3 tests).
+    Host,
+}
 
 /// Hostname set by the agent in the guest.
 pub const HOSTNAME: &str = "kiln";
