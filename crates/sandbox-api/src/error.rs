@@ -80,12 +80,13 @@ pub enum SandboxError {
     },
 
     /// The agent connected but its handshake was wrong (protocol version...).
-    #[error("sandbox {vm}: handshake with the guest agent failed: {reason}{}", tail(.serial_tail))]
+    #[error("sandbox {vm}: handshake with the guest agent failed: {source}{}", tail(.serial_tail))]
     Handshake {
         /// The sandbox.
         vm: String,
         /// What went wrong.
-        reason: String,
+        #[source]
+        source: crate::sandbox::HandshakeError,
         /// The end of the serial console.
         serial_tail: String,
     },
@@ -327,6 +328,32 @@ mod tests {
             "sandbox job-2: snapshot: cannot snapshot: it has exited"
         );
         assert_eq!(chain(&e).join("\n").matches("job-2").count(), 1);
+    }
+
+    #[test]
+    fn a_handshake_failure_keeps_its_typed_cause() {
+        let e = SandboxError::Handshake {
+            vm: "job-3".into(),
+            source: crate::HandshakeError::Version { agent: 99 },
+            serial_tail: String::new(),
+        };
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "sandbox job-3: handshake with the guest agent failed: the agent speaks \
+                 protocol version 99, this host speaks {}",
+                kiln_proto::PROTOCOL_VERSION
+            )
+        );
+        let layers = chain(&e);
+        assert_eq!(layers.len(), 2, "{layers:?}");
+        assert_eq!(layers.join("\n").matches("job-3").count(), 1);
+        let src =
+            std::error::Error::source(&e).and_then(|s| s.downcast_ref::<crate::HandshakeError>());
+        assert!(
+            matches!(src, Some(crate::HandshakeError::Version { agent: 99 })),
+            "{src:?}"
+        );
     }
 
     #[test]

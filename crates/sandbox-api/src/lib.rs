@@ -24,4 +24,4 @@ pub use kiln_pool::{PoolConfig, PoolStats};
 pub use kiln_proto::{DirEntry, ErrorKind, ExitStatus, FileKind, FileStat, Hello};
 pub use kiln_vmm::snapshot::SnapshotInfo;
 pub use pool::{PooledSandbox, ResetMode, SandboxPool, SandboxPoolError};
-pub use sandbox::{BootTimings, ExecSignaller, ExecStream, Sandbox};
+pub use sandbox::{BootTimings, ExecSignaller, ExecStream, HandshakeError, Sandbox};

@@ -785,12 +785,12 @@ fn connect_agent(
     drop(listener);
     let (hello, reader, writer, conn) = match handshake(stream, deadline) {
         Ok(parts) => parts,
-        Err(reason) => {
+        Err(source) => {
             let serial_tail = vm.serial_tail(SERIAL_TAIL_BYTES);
             vm.stop();
             return Err(SandboxError::Handshake {
                 vm: name,
-                reason,
+                source,
                 serial_tail,
             });
         }
@@ -812,7 +812,7 @@ fn connect_agent(
             vm.stop();
             return Err(SandboxError::Handshake {
                 vm: name,
-                reason: e.to_string(),
+                source: HandshakeError::Client(e),
                 serial_tail,
             });
         }
@@ -906,44 +906,91 @@ fn accept_agent(
     }
 }
 
+/// Why the handshake with the guest agent failed ([`SandboxError::Handshake`]'s source).
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// The agent's first message was not a `Hello`.
+    #[error("expected Hello, got {what} {name}")]
+    NotHello {
+        /// "request" or "response".
+        what: &'static str,
+        /// The message's name.
+        name: &'static str,
+    },
+    /// The `Hello` could not be read (timeout, broken connection, bad frame).
+    #[error("reading the agent's Hello: {0}")]
+    Read(#[source] ProtoError),
+    /// A field of the `Hello` exceeds the protocol's bounds.
+    #[error("the agent's Hello is out of bounds: {0}")]
+    Bounds(#[source] kiln_proto::LimitError),
+    /// The agent speaks another protocol version.
+    #[error("the agent speaks protocol version {agent}, this host speaks {PROTOCOL_VERSION}")]
+    Version {
+        /// The agent's version.
+        agent: u32,
+    },
+    /// Setting up the connection's handles failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The protocol client refused the connection.
+    #[error(transparent)]
+    Client(ClientError),
+}
+
 /// Reads the agent's `Hello` (within the boot deadline) and checks its version; returns the
 /// handshake, the reader/writer halves for the client and a third handle for the watchdog.
 fn handshake(
     stream: VsockStream,
     deadline: Instant,
-) -> Result<(Hello, VsockStream, VsockStream, VsockStream), String> {
+) -> Result<(Hello, VsockStream, VsockStream, VsockStream), HandshakeError> {
+    let io_err = |what| move |source| HandshakeError::Io { what, source };
     let mut reader = stream;
     let remaining = deadline
         .saturating_duration_since(Instant::now())
         .max(Duration::from_millis(1));
     reader
         .set_read_timeout(Some(remaining))
-        .map_err(|e| e.to_string())?;
+        .map_err(io_err("setting the read timeout"))?;
     let hello = match kiln_proto::read_frame(&mut reader) {
         Ok(kiln_proto::Message::Hello(h)) => h,
         Ok(kiln_proto::Message::Request { body, .. }) => {
-            return Err(format!("expected Hello, got request {}", body.name()))
+            return Err(HandshakeError::NotHello {
+                what: "request",
+                name: body.name(),
+            })
         }
         Ok(kiln_proto::Message::Response { body, .. }) => {
-            return Err(format!("expected Hello, got response {}", body.name()))
+            return Err(HandshakeError::NotHello {
+                what: "response",
+                name: body.name(),
+            })
         }
-        Err(e) => return Err(format!("reading the agent's Hello: {e}")),
+        Err(e) => return Err(HandshakeError::Read(e)),
     };
-    hello
-        .validate()
-        .map_err(|e| format!("the agent's Hello is out of bounds: {e}"))?;
+    hello.validate().map_err(HandshakeError::Bounds)?;
     if hello.version != PROTOCOL_VERSION {
-        return Err(format!(
-            "the agent speaks protocol version {}, this host speaks {PROTOCOL_VERSION}",
-            hello.version
-        ));
+        return Err(HandshakeError::Version {
+            agent: hello.version,
+        });
     }
-    reader.set_read_timeout(None).map_err(|e| e.to_string())?;
-    let mut writer = reader.try_clone().map_err(|e| e.to_string())?;
+    reader
+        .set_read_timeout(None)
+        .map_err(io_err("clearing the read timeout"))?;
+    let mut writer = reader
+        .try_clone()
+        .map_err(io_err("cloning the connection"))?;
     writer
         .set_write_timeout(Some(WRITE_TIMEOUT))
-        .map_err(|e| e.to_string())?;
-    let conn = reader.try_clone().map_err(|e| e.to_string())?;
+        .map_err(io_err("setting the write timeout"))?;
+    let conn = reader
+        .try_clone()
+        .map_err(io_err("cloning the connection"))?;
     Ok((hello, reader, writer, conn))
 }
 

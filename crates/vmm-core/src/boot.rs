@@ -72,13 +72,17 @@ pub enum BootError {
         limit: u64,
     },
     /// Writing boot structures to guest memory failed.
-    #[error("cannot write {what} to guest memory: {detail}")]
+    #[error("cannot write {what} to guest memory: {source}")]
     Write {
         /// Which structure.
         what: &'static str,
-        /// Cause.
-        detail: String,
+        /// Cause (vm-memory's or linux-loader's error).
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The memory map has more entries than the zero page's e820 table holds.
+    #[error("cannot write e820 table to guest memory: too many entries")]
+    E820Full,
 }
 
 /// How the boot vCPU enters the kernel.
@@ -121,10 +125,12 @@ fn read_err(path: &Path) -> impl FnOnce(std::io::Error) -> BootError + '_ {
     }
 }
 
-fn write_err<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> BootError {
+fn write_err<E: std::error::Error + Send + Sync + 'static>(
+    what: &'static str,
+) -> impl FnOnce(E) -> BootError {
     move |e| BootError::Write {
         what,
-        detail: e.to_string(),
+        source: Box::new(e),
     }
 }
 
@@ -285,10 +291,7 @@ pub fn write_boot_info(
                 bp.hdr.ramdisk_size = size as u32;
             }
             for (i, &(addr, size, type_)) in e820.iter().enumerate() {
-                let slot = bp.e820_table.get_mut(i).ok_or_else(|| BootError::Write {
-                    what: "e820 table",
-                    detail: "too many entries".into(),
-                })?;
+                let slot = bp.e820_table.get_mut(i).ok_or(BootError::E820Full)?;
                 *slot = boot_e820_entry {
                     addr,
                     size,

@@ -36,12 +36,19 @@ pub enum KvmStateError {
         value: u64,
     },
     /// A list could not be built (too many entries).
-    #[error("{what}: {detail}")]
+    #[error("{what}: {source}")]
     List {
         /// Which list.
         what: &'static str,
         /// Cause.
-        detail: String,
+        #[source]
+        source: vmm_sys_util::fam::Error,
+    },
+    /// The saved FPU state has the wrong size.
+    #[error("FPU state: {len} bytes")]
+    FpuSize {
+        /// Its size.
+        len: usize,
     },
 }
 
@@ -83,9 +90,9 @@ fn msr_list(indices: &[u32], values: Option<&[kvm_msr_entry]>) -> Result<Msrs, K
             })
             .collect(),
     };
-    Msrs::from_entries(&entries).map_err(|e| KvmStateError::List {
+    Msrs::from_entries(&entries).map_err(|source| KvmStateError::List {
         what: "MSR list",
-        detail: format!("{e:?}"),
+        source,
     })
 }
 
@@ -145,18 +152,15 @@ pub fn save_vcpu(
 
 /// Loads `s` into a freshly created vCPU.
 pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuSnapshot) -> Result<(), KvmStateError> {
-    let cpuid = CpuId::from_entries(&s.cpuid).map_err(|e| KvmStateError::List {
+    let cpuid = CpuId::from_entries(&s.cpuid).map_err(|source| KvmStateError::List {
         what: "CPUID",
-        detail: format!("{e:?}"),
+        source,
     })?;
     fd.set_cpuid2(&cpuid).map_err(ioctl("set CPUID"))?;
     fd.set_mp_state(s.mp_state).map_err(ioctl("set MP state"))?;
     fd.set_regs(&s.regs).map_err(ioctl("set regs"))?;
     fd.set_sregs(&s.sregs).map_err(ioctl("set sregs"))?;
-    let fpu = fpu_from_bytes(&s.fpu).ok_or_else(|| KvmStateError::List {
-        what: "FPU state",
-        detail: format!("{} bytes", s.fpu.len()),
-    })?;
+    let fpu = fpu_from_bytes(&s.fpu).ok_or(KvmStateError::FpuSize { len: s.fpu.len() })?;
     fd.set_fpu(&fpu).map_err(ioctl("set FPU"))?;
     if let Some(x) = &s.xsave {
         // SAFETY: `x` is a complete legacy kvm_xsave (4 KiB region) as KVM_GET_XSAVE returned

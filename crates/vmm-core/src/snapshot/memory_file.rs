@@ -64,14 +64,25 @@ pub enum MemFileError {
         what: String,
     },
     /// mmap of a region failed.
-    #[error("memory file {path}: cannot map region at {guest_addr:#x}: {detail}")]
+    #[error("memory file {path}: cannot map region at {guest_addr:#x}: {source}")]
     Map {
         /// The file.
         path: PathBuf,
         /// Guest address of the region.
         guest_addr: u64,
-        /// Cause.
-        detail: String,
+        /// Cause (vm-memory's error, or a size that does not fit).
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A region of the state file does not fit the memory file or the address space.
+    #[error("memory file {path}: cannot map region at {guest_addr:#x}: {what}")]
+    Region {
+        /// The file.
+        path: PathBuf,
+        /// Guest address of the region.
+        guest_addr: u64,
+        /// What is wrong.
+        what: &'static str,
     },
 }
 
@@ -257,32 +268,37 @@ pub fn map(
     let file = Arc::new(file);
     let mut out = Vec::with_capacity(regions.len());
     for r in regions {
-        let map_err = |detail: String| MemFileError::Map {
+        let map_err = |source: Box<dyn std::error::Error + Send + Sync>| MemFileError::Map {
             path: path.to_owned(),
             guest_addr: r.guest_addr,
-            detail,
+            source,
+        };
+        let region_err = |what| MemFileError::Region {
+            path: path.to_owned(),
+            guest_addr: r.guest_addr,
+            what,
         };
         let end = r.file_offset.checked_add(r.len);
         if end.is_none_or(|e| e > file_len) || r.file_offset % PAGE != 0 {
-            return Err(map_err("region outside the file".into()));
+            return Err(region_err("region outside the file"));
         }
-        let size = usize::try_from(r.len).map_err(|e| map_err(e.to_string()))?;
+        let size = usize::try_from(r.len).map_err(|e| map_err(Box::new(e)))?;
         let region = MmapRegion::build(
             Some(FileOffset::from_arc(file.clone(), r.file_offset)),
             size,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE | libc::MAP_NORESERVE,
         )
-        .map_err(|e| map_err(e.to_string()))?;
+        .map_err(|e| map_err(Box::new(e)))?;
         out.push(
             GuestRegionMmap::new(region, GuestAddress(r.guest_addr))
-                .ok_or_else(|| map_err("region wraps the address space".into()))?,
+                .ok_or_else(|| region_err("region wraps the address space"))?,
         );
     }
     GuestMemoryMmap::from_regions(out).map_err(|e| MemFileError::Map {
         path: path.to_owned(),
         guest_addr: 0,
-        detail: e.to_string(),
+        source: Box::new(e),
     })
 }
 
