@@ -276,7 +276,7 @@ impl SerialDevice {
             vm_superio::serial::NoEvents,
             ConsoleWriter(console),
         )
-        .map_err(|e| io::Error::other(format!("serial state: {e:?}")))?;
+        .map_err(io::Error::other)?;
         Ok(Self { uart })
     }
 

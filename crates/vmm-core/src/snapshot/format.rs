@@ -198,9 +198,12 @@ pub enum FormatError {
     /// Header fields that must be fixed are not.
     #[error("malformed header: {0}")]
     Header(String),
-    /// The payload does not decode or fails validation.
+    /// The payload fails validation.
     #[error("invalid payload: {0}")]
     Payload(String),
+    /// The payload does not encode or decode.
+    #[error("invalid payload: {0}")]
+    Encoding(#[source] postcard::Error),
 }
 
 fn digest(header: &[u8; HEADER_LEN], payload: &[u8]) -> [u8; DIGEST_LEN] {
@@ -214,7 +217,7 @@ fn digest(header: &[u8; HEADER_LEN], payload: &[u8]) -> [u8; DIGEST_LEN] {
 
 /// Encodes `snap` as a complete state file.
 pub fn encode(snap: &VmSnapshot, origin: &Origin) -> Result<Vec<u8>, FormatError> {
-    let payload = postcard::to_stdvec(snap).map_err(|e| FormatError::Payload(e.to_string()))?;
+    let payload = postcard::to_stdvec(snap).map_err(FormatError::Encoding)?;
     let len = payload.len() as u64;
     if len > MAX_PAYLOAD {
         return Err(FormatError::TooLarge { len });
@@ -333,8 +336,7 @@ pub fn decode(file: &[u8], expect: &Origin) -> Result<VmSnapshot, FormatError> {
     if digest(&h, payload)[..] != h[OFF_DIGEST..OFF_DIGEST + DIGEST_LEN] {
         return Err(FormatError::Checksum);
     }
-    let snap: VmSnapshot =
-        postcard::from_bytes(payload).map_err(|e| FormatError::Payload(e.to_string()))?;
+    let snap: VmSnapshot = postcard::from_bytes(payload).map_err(FormatError::Encoding)?;
     snap.validate().map_err(FormatError::Payload)?;
     Ok(snap)
 }
