@@ -1171,6 +1171,12 @@ fn spawn_counting_event_loop(
     let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let (stop2, count2) = (stop.clone(), count.clone());
     let t = std::thread::spawn(move || {
+        // As on a VM's device thread: every event-loop test runs the device under its filter.
+        crate::seccomp::install(
+            crate::seccomp::ThreadKind::Device,
+            crate::seccomp::SeccompMode::Enforce,
+        )
+        .unwrap();
         while !stop2.load(Ordering::Acquire) {
             let n = em.run_with_timeout(20).unwrap();
             count2.fetch_add(n, Ordering::Relaxed);

@@ -17,6 +17,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::{VsockError, VsockHost, VsockStream};
+use crate::seccomp::{SeccompMode, ThreadKind};
 
 /// Longest accepted handshake line.
 const MAX_HANDSHAKE: usize = 64;
@@ -151,19 +152,27 @@ fn serve_client(mut sock: UnixStream, host: &VsockHost, timeout: Duration) -> io
         .map_err(|e| io::Error::new(io::ErrorKind::ConnectionRefused, e.to_string()))?;
     sock.write_all(format!("OK {}\n", stream.local_port()).as_bytes())?;
     sock.set_read_timeout(None)?;
-    proxy(sock, stream)
+    proxy(sock, stream, host.seccomp_mode())
 }
 
-fn proxy(sock: UnixStream, stream: VsockStream) -> io::Result<()> {
+/// Copies both ways on two threads, each under the vsock-proxy seccomp filter from before its
+/// first guest byte (installed after the spawn, so the filter needs no `clone`).
+fn proxy(sock: UnixStream, stream: VsockStream, mode: SeccompMode) -> io::Result<()> {
+    let filter_err = |e: crate::seccomp::SeccompError| io::Error::other(e.to_string());
     let mut sock_r = sock.try_clone()?;
     let mut vs_w = stream.try_clone()?;
     let up = std::thread::Builder::new()
         .name("vsock-unix-up".into())
         .spawn(move || {
+            if let Err(e) = crate::seccomp::install(ThreadKind::VsockProxy, mode) {
+                tracing::error!("vsock unix front: {e}");
+                return;
+            }
             let _ = io::copy(&mut sock_r, &mut vs_w);
             let _ = vs_w.flush();
             let _ = vs_w.shutdown(Shutdown::Write);
         })?;
+    crate::seccomp::install(ThreadKind::VsockProxy, mode).map_err(filter_err)?;
     let mut vs_r = stream;
     let mut sock_w = sock;
     let _ = io::copy(&mut vs_r, &mut sock_w);
