@@ -285,9 +285,30 @@ pub fn vcpu_ioctls() -> Vec<u64> {
     ]
 }
 
-/// The allowlist of one thread kind.
+/// Path-based file calls that harmless code may reach on any thread — a panic's backtrace
+/// symbolizer opening the executable, a log formatter looking up the time zone — fail with
+/// `EACCES` (a second filter) instead of ending the process. Either way the call never runs.
+pub const REFUSED_WITH_EACCES: &[libc::c_long] = &[
+    libc::SYS_open,
+    libc::SYS_openat,
+    libc::SYS_openat2,
+    libc::SYS_creat,
+    libc::SYS_stat,
+    libc::SYS_lstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_access,
+    libc::SYS_faccessat,
+    libc::SYS_faccessat2,
+    libc::SYS_readlink,
+    libc::SYS_readlinkat,
+];
+
+/// The allowlist of one thread kind (the [`REFUSED_WITH_EACCES`] calls pass it, to be
+/// refused by the second filter).
 pub fn rules(kind: ThreadKind) -> Result<Rules, seccompiler::BackendError> {
     let mut r = common_rules(kind)?;
+    allow(&mut r, REFUSED_WITH_EACCES);
     match kind {
         ThreadKind::Vcpu => {
             allow_arg(&mut r, libc::SYS_ioctl, 1, &vcpu_ioctls())?;
@@ -323,7 +344,10 @@ pub fn rules(kind: ThreadKind) -> Result<Rules, seccompiler::BackendError> {
 // ---- compiled programs ----
 
 struct Programs {
+    /// The allowlists, by [`ThreadKind::index`].
     by_kind: Vec<BpfProgram>,
+    /// [`REFUSED_WITH_EACCES`] -> EACCES, everything else allowed (to the allowlist).
+    eacces: BpfProgram,
 }
 
 fn compile(mode: SeccompMode) -> Result<Programs, SeccompError> {
@@ -350,7 +374,19 @@ fn compile(mode: SeccompMode) -> Result<Programs, SeccompError> {
         })?;
         by_kind.push(prog);
     }
-    Ok(Programs { by_kind })
+    let kind = "EACCES";
+    let mut refused = Rules::new();
+    allow(&mut refused, REFUSED_WITH_EACCES);
+    let eacces = SeccompFilter::new(
+        refused,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
+        TargetArch::x86_64,
+    )
+    .map_err(|source| SeccompError::Build { kind, source })?
+    .try_into()
+    .map_err(|source| SeccompError::Compile { kind, source })?;
+    Ok(Programs { by_kind, eacces })
 }
 
 fn programs(mode: SeccompMode) -> Result<&'static Programs, SeccompError> {
@@ -415,16 +451,52 @@ pub fn install(kind: ThreadKind, mode: SeccompMode) -> Result<(), SeccompError> 
     if mode == SeccompMode::Enforce {
         install_sigsys_handler()?;
     }
-    let prog = &programs(mode)?.by_kind[kind.index()];
+    let progs = programs(mode)?;
     remember_thread(kind);
-    seccompiler::apply_filter(prog).map_err(|source| SeccompError::Install {
+    let err = |source| SeccompError::Install {
         kind: kind.name(),
         thread: std::thread::current()
             .name()
             .unwrap_or("<unnamed>")
             .to_owned(),
         source,
-    })
+    };
+    // The EACCES filter first: once the allowlist is on, seccomp(2) itself is refused. The
+    // kernel runs both on every call and takes the stricter verdict.
+    seccompiler::apply_filter(&progs.eacces).map_err(err)?;
+    seccompiler::apply_filter(&progs.by_kind[kind.index()]).map_err(err)
+}
+
+/// `(thread name, Seccomp, NoNewPrivs)` of every thread of this process, from
+/// /proc/self/task/*/status (tests).
+#[doc(hidden)]
+pub fn task_filters() -> Vec<(String, u32, u32)> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let p = t.path();
+        let (Ok(comm), Ok(status)) = (
+            std::fs::read_to_string(p.join("comm")),
+            std::fs::read_to_string(p.join("status")),
+        ) else {
+            continue; // the thread ended meanwhile
+        };
+        let field = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().parse::<u32>().ok())
+                .unwrap_or(u32::MAX)
+        };
+        out.push((
+            comm.trim().to_owned(),
+            field("Seccomp:"),
+            field("NoNewPrivs:"),
+        ));
+    }
+    out
 }
 
 // ---- SIGSYS: name the offending call, then end the process ----
@@ -564,6 +636,7 @@ mod tests {
             let p = compile(mode).unwrap();
             assert_eq!(p.by_kind.len(), ThreadKind::ALL.len());
             assert!(p.by_kind.iter().all(|b| !b.is_empty() && b.len() < 4096));
+            assert!(!p.eacces.is_empty());
         }
     }
 
@@ -586,8 +659,6 @@ mod tests {
                 libc::SYS_execveat,
                 libc::SYS_socket,
                 libc::SYS_connect,
-                libc::SYS_open,
-                libc::SYS_openat,
                 libc::SYS_clone,
                 libc::SYS_clone3,
                 libc::SYS_fork,
@@ -599,6 +670,36 @@ mod tests {
                 assert!(!r.contains_key(&nr), "{kind:?} allows {nr}");
             }
         }
+    }
+
+    #[test]
+    fn seccomp_file_calls_fail_with_eacces_and_the_thread_exits_cleanly() {
+        for kind in ThreadKind::ALL {
+            let t = std::thread::Builder::new()
+                .name(format!("sc-{}", kind.name()))
+                .spawn(move || {
+                    install(kind, SeccompMode::Enforce).unwrap();
+                    let open = std::fs::File::open("/proc/self/status").map(|_| ());
+                    let stat = std::fs::metadata("/").map(|_| ());
+                    let link = std::fs::read_link("/proc/self/exe").map(|_| ());
+                    // Allocation, locks and clocks still work.
+                    let v: Vec<u64> = (0..100_000).collect();
+                    let _ = std::time::Instant::now();
+                    (open, stat, link, v.len())
+                })
+                .unwrap();
+            let (open, stat, link, n) = t.join().unwrap();
+            for r in [open, stat, link] {
+                assert_eq!(
+                    r.unwrap_err().raw_os_error(),
+                    Some(libc::EACCES),
+                    "{kind:?}"
+                );
+            }
+            assert_eq!(n, 100_000);
+        }
+        // This (calling) thread is not filtered.
+        std::fs::File::open("/proc/self/status").unwrap();
     }
 
     #[test]

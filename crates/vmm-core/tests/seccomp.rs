@@ -36,33 +36,6 @@ fn spinning(name: &str, vcpus: u8, mode: SeccompMode) -> Vm {
     vm
 }
 
-/// `(thread name, Seccomp, NoNewPrivs)` of every thread of this process.
-fn thread_filters() -> Vec<(String, u32, u32)> {
-    let mut out = Vec::new();
-    for t in std::fs::read_dir("/proc/self/task").unwrap() {
-        let p = t.unwrap().path();
-        let (Ok(comm), Ok(status)) = (
-            std::fs::read_to_string(p.join("comm")),
-            std::fs::read_to_string(p.join("status")),
-        ) else {
-            continue; // the thread ended meanwhile
-        };
-        let field = |key: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(key))
-                .map(|v| v.trim().parse::<u32>().unwrap())
-                .unwrap()
-        };
-        out.push((
-            comm.trim().to_owned(),
-            field("Seccomp:"),
-            field("NoNewPrivs:"),
-        ));
-    }
-    out
-}
-
 fn vm_threads(all: &[(String, u32, u32)], vm: &str) -> Vec<(String, u32, u32)> {
     all.iter()
         .filter(|(n, _, _)| n.starts_with(&format!("{vm}-")))
@@ -75,7 +48,7 @@ fn vm_threads(all: &[(String, u32, u32)], vm: &str) -> Vec<(String, u32, u32)> {
 fn settled_vm_threads(vm: &str, n: usize, seccomp: u32) -> Vec<(String, u32, u32)> {
     let deadline = Instant::now() + T;
     loop {
-        let mine = vm_threads(&thread_filters(), vm);
+        let mine = vm_threads(&kiln_vmm::seccomp::task_filters(), vm);
         let settled = mine.len() == n && mine.iter().all(|t| t.1 == seccomp);
         if settled || Instant::now() > deadline {
             return mine;
@@ -194,7 +167,7 @@ fn seccomp_child_vcpu_job() {
         .unwrap();
     vm.pause(T).unwrap();
     // The vCPU thread's filter state, read from here (its filter allows no open).
-    let (_, seccomp, _) = vm_threads(&thread_filters(), "sckill")
+    let (_, seccomp, _) = vm_threads(&kiln_vmm::seccomp::task_filters(), "sckill")
         .into_iter()
         .find(|(n, _, _)| n == "sckill-vcpu0")
         .unwrap();

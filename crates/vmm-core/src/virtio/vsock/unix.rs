@@ -229,6 +229,21 @@ mod tests {
         g.send(OP_RESPONSE, 5000, lp, &[]);
         let p = g.recv_wait(T).unwrap();
         assert_eq!((p.0.op, p.1.as_slice()), (OP_RW, &b"hello"[..]));
+        // Both copy threads run under the vsock-proxy filter (the default mode is Enforce).
+        let deadline = std::time::Instant::now() + T;
+        let filtered = |name: &str| {
+            crate::seccomp::task_filters()
+                .iter()
+                .any(|(n, sc, nnp)| n == name && (*sc, *nnp) == (2, 1))
+        };
+        while !(filtered("vsock-unix-conn") && filtered("vsock-unix-up")) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{:?}",
+                crate::seccomp::task_filters()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let p = g.recv_wait(T).unwrap();
         assert_eq!(p.0.op, OP_SHUTDOWN, "client EOF reaches the guest");
         g.send(OP_RW, 5000, lp, b"world");
