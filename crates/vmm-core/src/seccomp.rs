@@ -18,7 +18,7 @@
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
-use std::sync::{Once, OnceLock};
+use std::sync::{Arc, Mutex, Once, OnceLock};
 
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition,
@@ -80,11 +80,13 @@ pub enum ThreadKind {
     Device,
     /// A vsock unix-front copy thread (`vsock-unix-conn`, `vsock-unix-up`).
     VsockProxy,
+    /// A block-device I/O thread (for a virtio-blk backend on its own thread).
+    BlockIo,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 3] = [Self::Vcpu, Self::Device, Self::VsockProxy];
+    pub const ALL: [ThreadKind; 4] = [Self::Vcpu, Self::Device, Self::VsockProxy, Self::BlockIo];
 
     /// A short name for logs.
     pub fn name(self) -> &'static str {
@@ -92,6 +94,7 @@ impl ThreadKind {
             Self::Vcpu => "vcpu",
             Self::Device => "device",
             Self::VsockProxy => "vsock-proxy",
+            Self::BlockIo => "block-io",
         }
     }
 
@@ -100,6 +103,7 @@ impl ThreadKind {
             Self::Vcpu => 0,
             Self::Device => 1,
             Self::VsockProxy => 2,
+            Self::BlockIo => 3,
         }
     }
 }
@@ -228,6 +232,7 @@ fn common_rules(kind: ThreadKind) -> Result<Rules, seccompiler::BackendError> {
             libc::SYS_getrandom,
             libc::SYS_getpid,
             libc::SYS_gettid,
+            libc::SYS_sched_getaffinity,
             libc::SYS_exit,
             libc::SYS_exit_group,
         ],
@@ -242,12 +247,17 @@ fn common_rules(kind: ThreadKind) -> Result<Rules, seccompiler::BackendError> {
         &[libc::F_GETFD as u64, libc::F_GETFL as u64],
     )?;
     // abort() raises SIGABRT at itself; vCPU threads also kick their siblings out of KVM_RUN
-    // when the guest ends the VM.
+    // when the guest ends the VM. Only threads of this process (tgid = our pid).
     let mut signals = vec![libc::SIGABRT as u64];
     if kind == ThreadKind::Vcpu {
         signals.push(crate::vcpu::kick_signal() as u64);
     }
-    allow_arg(&mut r, libc::SYS_tgkill, 2, &signals)?;
+    let pid = u64::from(std::process::id());
+    let mut chain = Vec::with_capacity(signals.len());
+    for sig in signals {
+        chain.push(rule(vec![cond(0, Op::Eq, pid)?, cond(2, Op::Eq, sig)?])?);
+    }
+    r.insert(libc::SYS_tgkill, chain);
     Ok(r)
 }
 
@@ -304,6 +314,32 @@ pub const REFUSED_WITH_EACCES: &[libc::c_long] = &[
     libc::SYS_readlinkat,
 ];
 
+/// Event-loop calls: waiting on and (un)registering fds, close-deadline timers.
+const EVENT_LOOP_CALLS: &[libc::c_long] = &[
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+    libc::SYS_timerfd_settime,
+    libc::SYS_timerfd_gettime,
+];
+
+/// Disk-image I/O on fds opened before the thread started (a virtio-blk backend, on the
+/// device loop or on its own thread): positioned and vectored reads/writes, flushes,
+/// discard (`fallocate` punch-hole).
+pub const BLOCK_IO_CALLS: &[libc::c_long] = &[
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_preadv2,
+    libc::SYS_pwritev2,
+    libc::SYS_readv,
+    libc::SYS_lseek,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_fallocate,
+];
+
 /// The allowlist of one thread kind (the [`REFUSED_WITH_EACCES`] calls pass it, to be
 /// refused by the second filter).
 pub fn rules(kind: ThreadKind) -> Result<Rules, seccompiler::BackendError> {
@@ -313,17 +349,9 @@ pub fn rules(kind: ThreadKind) -> Result<Rules, seccompiler::BackendError> {
         ThreadKind::Vcpu => {
             allow_arg(&mut r, libc::SYS_ioctl, 1, &vcpu_ioctls())?;
         }
-        ThreadKind::Device => {
-            allow(
-                &mut r,
-                &[
-                    libc::SYS_epoll_wait,
-                    libc::SYS_epoll_pwait,
-                    libc::SYS_epoll_ctl,
-                    libc::SYS_timerfd_settime,
-                    libc::SYS_timerfd_gettime,
-                ],
-            );
+        ThreadKind::Device | ThreadKind::BlockIo => {
+            allow(&mut r, EVENT_LOOP_CALLS);
+            allow(&mut r, BLOCK_IO_CALLS);
         }
         ThreadKind::VsockProxy => {
             allow(
@@ -389,19 +417,20 @@ fn compile(mode: SeccompMode) -> Result<Programs, SeccompError> {
     Ok(Programs { by_kind, eacces })
 }
 
-fn programs(mode: SeccompMode) -> Result<&'static Programs, SeccompError> {
-    static ENFORCE: OnceLock<Programs> = OnceLock::new();
-    static LOG: OnceLock<Programs> = OnceLock::new();
-    let cell = if mode == SeccompMode::Log {
-        &LOG
-    } else {
-        &ENFORCE
-    };
-    if let Some(p) = cell.get() {
-        return Ok(p);
+/// The compiled filters for `mode`, cached per process (they name our pid, so a forked
+/// child compiles its own).
+fn programs(mode: SeccompMode) -> Result<Arc<Programs>, SeccompError> {
+    type Cache = Vec<(SeccompMode, u32, Arc<Programs>)>;
+    static CACHE: Mutex<Cache> = Mutex::new(Vec::new());
+    let pid = std::process::id();
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, _, p)) = cache.iter().find(|(m, id, _)| *m == mode && *id == pid) {
+        return Ok(p.clone());
     }
-    let p = compile(mode)?;
-    Ok(cell.get_or_init(|| p))
+    let p = Arc::new(compile(mode)?);
+    cache.retain(|(_, id, _)| *id == pid);
+    cache.push((mode, pid, p.clone()));
+    Ok(p)
 }
 
 /// `seccomp(SECCOMP_GET_ACTION_AVAIL)`: does the kernel support filters with `action`?

@@ -209,6 +209,7 @@ mod tests {
         g.post_rx(16);
         let front = g.host.serve_unix(dir.path().join("v.sock"), T).unwrap();
         let path = front.path().to_path_buf();
+        let (go, wait) = std::sync::mpsc::channel::<()>();
         let client = std::thread::spawn(move || {
             let mut s = UnixStream::connect(&path).unwrap();
             s.set_read_timeout(Some(T)).unwrap();
@@ -218,6 +219,8 @@ mod tests {
             r.read_line(&mut line).unwrap();
             assert!(line.starts_with("OK "), "{line:?}");
             s.write_all(b"hello").unwrap();
+            // Keep both copy threads alive until the test has looked at them.
+            wait.recv_timeout(T).unwrap();
             s.shutdown(Shutdown::Write).unwrap();
             let mut v = Vec::new();
             r.read_to_end(&mut v).unwrap();
@@ -244,6 +247,7 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
+        go.send(()).unwrap();
         let p = g.recv_wait(T).unwrap();
         assert_eq!(p.0.op, OP_SHUTDOWN, "client EOF reaches the guest");
         g.send(OP_RW, 5000, lp, b"world");
