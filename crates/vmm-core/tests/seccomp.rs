@@ -94,10 +94,15 @@ fn seccomp_off_leaves_the_vmm_threads_unfiltered() {
 
 /// Runs the child copy of this binary with `env`; returns (exit code, stderr).
 fn run_child(call: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let child = if call == "trace" {
+        "seccomp_child_tracing"
+    } else {
+        "seccomp_child_vcpu_job"
+    };
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.args([
         "--exact",
-        "seccomp_child_vcpu_job",
+        child,
         "--ignored",
         "--nocapture",
         "--test-threads=1",
@@ -193,5 +198,43 @@ fn seccomp_child_vcpu_job() {
     ));
     let rc = rx.recv_timeout(T).unwrap();
     assert!(rc >= 0, "the call failed: {rc}");
+    vm.stop();
+}
+
+#[test]
+fn seccomp_vmm_threads_log_through_a_tracing_subscriber() {
+    let (code, out) = run_child("trace", &[]);
+    assert_eq!(code, Some(0), "child output:\n{out}");
+    // Serial lines and the exit are logged on the (filtered) vCPU thread.
+    let line = |needle: &str| {
+        out.lines()
+            .any(|l| l.contains("sctrace-vcpu0") && l.contains(needle))
+    };
+    assert!(line("serial: READY"), "{out}");
+    assert!(line("vCPU exit: shutdown"), "{out}");
+}
+
+/// The child: a tracing subscriber (timestamps, thread names, TRACE) writing to stderr, and a
+/// VM that logs its serial lines and exit on its vCPU thread.
+#[test]
+#[ignore = "run by seccomp_vmm_threads_log_through_a_tracing_subscriber as a child process"]
+fn seccomp_child_tracing() {
+    std::env::var(CHILD_ENV).expect("only run as a child");
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_thread_names(true)
+        .with_writer(std::io::stderr)
+        .init();
+    let mut c = VmConfig::new("sctrace", guest());
+    c.cmdline_extra = Action::Shutdown.cmdline().into();
+    c.vsock_cid = Some(3);
+    c.serial_log = true;
+    let vm = Vm::start(c).unwrap();
+    vm.wait_exit(T).unwrap();
+    // Give the vCPU thread time to log its exit before the VM is torn down.
+    let deadline = Instant::now() + T;
+    while vm.vcpu_states()[0] == kiln_vmm::vcpu::VcpuState::Running && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     vm.stop();
 }
