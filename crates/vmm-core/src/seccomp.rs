@@ -6,7 +6,9 @@
 //! Modes ([`SeccompMode`], `$KILN_SECCOMP`, [`crate::VmConfig::seccomp`]):
 //! - `Enforce` (default): a call outside the list raises `SIGSYS` (`SECCOMP_RET_TRAP`); the
 //!   handler writes the thread, its kind and the system call number to stderr and ends the
-//!   process with exit status [`EXIT_BAD_SYSCALL`] (159 = 128 + SIGSYS).
+//!   process with exit status [`EXIT_BAD_SYSCALL`] (159 = 128 + SIGSYS). The path-based file
+//!   calls in [`REFUSED_WITH_EACCES`] are the exception: the handler logs them and makes them
+//!   fail with `EACCES`.
 //! - `Log`: a call outside the list is allowed and the kernel logs it (`SECCOMP_RET_LOG`,
 //!   `audit: type=1326 ... comm="<thread>" ... syscall=<nr>` in the kernel log) — for finding a
 //!   missing entry on a new code path without ending the process.
