@@ -205,7 +205,10 @@ mod tests {
     #[test]
     fn unix_client_reaches_guest_port() {
         let dir = tempfile::tempdir().unwrap();
-        let mut g = TestGuest::new();
+        let mut g = TestGuest::with_config(crate::virtio::vsock::VsockConfig {
+            seccomp: SeccompMode::Enforce, // whatever $KILN_SECCOMP says
+            ..Default::default()
+        });
         g.post_rx(16);
         let front = g.host.serve_unix(dir.path().join("v.sock"), T).unwrap();
         let path = front.path().to_path_buf();
@@ -232,7 +235,7 @@ mod tests {
         g.send(OP_RESPONSE, 5000, lp, &[]);
         let p = g.recv_wait(T).unwrap();
         assert_eq!((p.0.op, p.1.as_slice()), (OP_RW, &b"hello"[..]));
-        // Both copy threads run under the vsock-proxy filter (the default mode is Enforce).
+        // Both copy threads run under the vsock-proxy filter.
         let deadline = std::time::Instant::now() + T;
         let filtered = |name: &str| {
             crate::seccomp::task_filters()
