@@ -11,6 +11,8 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::seccomp::{SeccompMode, ThreadKind};
+
 /// A device subscriber as the loop stores it.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 /// The event manager type devices register with.
@@ -47,8 +49,13 @@ pub struct EventLoop {
 }
 
 impl EventLoop {
-    /// Starts `manager` on a thread named `<vm>-dev`.
-    pub fn spawn(vm: &str, mut manager: DeviceEventManager) -> io::Result<Self> {
+    /// Starts `manager` on a thread named `<vm>-dev`, which installs the device seccomp filter
+    /// (`seccomp`) before it dispatches any event.
+    pub fn spawn(
+        vm: &str,
+        mut manager: DeviceEventManager,
+        seccomp: SeccompMode,
+    ) -> io::Result<Self> {
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
         let flag = Arc::new(AtomicBool::new(false));
         let sub: Subscriber = Arc::new(Mutex::new(StopSubscriber {
@@ -60,6 +67,11 @@ impl EventLoop {
         let handle = std::thread::Builder::new()
             .name(format!("{vm}-dev"))
             .spawn(move || {
+                if let Err(e) = crate::seccomp::install(ThreadKind::Device, seccomp) {
+                    // Fail closed: no device runs on an unfiltered thread.
+                    tracing::error!(vm = %vm_name, "device loop not started: {e}");
+                    return;
+                }
                 while !flag.load(Ordering::SeqCst) {
                     if let Err(e) = manager.run_with_timeout(1000) {
                         tracing::error!(vm = %vm_name, "device loop failed: {e:?}");

@@ -13,6 +13,7 @@ pub mod host;
 pub mod memory;
 pub mod mptable;
 pub mod msr;
+pub mod seccomp;
 pub mod serial;
 pub mod snapshot;
 pub mod test_guest;

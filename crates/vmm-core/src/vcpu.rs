@@ -140,7 +140,6 @@ impl VcpuRequest {
 }
 
 /// Work a paused vCPU does on its own thread (KVM wants vCPU ioctls there).
-#[derive(Debug)]
 pub enum VcpuJob {
     /// Complete a pending I/O exit, then save the vCPU's state (snapshots) and send it back.
     SaveState {
@@ -149,6 +148,22 @@ pub enum VcpuJob {
         /// Where the vCPU sends its index and its state.
         reply: mpsc::Sender<SavedVcpu>,
     },
+    /// Test hook (`Vm::post_vcpu_job`): run a closure on the vCPU thread, under its seccomp
+    /// filter, with its fd.
+    #[doc(hidden)]
+    Test(Box<dyn FnOnce(&VcpuFd) + Send>),
+}
+
+impl std::fmt::Debug for VcpuJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VcpuJob::SaveState { msrs, .. } => f
+                .debug_struct("SaveState")
+                .field("msrs", &msrs.len())
+                .finish_non_exhaustive(),
+            VcpuJob::Test(_) => f.write_str("Test(..)"),
+        }
+    }
 }
 
 /// A vCPU's answer to [`VcpuJob::SaveState`]: its index and its state.
@@ -500,6 +515,7 @@ impl VcpuRunner {
                 self.fd.set_kvm_immediate_exit(0);
                 let _ = reply.send((self.index, kvm_state::save_vcpu(&self.fd, self.index, msrs)));
             }
+            VcpuJob::Test(f) => f(&self.fd),
         }
     }
 

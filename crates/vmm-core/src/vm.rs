@@ -24,6 +24,7 @@ use crate::bus::{Bus, BusError, SharedDevice};
 use crate::event_loop::{DeviceEventManager, EventLoop, Subscriber};
 use crate::memory::{self, MemoryError, MMIO_DEVICES_END, MMIO_SLOT_SIZE, MMIO_START};
 use crate::mptable::{self, MpTableError};
+use crate::seccomp::{self, SeccompError, SeccompMode, ThreadKind};
 use crate::serial::{Console, SerialDevice, WaitOutcome, COM1_IRQ, COM1_LEN, COM1_PORT};
 use crate::vcpu::{self, VcpuRunner, VcpuState, VmShared};
 
@@ -69,6 +70,9 @@ pub struct VmConfig {
     pub serial_ring_bytes: usize,
     /// Also log guest serial lines through `tracing` (info level).
     pub serial_log: bool,
+    /// seccomp filters on the VM's threads (default: `$KILN_SECCOMP`, read once per process;
+    /// filters on unless it is `0`). docs/SECURITY.md.
+    pub seccomp: SeccompMode,
 }
 
 impl VmConfig {
@@ -84,6 +88,7 @@ impl VmConfig {
             vsock_cid: None,
             serial_ring_bytes: 64 * 1024,
             serial_log: false,
+            seccomp: SeccompMode::from_env(),
         }
     }
 
@@ -239,6 +244,9 @@ pub enum VmErrorKind {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The VM's threads could not be given their seccomp filters.
+    #[error("seccomp: {0}")]
+    Seccomp(#[source] SeccompError),
     /// A wait passed its deadline.
     #[error("timed out after {waited:?} waiting for {what}; serial tail:\n{serial_tail}")]
     Timeout {
@@ -425,6 +433,7 @@ fn attach_devices(
     if let Some(guest_cid) = cfg.vsock_cid {
         let vsock_cfg = crate::virtio::vsock::VsockConfig {
             guest_cid,
+            seccomp: cfg.seccomp,
             ..Default::default()
         };
         devices.vsock = Some(crate::virtio::vsock::attach::attach(ctx, vsock_cfg)?);
@@ -564,8 +573,11 @@ impl Vm {
             devices,
             vcpu_fds,
             serial,
+            seccomp: seccomp_mode,
         } = machine;
         let os_err = VmErrorKind::os;
+        // Filters compiled (and kernel support checked) here, applied by each thread.
+        seccomp::prepare(seccomp_mode).map_err(VmErrorKind::Seccomp)?;
         let shared = Arc::new(VmShared::new(&name, console, vcpus));
         let pio = Arc::new(pio);
         let mmio = Arc::new(mmio);
@@ -582,7 +594,9 @@ impl Vm {
             serial,
         };
         if subscribers > 0 {
-            vm.event_loop = Some(EventLoop::spawn(&name, events).map_err(os_err("device thread"))?);
+            vm.event_loop = Some(
+                EventLoop::spawn(&name, events, seccomp_mode).map_err(os_err("device thread"))?,
+            );
         } else {
             drop(events);
         }
@@ -599,7 +613,19 @@ impl Vm {
             // On error `vm` is dropped, which stops the threads already started.
             let h = std::thread::Builder::new()
                 .name(format!("{name}-vcpu{i}"))
-                .spawn(move || runner.run())
+                .spawn(move || {
+                    // Before the first KVM_RUN; a thread that cannot be filtered never runs.
+                    if let Err(e) = seccomp::install(ThreadKind::Vcpu, seccomp_mode) {
+                        let detail = e.to_string();
+                        let vcpu = runner.index;
+                        runner
+                            .shared
+                            .record_exit(ExitReason::VcpuError { vcpu, detail });
+                        runner.shared.request_stop_all();
+                        return;
+                    }
+                    runner.run()
+                })
                 .map_err(os_err("vCPU thread"))?;
             shared.set_thread(i, h.pthread_handle());
             vm.threads.push(Some(h));
@@ -672,6 +698,19 @@ impl Vm {
     /// Each vCPU's run state.
     pub fn vcpu_states(&self) -> Vec<VcpuState> {
         self.shared.vcpus.iter().map(|c| c.state()).collect()
+    }
+
+    /// Test hook: runs `job` on vCPU `index`'s own thread (under its seccomp filter) while
+    /// the VM is paused, as the snapshot save does. False if there is no such vCPU.
+    #[doc(hidden)]
+    pub fn post_vcpu_job(&self, index: usize, job: crate::vcpu::VcpuJob) -> bool {
+        match self.shared.vcpus.get(index) {
+            Some(c) => {
+                c.post_job(job);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Pauses every vCPU (kicking it out of the guest) and waits until all are parked.
@@ -852,6 +891,8 @@ struct Machine {
     vcpu_fds: Vec<VcpuFd>,
     /// The UART (kept typed for snapshots).
     serial: Arc<Mutex<SerialDevice>>,
+    /// seccomp mode for the VM's threads.
+    seccomp: SeccompMode,
 }
 
 /// In-kernel irqchip and PIT, the serial port, the devices and the vCPUs.
@@ -921,6 +962,7 @@ fn build_machine(
         devices,
         vcpu_fds,
         serial: serial_dev,
+        seccomp: cfg.seccomp,
     })
 }
 

@@ -295,11 +295,17 @@ pub fn map(
                 .ok_or_else(|| region_err("region wraps the address space"))?,
         );
     }
-    GuestMemoryMmap::from_regions(out).map_err(|e| MemFileError::Map {
+    let mem = GuestMemoryMmap::from_regions(out).map_err(|e| MemFileError::Map {
         path: path.to_owned(),
         guest_addr: 0,
         source: Box::new(e),
-    })
+    })?;
+    crate::memory::exclude_from_core_dumps(&mem).map_err(|e| MemFileError::Map {
+        path: path.to_owned(),
+        guest_addr: 0,
+        source: Box::new(e),
+    })?;
+    Ok(mem)
 }
 
 #[cfg(test)]
@@ -335,6 +341,13 @@ mod tests {
         assert!(written_pages(&path) <= 8, "{} pages", written_pages(&path));
 
         let back = map(&path, &id, &regions, len).unwrap();
+        for r in vm_memory::GuestMemoryBackend::iter(&back) {
+            let flags = crate::memory::vm_flags_of(r.as_ptr() as usize).unwrap();
+            assert!(
+                flags.split(' ').any(|f| f == "dd"),
+                "restored RAM VmFlags {flags}"
+            );
+        }
         let mut b = [0u8; 8192];
         back.read_slice(&mut b, GuestAddress(0x20_0000)).unwrap();
         assert!(b.iter().all(|&x| x == 0xab));

@@ -179,6 +179,8 @@ pub struct RestoreConfig {
     /// A different guest CID for the vsock device (the guest re-reads it on the
     /// TRANSPORT_RESET sent at restore); `None` keeps the snapshot's.
     pub vsock_cid: Option<u64>,
+    /// seccomp filters on the restored VM's threads (default: `$KILN_SECCOMP`).
+    pub seccomp: crate::seccomp::SeccompMode,
 }
 
 impl RestoreConfig {
@@ -189,6 +191,7 @@ impl RestoreConfig {
             serial_ring_bytes: 64 * 1024,
             serial_log: false,
             vsock_cid: None,
+            seccomp: crate::seccomp::SeccompMode::from_env(),
         }
     }
 }

@@ -230,7 +230,7 @@ impl TestGuest {
     }
 
     /// The Linux driver's initialisation sequence.
-    fn init_transport(&mut self) {
+    pub fn init_transport(&mut self) {
         self.w32(regs::STATUS, STATUS_ACKNOWLEDGE);
         self.w32(regs::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
         self.w32(regs::DRIVER_FEATURES_SEL, 1);

@@ -298,6 +298,7 @@ impl Vm {
         vcfg.mem_mib = snap.mem_mib;
         vcfg.serial_ring_bytes = cfg.serial_ring_bytes;
         vcfg.serial_log = cfg.serial_log;
+        vcfg.seccomp = cfg.seccomp;
         vcfg.vsock_cid = match (&snap.vsock, cfg.vsock_cid) {
             (Some(v), c) => Some(c.unwrap_or(v.guest_cid)),
             (None, None) => None,

@@ -256,6 +256,11 @@ impl VsockHost {
         self.shared.cfg.guest_cid
     }
 
+    /// The seccomp mode for threads that serve this endpoint (the VM's).
+    pub(crate) fn seccomp_mode(&self) -> crate::seccomp::SeccompMode {
+        self.shared.cfg.seccomp
+    }
+
     /// Connect to `port` in the guest. Fails with `ConnectionRefused` if the guest answers RST
     /// (nothing listening) and `ConnectTimeout` if it does not answer within `timeout`.
     pub fn connect(&self, port: u32, timeout: Duration) -> Result<VsockStream, VsockError> {

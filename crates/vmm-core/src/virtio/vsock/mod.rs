@@ -61,6 +61,8 @@ pub struct VsockConfig {
     pub conn_buffer_size: u32,
     /// Accepted-but-not-yet-`accept()`ed connections per listener.
     pub listen_backlog: usize,
+    /// seccomp mode of the unix front's copy threads (the VM's mode).
+    pub seccomp: crate::seccomp::SeccompMode,
 }
 
 impl Default for VsockConfig {
@@ -70,6 +72,7 @@ impl Default for VsockConfig {
             max_connections: 64,
             conn_buffer_size: 256 * 1024,
             listen_backlog: 32,
+            seccomp: crate::seccomp::SeccompMode::from_env(),
         }
     }
 }

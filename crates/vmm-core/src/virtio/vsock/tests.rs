@@ -1149,6 +1149,42 @@ fn host_ports_are_reused_after_close() {
     assert!(g.host.listen(pa).is_ok());
 }
 
+/// What a vCPU thread does to the device on the guest's MMIO exits — reset with a live
+/// connection, the Linux driver's init and activation, config reads, queue notifications
+/// without ioeventfds — done under the vCPU seccomp filter.
+#[test]
+fn seccomp_vcpu_side_transport_work_runs_under_the_vcpu_filter() {
+    let (mut g, _l, s) = connected(TestGuest::new(), 8);
+    g.direct = false; // device processing belongs to the device thread
+    let g = std::thread::Builder::new()
+        .name("sc-vcpu-mmio".into())
+        .spawn(move || {
+            crate::seccomp::install(
+                crate::seccomp::ThreadKind::Vcpu,
+                crate::seccomp::SeccompMode::Enforce,
+            )
+            .unwrap();
+            g.w32(regs::STATUS, 0); // device reset: the connection is dropped
+            g.init_transport();
+            let mut cid = [0u8; 8];
+            g.transport.read(0x100, &mut cid);
+            for q in 0..3 {
+                g.notify(q);
+            }
+            (g, u64::from_le_bytes(cid))
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    let (g, cid) = g;
+    assert_eq!(cid, g.cid);
+    assert!(g.transport.is_activated());
+    // The reset reached the host side of the connection.
+    let mut b = [0u8; 1];
+    let mut s = s;
+    assert_io_err(s.read(&mut b), std::io::ErrorKind::ConnectionAborted);
+}
+
 /// Run the device on an event-manager thread, as in a VM.
 fn spawn_event_loop(g: &mut TestGuest) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
     let (stop, t, _) = spawn_counting_event_loop(g);
@@ -1171,6 +1207,12 @@ fn spawn_counting_event_loop(
     let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let (stop2, count2) = (stop.clone(), count.clone());
     let t = std::thread::spawn(move || {
+        // As on a VM's device thread: every event-loop test runs the device under its filter.
+        crate::seccomp::install(
+            crate::seccomp::ThreadKind::Device,
+            crate::seccomp::SeccompMode::Enforce,
+        )
+        .unwrap();
         while !stop2.load(Ordering::Acquire) {
             let n = em.run_with_timeout(20).unwrap();
             count2.fetch_add(n, Ordering::Relaxed);

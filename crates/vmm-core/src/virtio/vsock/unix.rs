@@ -17,6 +17,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::{VsockError, VsockHost, VsockStream};
+use crate::seccomp::{SeccompMode, ThreadKind};
 
 /// Longest accepted handshake line.
 const MAX_HANDSHAKE: usize = 64;
@@ -151,19 +152,27 @@ fn serve_client(mut sock: UnixStream, host: &VsockHost, timeout: Duration) -> io
         .map_err(|e| io::Error::new(io::ErrorKind::ConnectionRefused, e.to_string()))?;
     sock.write_all(format!("OK {}\n", stream.local_port()).as_bytes())?;
     sock.set_read_timeout(None)?;
-    proxy(sock, stream)
+    proxy(sock, stream, host.seccomp_mode())
 }
 
-fn proxy(sock: UnixStream, stream: VsockStream) -> io::Result<()> {
+/// Copies both ways on two threads, each under the vsock-proxy seccomp filter from before its
+/// first guest byte (installed after the spawn, so the filter needs no `clone`).
+fn proxy(sock: UnixStream, stream: VsockStream, mode: SeccompMode) -> io::Result<()> {
+    let filter_err = |e: crate::seccomp::SeccompError| io::Error::other(e.to_string());
     let mut sock_r = sock.try_clone()?;
     let mut vs_w = stream.try_clone()?;
     let up = std::thread::Builder::new()
         .name("vsock-unix-up".into())
         .spawn(move || {
+            if let Err(e) = crate::seccomp::install(ThreadKind::VsockProxy, mode) {
+                tracing::error!("vsock unix front: {e}");
+                return;
+            }
             let _ = io::copy(&mut sock_r, &mut vs_w);
             let _ = vs_w.flush();
             let _ = vs_w.shutdown(Shutdown::Write);
         })?;
+    crate::seccomp::install(ThreadKind::VsockProxy, mode).map_err(filter_err)?;
     let mut vs_r = stream;
     let mut sock_w = sock;
     let _ = io::copy(&mut vs_r, &mut sock_w);
@@ -196,10 +205,14 @@ mod tests {
     #[test]
     fn unix_client_reaches_guest_port() {
         let dir = tempfile::tempdir().unwrap();
-        let mut g = TestGuest::new();
+        let mut g = TestGuest::with_config(crate::virtio::vsock::VsockConfig {
+            seccomp: SeccompMode::Enforce, // whatever $KILN_SECCOMP says
+            ..Default::default()
+        });
         g.post_rx(16);
         let front = g.host.serve_unix(dir.path().join("v.sock"), T).unwrap();
         let path = front.path().to_path_buf();
+        let (go, wait) = std::sync::mpsc::channel::<()>();
         let client = std::thread::spawn(move || {
             let mut s = UnixStream::connect(&path).unwrap();
             s.set_read_timeout(Some(T)).unwrap();
@@ -209,6 +222,8 @@ mod tests {
             r.read_line(&mut line).unwrap();
             assert!(line.starts_with("OK "), "{line:?}");
             s.write_all(b"hello").unwrap();
+            // Keep both copy threads alive until the test has looked at them.
+            wait.recv_timeout(T).unwrap();
             s.shutdown(Shutdown::Write).unwrap();
             let mut v = Vec::new();
             r.read_to_end(&mut v).unwrap();
@@ -220,6 +235,22 @@ mod tests {
         g.send(OP_RESPONSE, 5000, lp, &[]);
         let p = g.recv_wait(T).unwrap();
         assert_eq!((p.0.op, p.1.as_slice()), (OP_RW, &b"hello"[..]));
+        // Both copy threads run under the vsock-proxy filter.
+        let deadline = std::time::Instant::now() + T;
+        let filtered = |name: &str| {
+            crate::seccomp::task_filters()
+                .iter()
+                .any(|(n, sc, nnp)| n == name && (*sc, *nnp) == (2, 1))
+        };
+        while !(filtered("vsock-unix-conn") && filtered("vsock-unix-up")) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{:?}",
+                crate::seccomp::task_filters()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        go.send(()).unwrap();
         let p = g.recv_wait(T).unwrap();
         assert_eq!(p.0.op, OP_SHUTDOWN, "client EOF reaches the guest");
         g.send(OP_RW, 5000, lp, b"world");
