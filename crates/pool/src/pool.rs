@@ -70,15 +70,45 @@ struct Shard<R> {
 /// The counters every acquire and release touches, on their own cache lines.
 #[repr(align(128))]
 struct Hot {
-    /// Slots taken by handles out plus `acquire()` calls creating or validating a resource.
-    /// Reserved by CAS, so it never exceeds `max_in_use`.
-    in_use: AtomicUsize,
-    /// Idle resources. Changed only while holding the lock of the shard being pushed to or
-    /// popped from, by CAS against `max_size` when it grows: never above `max_size`, and equal
-    /// to the shards' total whenever all shards are locked.
-    idle: AtomicUsize,
+    /// Two counts in one word, so that a hit can take its in-use slot and its idle resource,
+    /// and a release give both back, in one CAS:
+    /// - high 32 bits, `in_use`: slots taken by handles out plus `acquire()` calls creating or
+    ///   validating a resource; grown only by CAS against `max_in_use`, so never above it;
+    /// - low 32 bits, `idle`: idle resources; changed only while holding the lock of the shard
+    ///   pushed to or popped from (grown before the push, shrunk after the pop), grown only by
+    ///   CAS against `max_size`: never above it, never below the shards' total, and equal to it
+    ///   whenever every shard is locked.
+    word: AtomicU64,
     /// `acquire()` callers blocked on `slot_freed`.
     waiters: AtomicUsize,
+}
+
+/// One in-use slot in `Hot::word`.
+const IN_USE_ONE: u64 = 1 << 32;
+/// The idle count's bits in `Hot::word`.
+const IDLE_MASK: u64 = IN_USE_ONE - 1;
+
+fn in_use_of(word: u64) -> usize {
+    (word >> 32) as usize
+}
+
+fn idle_of(word: u64) -> usize {
+    (word & IDLE_MASK) as usize
+}
+
+/// A limit as it applies to a 32-bit count (a pool never holds 4 billion resources).
+fn cap32(limit: usize) -> usize {
+    limit.min(u32::MAX as usize)
+}
+
+/// Who puts a resource into the idle set.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// A handle's release: its in-use slot is freed with the push (after it, at the latest),
+    /// and at `max_size` it replaces the least recently used idle resource.
+    Release,
+    /// A creation for the idle set (`warm()`, refill): no slot; at `max_size` it is refused.
+    Create,
 }
 
 /// Counters and flags of the cold paths (misses, evictions, creation, the background thread).
@@ -191,7 +221,7 @@ impl<M: Manager> Shared<M> {
         let min_size = self.config.min_size;
         if min_size == 0
             || self.closed.load(SC)
-            || self.hot.idle.load(SC) + self.cold.creating_idle.load(SC) >= min_size
+            || self.idle() + self.cold.creating_idle.load(SC) >= min_size
             || self.cold.refill_requested.swap(true, SC)
         {
             return;
@@ -199,17 +229,28 @@ impl<M: Manager> Shared<M> {
         self.wake_maintainer();
     }
 
+    fn idle(&self) -> usize {
+        idle_of(self.hot.word.load(SC))
+    }
+
     /// Takes an in-use slot if one is free.
     fn try_reserve_slot(&self) -> bool {
-        let max = self.config.max_in_use;
-        if max == usize::MAX {
-            // No cap: a plain add (the count of live handles cannot reach usize::MAX).
-            self.hot.in_use.fetch_add(1, SC);
-            return true;
-        }
+        let max = cap32(self.config.max_in_use);
         self.hot
-            .in_use
-            .fetch_update(SC, SC, |n| (n < max).then_some(n + 1))
+            .word
+            .fetch_update(SC, SC, |w| (in_use_of(w) < max).then_some(w + IN_USE_ONE))
+            .is_ok()
+    }
+
+    /// Takes an in-use slot and one idle resource at once, if a slot is free. Call only while
+    /// holding the lock of a non-empty shard (so the idle count is at least one).
+    fn try_reserve_slot_for_hit(&self) -> bool {
+        let max = cap32(self.config.max_in_use);
+        self.hot
+            .word
+            .fetch_update(SC, SC, |w| {
+                (in_use_of(w) < max && idle_of(w) > 0).then_some(w + IN_USE_ONE - 1)
+            })
             .is_ok()
     }
 
@@ -242,7 +283,7 @@ impl<M: Manager> Shared<M> {
                 self.hot.waiters.fetch_sub(1, SC);
                 return Err(PoolError::TimedOut {
                     waited: now.saturating_duration_since(start),
-                    in_use: self.hot.in_use.load(SC),
+                    in_use: in_use_of(self.hot.word.load(SC)),
                     max_in_use,
                 });
             }
@@ -264,18 +305,44 @@ impl<M: Manager> Shared<M> {
 
     /// Gives an in-use slot back and wakes one waiter, if any.
     fn free_slot(&self) {
-        self.hot.in_use.fetch_sub(1, SC);
+        self.hot.word.fetch_sub(IN_USE_ONE, SC);
+        self.notify_waiter();
+    }
+
+    /// Wakes one `acquire()` waiting for a slot, if any (after a slot was freed).
+    fn notify_waiter(&self) {
         if self.hot.waiters.load(SC) > 0 {
             let _guard = lock(&self.wait_lock);
             self.slot_freed.notify_one();
         }
     }
 
+    /// The hot half of `acquire()`: when the home shard has an idle resource and is free,
+    /// takes it and an in-use slot in one CAS. `None`: go the general way.
+    fn try_fast_hit(&self) -> Option<Entry<M::Resource>> {
+        let shard = &self.shards[home_shard()];
+        if shard.len.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let mut idle = try_lock(&shard.idle)?;
+        let entry = idle.pop_back()?;
+        if !self.try_reserve_slot_for_hit() {
+            // At the in-use cap: put it back where it was.
+            idle.push_back(entry);
+            return None;
+        }
+        shard.len.store(idle.len(), Ordering::Relaxed);
+        shard
+            .hits
+            .store(shard.hits.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        Some(entry)
+    }
+
     /// Pops an idle entry: the most recently used of the home shard, else of the first other
     /// shard (from the home shard on) that has one. Counts the hit. `None` (a miss) only when
     /// the idle count is zero or every shard was found empty under its lock.
     fn pop_idle(&self) -> Option<Entry<M::Resource>> {
-        if self.hot.idle.load(SC) == 0 {
+        if self.idle() == 0 {
             return None;
         }
         let home = home_shard();
@@ -294,7 +361,7 @@ impl<M: Manager> Shared<M> {
         // Second pass: wait for each shard in turn (one whose holder was preempted, or whose
         // length we read stale), as long as something is idle.
         for k in 0..SHARDS {
-            if self.hot.idle.load(SC) == 0 {
+            if self.idle() == 0 {
                 return None;
             }
             let shard = &self.shards[(home + k) % SHARDS];
@@ -313,7 +380,7 @@ impl<M: Manager> Shared<M> {
         idle: &mut VecDeque<Entry<M::Resource>>,
     ) -> Option<Entry<M::Resource>> {
         let entry = idle.pop_back()?;
-        self.hot.idle.fetch_sub(1, SC);
+        self.hot.word.fetch_sub(1, SC);
         shard.len.store(idle.len(), Ordering::Relaxed);
         shard
             .hits
@@ -321,14 +388,28 @@ impl<M: Manager> Shared<M> {
         Some(entry)
     }
 
-    /// Counts one more idle resource if that stays within `max_size`. Call only while holding
-    /// the lock of the shard the resource goes to.
-    fn try_grow_idle(&self) -> bool {
-        let max = self.config.max_size;
+    /// Counts one more idle resource if that stays within `max_size` — and, for a release,
+    /// frees its in-use slot in the same CAS. Call only while holding the lock of the shard the
+    /// resource goes to, just before pushing it.
+    fn try_grow_idle(&self, origin: Origin) -> bool {
+        let max = cap32(self.config.max_size);
+        let delta = match origin {
+            Origin::Release => 1u64.wrapping_sub(IN_USE_ONE),
+            Origin::Create => 1,
+        };
         self.hot
-            .idle
-            .fetch_update(SC, SC, |n| (n < max).then_some(n + 1))
+            .word
+            .fetch_update(SC, SC, |w| {
+                (idle_of(w) < max).then_some(w.wrapping_add(delta))
+            })
             .is_ok()
+    }
+
+    /// Frees a release's in-use slot when `try_grow_idle` did not.
+    fn free_slot_of(&self, origin: Origin) {
+        if origin == Origin::Release {
+            self.hot.word.fetch_sub(IN_USE_ONE, SC);
+        }
     }
 
     /// Locks every shard, in index order.
@@ -345,9 +426,11 @@ impl<M: Manager> Shared<M> {
 
     /// Puts an entry into the idle set, as the most recently used of a shard (the home shard
     /// when it is free, else the first free one, else the home shard once it is). When the set
-    /// is full, a returned resource (`evict`) replaces the least recently used idle one (the
-    /// oldest of the shards' oldest); a new one (`!evict`) is handed back as `Full`.
-    fn put_idle(&self, entry: Entry<M::Resource>, evict: bool) -> Put<M::Resource> {
+    /// is full, a returned resource replaces the least recently used idle one (the oldest of
+    /// the shards' oldest); a new one is handed back as `Full`. A release's in-use slot is
+    /// freed here, with the push or after it (never before: a waiter that gets the slot must
+    /// find the resource idle); waiters are not notified (the caller does that).
+    fn put_idle(&self, entry: Entry<M::Resource>, origin: Origin) -> Put<M::Resource> {
         let home = home_shard();
         let mut target = None;
         for k in 0..SHARDS {
@@ -362,50 +445,51 @@ impl<M: Manager> Shared<M> {
             None => (home, lock(&self.shards[home].idle)),
         };
         if self.closed.load(SC) {
+            drop(idle);
+            self.free_slot_of(origin);
             bump(&self.cold.destroyed_count);
             return Put::Closed(entry.resource);
         }
-        if self.try_grow_idle() {
+        if self.try_grow_idle(origin) {
             idle.push_back(entry);
             self.shards[i].len.store(idle.len(), Ordering::Relaxed);
             return Put::Pooled;
         }
         drop(idle);
-        if !evict {
+        if origin == Origin::Create {
             bump(&self.cold.destroyed_count);
             return Put::Full(entry.resource);
         }
         // Full: with every shard locked the idle count is exact.
         let mut all = self.lock_all();
         if self.closed.load(SC) {
+            drop(all);
+            self.free_slot_of(origin);
             bump(&self.cold.destroyed_count);
             return Put::Closed(entry.resource);
         }
-        if self.try_grow_idle() {
+        if self.try_grow_idle(origin) {
             all[i].push_back(entry);
             self.store_lens(&all);
             return Put::Pooled;
         }
-        let Some(oldest) = oldest_shard(&all) else {
+        let evicted = oldest_shard(&all).and_then(|oldest| all[oldest].pop_front());
+        let put = match evicted {
+            Some(old) => {
+                // One out, one in: the idle count stays at max_size.
+                all[i].push_back(entry);
+                self.store_lens(&all);
+                Put::Evicted(old.resource)
+            }
             // Unreachable: the count is max_size ≥ 1 and equals the shards' total. Should it
             // ever happen, evicting the returned resource keeps every limit.
-            bump(&self.cold.evict_count);
-            bump(&self.cold.destroyed_count);
-            return Put::Evicted(entry.resource);
+            None => Put::Evicted(entry.resource),
         };
-        let evicted = all[oldest].pop_front().map(|e| e.resource);
-        all[i].push_back(entry);
-        self.store_lens(&all);
-        match evicted {
-            Some(resource) => {
-                bump(&self.cold.evict_count);
-                bump(&self.cold.destroyed_count);
-                Put::Evicted(resource)
-            }
-            // Unreachable (`oldest_shard` returns a non-empty shard); the entry is pooled
-            // and the count unchanged, which is still exact.
-            None => Put::Pooled,
-        }
+        drop(all);
+        self.free_slot_of(origin);
+        bump(&self.cold.evict_count);
+        bump(&self.cold.destroyed_count);
+        put
     }
 
     /// Hands a resource back: the release rules of the crate docs.
@@ -435,27 +519,29 @@ impl<M: Manager> Shared<M> {
                     uses,
                     idle_since: Instant::now(),
                 };
-                match self.put_idle(entry, true) {
+                // No Manager call from here on: the slot is freed by put_idle.
+                slot.disarm();
+                match self.put_idle(entry, Origin::Release) {
                     Put::Pooled => None,
                     Put::Evicted(resource) | Put::Closed(resource) | Put::Full(resource) => {
                         Some(resource)
                     }
                 }
             }
-            Verdict::Destroy(Discard::ShutDown) => {
-                bump(&self.cold.destroyed_count);
-                Some(resource)
-            }
             Verdict::Destroy(reason) => {
-                tracing::trace!(?reason, "kiln-pool: destroying a returned resource");
-                bump(&self.cold.evict_count);
-                bump(&self.cold.destroyed_count);
+                if matches!(reason, Discard::ShutDown) {
+                    bump(&self.cold.destroyed_count);
+                } else {
+                    tracing::trace!(?reason, "kiln-pool: destroying a returned resource");
+                    bump(&self.cold.evict_count);
+                    bump(&self.cold.destroyed_count);
+                }
+                slot.disarm();
+                self.hot.word.fetch_sub(IN_USE_ONE, SC);
                 Some(resource)
             }
         };
-        // After the push: a waiter that gets this slot finds the resource idle.
-        slot.disarm();
-        self.free_slot();
+        self.notify_waiter();
         self.request_refill_if_low();
         if let Some(resource) = to_destroy {
             self.manager.destroy(resource);
@@ -479,10 +565,9 @@ impl<M: Manager> Shared<M> {
 
     /// Reserves a creation destined for the idle set if idle + creating stays below `limit`.
     fn reserve_idle_creation(&self, limit: usize) -> bool {
-        let idle = &self.hot.idle;
         self.cold
             .creating_idle
-            .fetch_update(SC, SC, |c| (idle.load(SC) + c < limit).then_some(c + 1))
+            .fetch_update(SC, SC, |c| (self.idle() + c < limit).then_some(c + 1))
             .is_ok()
     }
 
@@ -504,7 +589,7 @@ impl<M: Manager> Shared<M> {
         };
         // Pushed (or refused) before the reservation is dropped, so idle + creating never
         // undercounts.
-        let put = self.put_idle(entry, false);
+        let put = self.put_idle(entry, Origin::Create);
         self.cold.creating_idle.fetch_sub(1, SC);
         match put {
             Put::Pooled => Ok(true),
@@ -545,11 +630,11 @@ impl<M: Manager> Shared<M> {
             self.cold.evict_count.fetch_add(n as u64, SC);
             self.cold.dead_count.fetch_add(n as u64, SC);
             self.cold.destroyed_count.fetch_add(n as u64, SC);
-            self.hot.idle.fetch_sub(n, SC);
+            self.hot.word.fetch_sub(n as u64, SC);
             if let Some(ttl) = self.config.max_idle_duration {
                 let now = Instant::now();
                 // Exact while every shard is locked.
-                let mut idle_now = self.hot.idle.load(SC);
+                let mut idle_now = self.idle();
                 while idle_now > self.config.min_size {
                     let Some(oldest) = oldest_shard(&all) else {
                         break;
@@ -568,7 +653,7 @@ impl<M: Manager> Shared<M> {
                 let n = expired.len();
                 self.cold.evict_count.fetch_add(n as u64, SC);
                 self.cold.destroyed_count.fetch_add(n as u64, SC);
-                self.hot.idle.fetch_sub(n, SC);
+                self.hot.word.fetch_sub(n as u64, SC);
             }
             self.store_lens(&all);
         }
@@ -746,8 +831,7 @@ impl<M: Manager> Pool<M> {
             manager,
             config,
             hot: Hot {
-                in_use: AtomicUsize::new(0),
-                idle: AtomicUsize::new(0),
+                word: AtomicU64::new(0),
                 waiters: AtomicUsize::new(0),
             },
             shards: array::from_fn(|_| Shard {
@@ -786,8 +870,14 @@ impl<M: Manager> Pool<M> {
     /// [`Pool::acquire`] with an explicit wait limit for an in-use slot.
     pub fn acquire_timeout(&self, timeout: Duration) -> Result<Pooled<M>, PoolError<M::Error>> {
         let shared = &*self.shared;
-        shared.reserve_slot(timeout)?;
-        while let Some(entry) = shared.pop_idle() {
+        let mut fast = None;
+        if !shared.closed.load(SC) {
+            fast = shared.try_fast_hit();
+        }
+        if fast.is_none() {
+            shared.reserve_slot(timeout)?;
+        }
+        while let Some(entry) = fast.take().or_else(|| shared.pop_idle()) {
             shared.request_refill_if_low();
             // Validated outside the lock; a panic frees the slot and uncounts the hit.
             let guard = SlotGuard {
@@ -872,14 +962,15 @@ impl<M: Manager> Pool<M> {
         let shared = &*self.shared;
         let cold = &shared.cold;
         let rolled_back = cold.hits_rolled_back.load(SC);
+        let word = shared.hot.word.load(SC);
         let hits: u64 = shared.shards.iter().map(|s| s.hits.load(SC)).sum();
         PoolStats {
             hit_count: hits.saturating_sub(rolled_back),
             miss_count: cold.miss_count.load(SC),
             evict_count: cold.evict_count.load(SC),
             dead_count: cold.dead_count.load(SC),
-            idle_count: shared.hot.idle.load(SC),
-            in_use_count: shared.hot.in_use.load(SC),
+            idle_count: idle_of(word),
+            in_use_count: in_use_of(word),
             waiting_count: shared.hot.waiters.load(SC),
             created_count: cold.created_count.load(SC),
             create_failed_count: cold.create_failed_count.load(SC),
@@ -915,7 +1006,7 @@ impl<M: Manager> Pool<M> {
                 .cold
                 .destroyed_count
                 .fetch_add(drained.len() as u64, SC);
-            shared.hot.idle.fetch_sub(drained.len(), SC);
+            shared.hot.word.fetch_sub(drained.len() as u64, SC);
             shared.store_lens(&all);
             drained
         };
