@@ -13,7 +13,13 @@
 //!   waits for a core (16 threads on 2 cores: at least 8x the CPU cost), so it is a
 //!   time-sharing number more than a pool number;
 //! - `.T_threads.aggregate`: per sample, wall time of the whole round / (`T` x `ops`): the
-//!   pool's inverse throughput with `T` threads;
+//!   pool's inverse throughput with `T` threads. On a loaded machine this is mostly how much
+//!   CPU the scheduler gave the bench (threads that block and wake get more of it than
+//!   threads that never sleep);
+//! - `.T_threads.cpu`: per sample, the CPU time the threads used (`CLOCK_THREAD_CPUTIME_ID`,
+//!   read by each thread around its loop) / (`T` x `ops`): what one pair costs under
+//!   contention — spinning, futex calls and cache-line transfers count, waiting for a core
+//!   does not. Not emitted where that clock is unavailable;
 //! - `.T_threads.per_op`: every pair timed on its own (`Instant::now()` before and after, so
 //!   one clock read, ~20-30 ns, is included), `samples` x `ops` / 10 pairs per thread; the
 //!   samples are 1000 evenly spaced order statistics of all of them (so min, median and p99
@@ -128,38 +134,45 @@ fn single_thread(pool: &Pool<Trivial>, opts: &Opts) -> Result<Vec<f64>, String> 
     Ok(out)
 }
 
+/// Samples of the three contended metrics: per thread, aggregate, CPU.
+type Contended = (Vec<f64>, Vec<f64>, Vec<f64>);
+
 /// Per sample: (each thread's loop time / ops, averaged over the threads; the round's wall
-/// time, first thread's start to last thread's end, / all pairs) while `threads` threads run
-/// at once.
-fn contended(
-    pool: &Arc<Pool<Trivial>>,
-    threads: usize,
-    opts: &Opts,
-) -> Result<(Vec<f64>, Vec<f64>), String> {
+/// time, first thread's start to last thread's end, / all pairs; the threads' CPU time / all
+/// pairs, when the thread CPU clock is available) while `threads` threads run at once.
+fn contended(pool: &Arc<Pool<Trivial>>, threads: usize, opts: &Opts) -> Result<Contended, String> {
     let mut per_thread = Vec::with_capacity(opts.samples);
     let mut aggregate = Vec::with_capacity(opts.samples);
+    let mut cpu = Vec::with_capacity(opts.samples);
     for i in 0..=opts.samples {
         let barrier = Arc::new(Barrier::new(threads));
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 let (pool, barrier, ops) = (Arc::clone(pool), Arc::clone(&barrier), opts.ops);
-                thread::spawn(move || -> Result<(Instant, Instant), String> {
+                thread::spawn(move || -> Result<(Instant, Instant, Option<u64>), String> {
                     barrier.wait();
+                    let cpu_start = thread_cpu_ns();
                     let start = Instant::now();
                     for _ in 0..ops {
                         let h = pool.acquire().map_err(|e| e.to_string())?;
                         drop(black_box(h));
                     }
-                    Ok((start, Instant::now()))
+                    let end = Instant::now();
+                    let cpu = thread_cpu_ns()
+                        .zip(cpu_start)
+                        .map(|(end, start)| end.saturating_sub(start));
+                    Ok((start, end, cpu))
                 })
             })
             .collect();
         let mut total = 0.0;
         let mut span: Option<(Instant, Instant)> = None;
+        let mut cpu_total = Some(0u64);
         for w in workers {
-            let (start, end) = w
+            let (start, end, cpu) = w
                 .join()
                 .map_err(|_| "bench thread panicked".to_string())??;
+            cpu_total = cpu_total.zip(cpu).map(|(a, b)| a + b);
             total += (end - start).as_nanos() as f64 / opts.ops as f64;
             span = Some(match span {
                 None => (start, end),
@@ -172,9 +185,26 @@ fn contended(
         if i > 0 {
             per_thread.push(total / threads as f64);
             aggregate.push(wall);
+            if let Some(ns) = cpu_total {
+                cpu.push(ns as f64 / (threads * opts.ops) as f64);
+            }
         }
     }
-    Ok((per_thread, aggregate))
+    Ok((per_thread, aggregate, cpu))
+}
+
+/// CPU time the calling thread has used, in nanoseconds, if the clock is available.
+fn thread_cpu_ns() -> Option<u64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; the call only writes into it.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return None;
+    }
+    Some(u64::try_from(ts.tv_sec).ok()? * 1_000_000_000 + u64::try_from(ts.tv_nsec).ok()?)
 }
 
 /// Every pair timed on its own while `threads` threads run at once; returns 1000 evenly spaced
@@ -276,9 +306,12 @@ fn run() -> Result<(), String> {
     for &threads in &opts.threads {
         let pool = Arc::new(new_pool(1000)?);
         let name = format!("pool.mock.acquire_release.{threads}_threads");
-        let (per_thread, aggregate) = contended(&pool, threads, &opts)?;
+        let (per_thread, aggregate, cpu) = contended(&pool, threads, &opts)?;
         emit(&opts, &name, &per_thread);
         emit(&opts, &format!("{name}.aggregate"), &aggregate);
+        if cpu.len() == opts.samples {
+            emit(&opts, &format!("{name}.cpu"), &cpu);
+        }
         emit(
             &opts,
             &format!("{name}.per_op"),
