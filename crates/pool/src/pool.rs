@@ -17,13 +17,13 @@
 //! thread when the idle count falls below `min_size`.
 
 use std::array;
-use std::cell::Cell;
+use std::cell::{Cell, UnsafeCell};
 use std::collections::VecDeque;
 use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -59,7 +59,7 @@ struct Entry<R> {
 #[repr(align(128))]
 struct Shard<R> {
     /// Front = least recently used, back = most recently used.
-    idle: Mutex<VecDeque<Entry<R>>>,
+    idle: ShardLock<VecDeque<Entry<R>>>,
     /// Hits served from this shard. Written only under `idle`'s lock (a plain load + store).
     hits: AtomicU64,
     /// `idle`'s length, written under its lock: lets a thread looking for an idle resource
@@ -158,7 +158,7 @@ fn home_shard() -> usize {
 
 /// Every shard's deque, locked in index order (the only order in which two shard locks are
 /// ever held, so this cannot deadlock).
-type AllShards<'a, R> = [MutexGuard<'a, VecDeque<Entry<R>>>; SHARDS];
+type AllShards<'a, R> = [ShardGuard<'a, VecDeque<Entry<R>>>; SHARDS];
 
 /// Where a returned or new resource went.
 enum Put<R> {
@@ -199,12 +199,82 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// `lock` without waiting: `None` when someone else holds it.
-fn try_lock<T>(mutex: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
-    match mutex.try_lock() {
-        Ok(guard) => Some(guard),
-        Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
-        Err(TryLockError::WouldBlock) => None,
+/// The lock of one shard. Taking it is one atomic swap and releasing it a plain store: it never
+/// parks a thread, so there is no waiter bookkeeping and no futex call on either side (a
+/// `std::sync::Mutex` unlock is an atomic swap, to learn whether to wake someone). Waiting is
+/// rare — every shard busy, or a whole-set operation running — and spins briefly, then yields
+/// the CPU between attempts, so a descheduled holder gets to run and finish.
+struct ShardLock<T> {
+    locked: AtomicBool,
+    data: UnsafeCell<T>,
+}
+
+// SAFETY: `data` is only reached through a `ShardGuard`, and at most one guard exists at a time
+// (`locked` is swapped false -> true to create one and reset by its drop), so sharing the lock
+// hands the value from thread to thread, one at a time: sound when `T` may be sent.
+unsafe impl<T: Send> Sync for ShardLock<T> {}
+
+impl<T> ShardLock<T> {
+    fn new(data: T) -> Self {
+        Self {
+            locked: AtomicBool::new(false),
+            data: UnsafeCell::new(data),
+        }
+    }
+
+    /// The lock if it is free right now.
+    fn try_lock(&self) -> Option<ShardGuard<'_, T>> {
+        // A plain load first: a busy shard's line is not pulled over for an RMW.
+        if self.locked.load(Ordering::Relaxed) || self.locked.swap(true, Ordering::Acquire) {
+            return None;
+        }
+        Some(ShardGuard { lock: self })
+    }
+
+    /// The lock, waiting for it (spinning, then yielding).
+    fn lock(&self) -> ShardGuard<'_, T> {
+        let mut spins = 0u32;
+        loop {
+            if let Some(guard) = self.try_lock() {
+                return guard;
+            }
+            if spins < 100 {
+                spins += 1;
+                std::hint::spin_loop();
+            } else {
+                thread::yield_now();
+            }
+        }
+    }
+}
+
+/// Holds a [`ShardLock`]; releases it on drop (also when unwinding: the data is never left
+/// half-updated by our critical sections, see `lock`).
+struct ShardGuard<'a, T> {
+    lock: &'a ShardLock<T>,
+}
+
+impl<T> Deref for ShardGuard<'_, T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        // SAFETY: this guard is the only one (see `ShardLock`), so no `&mut` to the data exists
+        // elsewhere while it lives.
+        unsafe { &*self.lock.data.get() }
+    }
+}
+
+impl<T> DerefMut for ShardGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        // SAFETY: as in `deref`; `&mut self` makes this the only reference through the guard.
+        unsafe { &mut *self.lock.data.get() }
+    }
+}
+
+impl<T> Drop for ShardGuard<'_, T> {
+    fn drop(&mut self) {
+        // Release: our writes to the data happen-before the next holder's Acquire swap.
+        self.lock.locked.store(false, Ordering::Release);
     }
 }
 
@@ -324,7 +394,7 @@ impl<M: Manager> Shared<M> {
         if shard.len.load(Ordering::Relaxed) == 0 {
             return None;
         }
-        let mut idle = try_lock(&shard.idle)?;
+        let mut idle = shard.idle.try_lock()?;
         let entry = idle.pop_back()?;
         if !self.try_reserve_slot_for_hit() {
             // At the in-use cap: put it back where it was.
@@ -352,7 +422,7 @@ impl<M: Manager> Shared<M> {
             if shard.len.load(Ordering::Relaxed) == 0 {
                 continue;
             }
-            if let Some(mut idle) = try_lock(&shard.idle) {
+            if let Some(mut idle) = shard.idle.try_lock() {
                 if let Some(entry) = self.pop_locked(shard, &mut idle) {
                     return Some(entry);
                 }
@@ -365,7 +435,7 @@ impl<M: Manager> Shared<M> {
                 return None;
             }
             let shard = &self.shards[(home + k) % SHARDS];
-            let mut idle = lock(&shard.idle);
+            let mut idle = shard.idle.lock();
             if let Some(entry) = self.pop_locked(shard, &mut idle) {
                 return Some(entry);
             }
@@ -414,7 +484,7 @@ impl<M: Manager> Shared<M> {
 
     /// Locks every shard, in index order.
     fn lock_all(&self) -> AllShards<'_, M::Resource> {
-        array::from_fn(|i| lock(&self.shards[i].idle))
+        array::from_fn(|i| self.shards[i].idle.lock())
     }
 
     /// Refreshes every shard's length hint (while all are locked).
@@ -435,14 +505,14 @@ impl<M: Manager> Shared<M> {
         let mut target = None;
         for k in 0..SHARDS {
             let i = (home + k) % SHARDS;
-            if let Some(idle) = try_lock(&self.shards[i].idle) {
+            if let Some(idle) = self.shards[i].idle.try_lock() {
                 target = Some((i, idle));
                 break;
             }
         }
         let (i, mut idle) = match target {
             Some(target) => target,
-            None => (home, lock(&self.shards[home].idle)),
+            None => (home, self.shards[home].idle.lock()),
         };
         if self.closed.load(SC) {
             drop(idle);
@@ -835,7 +905,7 @@ impl<M: Manager> Pool<M> {
                 waiters: AtomicUsize::new(0),
             },
             shards: array::from_fn(|_| Shard {
-                idle: Mutex::new(VecDeque::new()),
+                idle: ShardLock::new(VecDeque::new()),
                 hits: AtomicU64::new(0),
                 len: AtomicUsize::new(0),
             }),
@@ -1123,5 +1193,48 @@ where
             .field("resource", &self.resource)
             .field("previous_uses", &self.uses)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// Four threads increment a plain counter under a `ShardLock`, half of the time through
+    /// `try_lock`: any overlap of two holders would lose increments.
+    #[test]
+    fn shard_lock_excludes() {
+        const PER_THREAD: u64 = 100_000;
+        let lock = Arc::new(ShardLock::new(0u64));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let lock = Arc::clone(&lock);
+                thread::spawn(move || {
+                    for i in 0..PER_THREAD {
+                        let mut guard = if (i + t) % 2 == 0 {
+                            lock.lock()
+                        } else {
+                            loop {
+                                if let Some(guard) = lock.try_lock() {
+                                    break guard;
+                                }
+                                std::hint::spin_loop();
+                            }
+                        };
+                        *guard += 1;
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(*lock.lock(), 4 * PER_THREAD);
+        let held = lock.lock();
+        assert!(lock.try_lock().is_none(), "a held lock is not free");
+        drop(held);
+        assert!(lock.try_lock().is_some(), "a released lock is free");
     }
 }
