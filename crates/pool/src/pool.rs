@@ -3,18 +3,20 @@
 //! idle-TTL-expired resources, keeping `min_size` warm).
 //!
 //! Layout (docs/POOL.md, "State and locking"): the idle set is [`SHARDS`] shards, each a
-//! `Mutex<VecDeque>` on its own cache lines; a thread pushes to and pops from its *home* shard
-//! (assigned round-robin on first use), takes one from another shard when its own is empty,
-//! and uses `try_lock` first so a shard whose holder was preempted is skipped rather than
-//! waited for. The limits are exact atomics beside the shards: `in_use` (reserved by CAS
-//! against `max_in_use`), `idle` (changed only under a shard lock together with the push or
-//! pop, reserved by CAS against `max_size`, so it equals the shards' total whenever every shard
-//! is locked). Operations that need the whole idle set (LRU eviction at `max_size`, the
-//! background pass, shutdown) lock every shard in index order. Every [`Manager`] call happens
-//! with no shard locked, except `Manager::is_alive` in the background pass (documented on the
-//! trait). The hot path (hit + release) takes one uncontended shard lock twice, allocates
-//! nothing once the shard's deque has grown, makes no syscall, and only wakes the background
-//! thread when the idle count falls below `min_size`.
+//! `VecDeque` behind a [`ShardLock`] (one swap to take, a plain store to release, never parks)
+//! on its own cache lines; a thread pushes to and pops from its *home* shard (assigned
+//! round-robin on first use), takes one from another shard when its own is empty, and uses
+//! `try_lock` first so a shard whose holder was preempted is skipped rather than waited for.
+//! The limits are one atomic word beside the shards (`Hot::word`): `in_use` (grown by CAS
+//! against `max_in_use`) and `idle` (changed only under a shard lock together with the push or
+//! pop, grown by CAS against `max_size`, so it equals the shards' total whenever every shard is
+//! locked); a hit takes its slot and its idle resource, a release gives both back, in one CAS.
+//! Operations that need the whole idle set (LRU eviction at `max_size`, the background pass,
+//! shutdown) lock every shard in index order. Every [`Manager`] call happens with no lock
+//! held, except `Manager::is_alive` in the background pass (documented on the trait). The hot
+//! path (hit + release) is one uncontended shard lock and one CAS each way, allocates nothing
+//! once the shard's deque has grown, makes no syscall, and only wakes the background thread
+//! when the idle count falls below `min_size`.
 
 use std::array;
 use std::cell::{Cell, UnsafeCell};
