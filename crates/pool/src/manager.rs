@@ -3,8 +3,8 @@
 
 /// The factory and life-cycle hooks of a pooled resource.
 ///
-/// The pool calls these methods **outside its lock** (except [`is_alive`](Manager::is_alive) in
-/// the background pass), so they may be slow (booting a VM,
+/// The pool calls these methods **outside its locks** (except [`is_alive`](Manager::is_alive)
+/// in the background pass), so they may be slow (booting a VM,
 /// restoring a snapshot) without blocking other threads' `acquire()` of idle resources. They are
 /// called from three kinds of thread:
 ///
@@ -12,8 +12,8 @@
 ///   `create` on a miss, `destroy` of an idle resource found dead),
 /// - the thread dropping a [`Pooled`](crate::Pooled) handle (`is_reusable`, `health_check`,
 ///   `reset`, `destroy`),
-/// - the pool's background thread `kiln-pool-maint` (`is_alive` on idle resources — under the
-///   pool's lock, see [`is_alive`](Manager::is_alive) —, `create` to keep `min_size` warm,
+/// - the pool's background thread `kiln-pool-maint` (`is_alive` on idle resources — with the
+///   pool's idle set locked, see [`is_alive`](Manager::is_alive) —, `create` to keep `min_size` warm,
 ///   `destroy` for idle-TTL and dead evictions), and the caller of
 ///   [`Pool::warm`](crate::Pool::warm) / [`Pool::shutdown`](crate::Pool::shutdown).
 ///
@@ -92,14 +92,14 @@ pub trait Manager: Send + Sync + 'static {
     /// crashed, a child process that exited, a connection the peer closed). Default: `true`.
     ///
     /// Called
-    /// - on every hit, in the thread calling `acquire()`, outside the pool's lock, just before
+    /// - on every hit, in the thread calling `acquire()`, outside the pool's locks, just before
     ///   the idle resource is handed out. `false` destroys it (counted in `evict_count` and
     ///   `dead_count`; the hit is not counted) and `acquire()` goes on with the next idle
     ///   resource, or creates one (a miss) when none is left; the background thread refills
     ///   `min_size`;
     /// - by the background thread, on every idle resource in each maintenance pass (every
     ///   `PoolConfig::maintenance_interval` and whenever it is woken), so a dead idle resource is
-    ///   replaced before anyone asks for it. This call is made **under the pool's lock**
+    ///   replaced before anyone asks for it. This call is made **with the idle set locked**
     ///   (taking the resources out of the idle list to check them would make concurrent
     ///   `acquire()`s miss): it is the one hook that does.
     ///

@@ -1,4 +1,5 @@
-//! [`PoolStats`]: the pool's counters, read as one consistent snapshot.
+//! [`PoolStats`]: the pool's counters, read without stopping the pool (each exact; see
+//! [`Pool::stats`](crate::Pool::stats) for what a snapshot taken under concurrency means).
 
 /// A snapshot of a pool's counters ([`Pool::stats`](crate::Pool::stats)).
 ///

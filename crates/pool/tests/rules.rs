@@ -716,3 +716,49 @@ fn invalid_configs_name_the_field() {
     assert!(PoolConfig::default().validate().is_ok());
     assert!(config().validate().is_ok());
 }
+
+/// Runs `f` on a new thread (so it has a home shard of its own, or shares one) and waits.
+fn on_thread<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+    thread::spawn(f).join().unwrap()
+}
+
+#[test]
+fn a_hit_takes_what_another_thread_returned() {
+    let (pool, _c) = pool(config());
+    let pool = Arc::new(pool);
+    let p = Arc::clone(&pool);
+    let id = on_thread(move || p.acquire().unwrap().id); // a miss, returned by that thread
+    assert_eq!(
+        pool.acquire().unwrap().id,
+        id,
+        "idle in another shard is still a hit"
+    );
+    let s = pool.stats();
+    assert_eq!((s.hit_count, s.miss_count, s.created_count), (1, 1, 1));
+}
+
+#[test]
+fn lru_eviction_is_global_across_threads() {
+    let (pool, c) = pool(PoolConfig {
+        max_size: 2,
+        ..config()
+    });
+    let pool = Arc::new(pool);
+    let handles: Vec<_> = (0..3).map(|_| pool.acquire().unwrap()).collect();
+    let ids: Vec<u64> = handles.iter().map(|h| h.id).collect();
+    // Each returned by its own thread, oldest first.
+    for h in handles {
+        on_thread(move || drop(h));
+    }
+    let s = pool.stats();
+    assert_eq!((s.idle_count, s.evict_count), (2, 1), "{s:?}");
+    assert_eq!(
+        c.destroyed_ids(),
+        vec![ids[0]],
+        "the least recently used one"
+    );
+    let held: Vec<_> = (0..2).map(|_| pool.acquire().unwrap()).collect();
+    let mut left: Vec<u64> = held.iter().map(|h| h.id).collect();
+    left.sort_unstable();
+    assert_eq!(left, vec![ids[1], ids[2]]);
+}

@@ -197,3 +197,238 @@ fn sixteen_threads_keep_the_invariants() {
     assert_eq!(c.get(&c.created), c.get(&c.destroyed));
     eprintln!("stress: {ok} acquires, {create_failed} create failures, {kills} kills, {s:?}");
 }
+
+/// A random pause: nothing, a short spin, a yield or a sleep of a few microseconds (so holders
+/// get preempted in every phase of acquire and release).
+fn pause(rng: &mut Rng) {
+    match rng.next() % 8 {
+        0..=2 => {}
+        3..=4 => {
+            for _ in 0..rng.next() % 200 {
+                std::hint::spin_loop();
+            }
+        }
+        5..=6 => thread::yield_now(),
+        _ => thread::sleep(Duration::from_micros(rng.next() % 50)),
+    }
+}
+
+fn rng_for(t: usize) -> Rng {
+    Rng(0x9E37_79B9_7F4A_7C15 ^ (t as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407))
+}
+
+/// No injected failures, so every count is predictable: 16 threads with random delays on a
+/// small pool (the idle set is full most of the time: LRU eviction across shards) and an
+/// in-use cap (acquires wait). No resource has two holders, the limits hold in every
+/// snapshot, and at the end nothing is lost: the manager's live resources are exactly the
+/// idle ones, and `created == destroyed` after shutdown.
+#[test]
+fn random_delays_keep_counts_exact_and_lose_nothing() {
+    const MAX_SIZE: usize = 3;
+    const MAX_IN_USE: usize = 8;
+    const ITERATIONS: usize = 3000;
+    let (m, c) = MockManager::new();
+    let pool = Arc::new(
+        Pool::new(
+            m,
+            PoolConfig {
+                min_size: 1,
+                max_size: MAX_SIZE,
+                max_idle_duration: None,
+                health_check_interval: 5,
+                max_in_use: MAX_IN_USE,
+                acquire_timeout: Duration::from_secs(60),
+                maintenance_interval: Duration::from_millis(1),
+            },
+        )
+        .unwrap(),
+    );
+    let holders = Arc::new(AtomicU64::new(0));
+    let max_holders = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let monitor = {
+        let (pool, done) = (Arc::clone(&pool), Arc::clone(&done));
+        thread::spawn(move || {
+            let mut bad = 0u64;
+            while !done.load(SeqCst) {
+                let s = pool.stats();
+                if s.idle_count > MAX_SIZE || s.in_use_count > MAX_IN_USE {
+                    eprintln!("limit broken: {s:?}");
+                    bad += 1;
+                }
+                thread::yield_now();
+            }
+            bad
+        })
+    };
+    let start = Arc::new(Barrier::new(THREADS));
+    let workers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (pool, c, start) = (Arc::clone(&pool), Arc::clone(&c), Arc::clone(&start));
+            let (holders, max_holders) = (Arc::clone(&holders), Arc::clone(&max_holders));
+            thread::spawn(move || {
+                let mut rng = rng_for(t);
+                start.wait();
+                for _ in 0..ITERATIONS {
+                    pause(&mut rng);
+                    let mut h = pool.acquire().unwrap();
+                    let now = holders.fetch_add(1, SeqCst) + 1;
+                    max_holders.fetch_max(now, SeqCst);
+                    c.hold(h.id);
+                    assert!(!h.dirty, "resource {} handed out without reset", h.id);
+                    h.dirty = true;
+                    pause(&mut rng);
+                    c.unhold(h.id);
+                    holders.fetch_sub(1, SeqCst);
+                    // Sometimes returned by another thread than the one that took it.
+                    if rng.one_in(8) {
+                        thread::spawn(move || drop(h)).join().unwrap();
+                    } else {
+                        drop(h);
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    done.store(true, SeqCst);
+    assert_eq!(monitor.join().unwrap(), 0, "a snapshot broke a limit");
+    assert!(max_holders.load(SeqCst) as usize <= MAX_IN_USE);
+
+    let s = pool.stats();
+    let acquires = (THREADS * ITERATIONS) as u64;
+    assert_eq!(s.hit_count + s.miss_count, acquires, "{s:?}");
+    assert!(s.hit_count > 0 && s.miss_count > 0, "{s:?}");
+    assert!(s.evict_count > 0, "LRU eviction was exercised: {s:?}");
+    assert_eq!(s.dead_count, 0);
+    assert_eq!((s.in_use_count, s.waiting_count), (0, 0), "{s:?}");
+    assert!(s.idle_count <= MAX_SIZE);
+    assert_eq!(s.created_count, c.get(&c.created));
+    assert_eq!(s.destroyed_count, c.get(&c.destroyed));
+    assert_eq!(s.create_failed_count, 0);
+    // Nothing lost or duplicated: what the manager has alive is exactly what is idle.
+    assert_eq!(
+        c.alive.load(SeqCst),
+        s.idle_count,
+        "resources alive vs idle: {s:?}"
+    );
+    assert_eq!(s.created_count - s.destroyed_count, s.idle_count as u64);
+    assert!(c.held.lock().unwrap().is_empty());
+    assert!(c.max_alive.load(SeqCst) <= MAX_SIZE + MAX_IN_USE + THREADS);
+    pool.shutdown();
+    let s = pool.stats();
+    assert_eq!(s.idle_count, 0);
+    assert_eq!(s.created_count, s.destroyed_count, "{s:?}");
+    assert_eq!(c.alive.load(SeqCst), 0);
+}
+
+/// `max_in_use` 1 and 16 threads: every acquire but the first waits for the one slot, and
+/// since a release makes its resource idle before it frees the slot, every later acquire is a
+/// hit on that one resource, whichever shard it went to.
+#[test]
+fn a_single_slot_is_handed_over_without_a_miss() {
+    const ITERATIONS: usize = 500;
+    let (m, c) = MockManager::new();
+    let pool = Arc::new(
+        Pool::new(
+            m,
+            PoolConfig {
+                max_in_use: 1,
+                acquire_timeout: Duration::from_secs(60),
+                ..common::config()
+            },
+        )
+        .unwrap(),
+    );
+    let start = Arc::new(Barrier::new(THREADS));
+    let workers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (pool, c, start) = (Arc::clone(&pool), Arc::clone(&c), Arc::clone(&start));
+            thread::spawn(move || {
+                let mut rng = rng_for(t);
+                start.wait();
+                for _ in 0..ITERATIONS {
+                    let h = pool.acquire().unwrap();
+                    c.hold(h.id);
+                    assert_eq!(pool.stats().in_use_count, 1);
+                    if rng.one_in(4) {
+                        pause(&mut rng);
+                    }
+                    c.unhold(h.id);
+                    drop(h);
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let s = pool.stats();
+    assert_eq!(
+        (s.hit_count, s.miss_count),
+        ((THREADS * ITERATIONS) as u64 - 1, 1),
+        "{s:?}"
+    );
+    assert_eq!((s.created_count, s.idle_count, s.in_use_count), (1, 1, 0));
+    assert_eq!((s.waiting_count, s.evict_count), (0, 0));
+}
+
+/// Shutdown while 16 threads acquire and release: nothing is left idle, nothing leaks, and
+/// every acquire either succeeded before or failed with `ShutDown`.
+#[test]
+fn shutdown_under_load_destroys_everything() {
+    for round in 0..20 {
+        let (m, c) = MockManager::new();
+        // Releases spend a while in `reset`, after their first look at the shutdown flag, so
+        // the shutdown often lands between that look and the push.
+        c.reset_spins.store(2000, SeqCst);
+        let pool = Arc::new(
+            Pool::new(
+                m,
+                PoolConfig {
+                    min_size: 2,
+                    max_size: 6,
+                    max_in_use: 10,
+                    ..common::config()
+                },
+            )
+            .unwrap(),
+        );
+        let start = Arc::new(Barrier::new(THREADS + 1));
+        let workers: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (pool, c, start) = (Arc::clone(&pool), Arc::clone(&c), Arc::clone(&start));
+                thread::spawn(move || {
+                    let mut rng = rng_for(t + 100 * round);
+                    start.wait();
+                    let mut ok = 0u64;
+                    loop {
+                        match pool.acquire() {
+                            Ok(h) => {
+                                ok += 1;
+                                c.hold(h.id);
+                                pause(&mut rng);
+                                c.unhold(h.id);
+                                drop(h);
+                            }
+                            Err(PoolError::ShutDown) => return ok,
+                            Err(e) => panic!("unexpected acquire error: {e}"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        start.wait();
+        thread::sleep(Duration::from_millis(5 + 5 * (round % 4) as u64));
+        pool.shutdown();
+        let ok: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
+        let s = pool.stats();
+        assert!(ok > 0);
+        assert_eq!(s.hit_count + s.miss_count, ok, "{s:?}");
+        assert_eq!((s.idle_count, s.in_use_count, s.waiting_count), (0, 0, 0));
+        assert_eq!(s.created_count, s.destroyed_count, "{s:?}");
+        assert_eq!(c.alive.load(SeqCst), 0, "round {round}: {s:?}");
+    }
+}

@@ -60,6 +60,8 @@ pub struct Counters {
     pub create_failures: AtomicU64,
     /// Panic in the next create.
     pub panic_next_create: AtomicBool,
+    /// Busy-wait this many spins in every `reset` (widens race windows in stress tests).
+    pub reset_spins: AtomicU64,
     /// Resources alive (created, not yet destroyed); `max_alive` is the high-water mark.
     pub alive: AtomicUsize,
     pub max_alive: AtomicUsize,
@@ -181,6 +183,9 @@ impl Manager for MockManager {
 
     fn reset(&self, r: &mut MockRes) -> Result<(), MockError> {
         self.c.resets.fetch_add(1, SeqCst);
+        for _ in 0..self.c.reset_spins.load(SeqCst) {
+            std::hint::spin_loop();
+        }
         if r.panic_reset {
             panic!("mock reset panics (injected)");
         }
