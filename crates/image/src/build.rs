@@ -101,6 +101,11 @@ impl PrivateApt {
                 d.join("status").display()
             ))
             .arg(format!("-oDir::Cache={}", d.join("cache").display()))
+            // Keep the binary cache (Debian's container images turn it off).
+            .args([
+                "-oDir::Cache::pkgcache=pkgcache.bin",
+                "-oDir::Cache::srcpkgcache=srcpkgcache.bin",
+            ])
             .args(["-oAPT::Architecture=amd64", "-oAPT::Architectures=amd64"])
             .args(["-oDebug::NoLocking=1", "-oAPT::Sandbox::User=root"])
             .env("LC_ALL", "C.UTF-8")
@@ -131,8 +136,30 @@ impl PrivateApt {
         Ok(())
     }
 
-    /// `name=version` of every package `apt-get install` would bring in, sorted.
+    /// `name=version` of every package `apt-get install` would bring in, sorted. The answer
+    /// is kept in `resolved/<hash>` until the next `apt-get update`.
     fn resolve(&self, packages: &[String]) -> Result<Vec<String>> {
+        let id = hex(&Sha256::digest(packages.join("\n").as_bytes()));
+        let memo = self.dir.join("resolved").join(&id[..32]);
+        let mtime = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
+        if let (Some(m), Some(u)) = (mtime(&memo), mtime(&self.dir.join("updated"))) {
+            if m >= u {
+                if let Ok(text) = fs::read_to_string(&memo) {
+                    let v: Vec<String> = text.lines().map(str::to_string).collect();
+                    if !v.is_empty() {
+                        return Ok(v);
+                    }
+                }
+            }
+        }
+        let v = self.simulate(packages)?;
+        let dir = self.dir.join("resolved");
+        fs::create_dir_all(&dir).map_err(|e| ImageError::io("creating", &dir, e))?;
+        crate::store::write_atomic(&memo, v.join("\n").as_bytes())?;
+        Ok(v)
+    }
+
+    fn simulate(&self, packages: &[String]) -> Result<Vec<String>> {
         let out = self
             .command()
             .args(["-s", "install", "--no-install-recommends"])

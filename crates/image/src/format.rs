@@ -104,8 +104,7 @@ pub fn make_image(format: ImageFormat, root: &Path, out: &Path) -> Result<()> {
                         .arg("-d")
                         .arg(root)
                         .arg(out)
-                        .arg(format!("{size_kib}k"))
-                        .env("E2FSPROGS_FAKE_TIME", "0"),
+                        .arg(format!("{size_kib}k")),
                     "mkfs.ext4",
                 );
                 match res {

@@ -10,10 +10,13 @@ pub const META_SCHEMA: u32 = 1;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum ImageFormat {
-    /// ext4 made by `mkfs.ext4 -d` (no journal, shrunk to its minimum).
-    Ext4,
-    /// EROFS made by `mkfs.erofs` with lz4hc compression.
+    /// ext4 made by `mkfs.ext4 -d` (no journal, shrunk with `resize2fs -M`, sparse). The
+    /// default: fastest to build and to read in the measurements (docs/IMAGES.md), and the
+    /// guest kernel already has it.
     #[default]
+    Ext4,
+    /// EROFS made by `mkfs.erofs -zlz4hc`: half the size, slower to build and to read;
+    /// the guest kernel needs `CONFIG_EROFS_FS` (+ `CONFIG_EROFS_FS_ZIP`).
     Erofs,
 }
 

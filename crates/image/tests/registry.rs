@@ -71,7 +71,7 @@ fn anonymous_pull_applies_layers_whiteouts_and_config() {
         events.iter().any(|e| e.contains("applying layer 4/4")),
         "{events:?}"
     );
-    assert_eq!(img.meta.format, ImageFormat::Erofs);
+    assert_eq!(img.meta.format, ImageFormat::Ext4, "the default format");
     assert_eq!(img.name, reference);
     let exec = &img.meta.exec;
     assert!(exec.env.iter().any(|e| e == "GREETING=hello"), "{exec:?}");
@@ -334,14 +334,14 @@ fn import_oci_layout_and_docker_archive() {
             archive.display()
         )));
     let opts = ImportOptions {
-        format: ImageFormat::Ext4,
+        format: ImageFormat::Erofs,
         ..Default::default()
     };
     let img2 = w
         .store
         .import(&archive, "archived", &opts, &mut silent())
         .expect("import archive");
-    assert_eq!(img2.meta.format, ImageFormat::Ext4);
+    assert_eq!(img2.meta.format, ImageFormat::Erofs);
     let out2 = unpack_image(&img2);
     assert_eq!(
         fs::read_to_string(out2.path().join("root/etc/hello")).unwrap(),
@@ -426,4 +426,43 @@ fn store_resolve_rm_and_corruption() {
         ErrorKind::UnknownImage
     );
     assert_store_clean(&w.store);
+}
+
+#[test]
+fn manifest_list_picks_linux_amd64_or_says_what_there_is() {
+    let w = world();
+    derive_tag(
+        &w.layout,
+        "base",
+        "arm",
+        &[tar_layer(&[Entry::File("arch", b"arm64\n")])],
+        |c| c["architecture"] = "arm64".into(),
+    );
+    derive_tag(
+        &w.layout,
+        "base",
+        "amd",
+        &[tar_layer(&[Entry::File("arch", b"amd64\n")])],
+        |_| {},
+    );
+    index_tag(&w.layout, "multi", &[("arm", "arm64"), ("amd", "amd64")]);
+    index_tag(&w.layout, "armonly", &[("arm", "arm64")]);
+    let reg = Registry::start(None);
+    let multi = reg.push_all(&w.layout, "multi", "kiln/multi");
+    let img = w
+        .store
+        .pull(&multi, &opts(), &mut silent())
+        .expect("pull list");
+    let out = unpack_image(&img);
+    assert_eq!(
+        fs::read_to_string(out.path().join("root/arch")).unwrap(),
+        "amd64\n"
+    );
+    let armonly = reg.push_all(&w.layout, "armonly", "kiln/multi");
+    let e = w
+        .store
+        .pull(&armonly, &opts(), &mut silent())
+        .expect_err("no amd64");
+    assert_eq!(e.kind(), ErrorKind::WrongArchitecture, "{e}");
+    assert!(e.to_string().contains("linux/arm64"), "{e}");
 }

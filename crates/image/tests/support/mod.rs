@@ -361,3 +361,57 @@ pub fn unpack_image(img: &kiln_image::Image) -> tempfile::TempDir {
 pub fn silent() -> impl FnMut(kiln_image::Event<'_>) {
     |_| {}
 }
+
+/// Adds tag `new_tag` for an image index over existing tags, each with its platform
+/// architecture (os linux).
+pub fn index_tag(layout: &Path, new_tag: &str, members: &[(&str, &str)]) {
+    let idx_path = layout.join("index.json");
+    let mut index = read_json(&idx_path);
+    let entries = index["manifests"].as_array().unwrap().clone();
+    let manifests: Vec<Value> = members
+        .iter()
+        .map(|(tag, arch)| {
+            let e = entries
+                .iter()
+                .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == *tag)
+                .unwrap();
+            json!({
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": e["digest"],
+                "size": e["size"],
+                "platform": {"architecture": arch, "os": "linux"},
+            })
+        })
+        .collect();
+    let doc = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": manifests,
+    });
+    let (d, s) = write_blob(layout, &serde_json::to_vec(&doc).unwrap());
+    index["manifests"].as_array_mut().unwrap().push(json!({
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "digest": d,
+        "size": s,
+        "annotations": {"org.opencontainers.image.ref.name": new_tag},
+    }));
+    fs::write(&idx_path, serde_json::to_vec(&index).unwrap()).unwrap();
+}
+
+impl Registry {
+    /// `skopeo copy --all` (keeps a manifest list).
+    pub fn push_all(&self, layout: &Path, tag: &str, repo: &str) -> String {
+        let dest = format!("docker://{}/{repo}:{tag}", self.host());
+        run(Command::new("skopeo")
+            .args([
+                "--insecure-policy",
+                "copy",
+                "--all",
+                "--dest-tls-verify=false",
+                "--quiet",
+            ])
+            .arg(format!("oci:{}:{tag}", layout.display()))
+            .arg(&dest));
+        format!("{}/{repo}:{tag}", self.host())
+    }
+}
