@@ -36,10 +36,10 @@ fn build_python_image() {
     );
     let store = store();
     let recipe = Recipe::builtin("python").unwrap();
-    let format: ImageFormat = std::env::var("KILN_IMAGE_FORMAT")
-        .unwrap_or("erofs".into())
-        .parse()
-        .unwrap();
+    let format: ImageFormat = match std::env::var("KILN_IMAGE_FORMAT") {
+        Ok(f) => f.parse().unwrap(),
+        Err(_) => ImageFormat::default(),
+    };
     let opts = BuildOptions {
         format,
         ..Default::default()
