@@ -466,3 +466,58 @@ fn manifest_list_picks_linux_amd64_or_says_what_there_is() {
     assert_eq!(e.kind(), ErrorKind::WrongArchitecture, "{e}");
     assert!(e.to_string().contains("linux/arm64"), "{e}");
 }
+
+#[test]
+fn import_checks_zstd_layers_blob_digests_and_diff_ids() {
+    let w = world();
+    let import = |tag: &str| {
+        let o = ImportOptions {
+            tag: Some(tag.into()),
+            ..Default::default()
+        };
+        w.store.import(&w.layout, tag, &o, &mut silent())
+    };
+    // A zstd layer on top.
+    derive_tag_compressed(
+        &w.layout,
+        "base",
+        "zstd",
+        &[tar_layer(&[Entry::File("z/file", b"zstd layer\n")])],
+        true,
+        |_| {},
+    );
+    let img = import("zstd").expect("zstd import");
+    let out = unpack_image(&img);
+    assert_eq!(
+        fs::read_to_string(out.path().join("root/z/file")).unwrap(),
+        "zstd layer\n"
+    );
+
+    // A config whose diff_id does not match the (intact) layer.
+    derive_tag(
+        &w.layout,
+        "base",
+        "baddiff",
+        &[tar_layer(&[Entry::File("d", b"d")])],
+        |c| {
+            let ids = c["rootfs"]["diff_ids"].as_array_mut().unwrap();
+            let last = ids.len() - 1;
+            ids[last] = serde_json::json!(sha256(b"something else"));
+        },
+    );
+    let e = import("baddiff").expect_err("diff_id");
+    assert_eq!(e.kind(), ErrorKind::DigestMismatch, "{e}");
+    assert!(e.to_string().contains("diff_id"), "{e}");
+
+    // A layer blob changed in the layout.
+    let digest = layer_digests(&w.layout, "base")[1].clone();
+    let blob = w.layout.join("blobs/sha256").join(&digest[7..]);
+    let mut bytes = fs::read(&blob).unwrap();
+    bytes[10] ^= 1;
+    fs::write(&blob, bytes).unwrap();
+    let e = import("base").expect_err("blob");
+    assert_eq!(e.kind(), ErrorKind::DigestMismatch, "{e}");
+    assert!(e.to_string().contains(&digest), "{e}");
+    assert_eq!(w.store.list().unwrap().len(), 1, "only the zstd image");
+    assert_eq!(fs::read_dir(w.store.dir().join("tmp")).unwrap().count(), 0);
+}

@@ -240,6 +240,18 @@ pub fn derive_tag(
     layers: &[Vec<u8>],
     edit: impl FnOnce(&mut Value),
 ) {
+    derive_tag_compressed(layout, from_tag, new_tag, layers, false, edit)
+}
+
+/// [`derive_tag`] with the new layers stored zstd-compressed when `zstd`.
+pub fn derive_tag_compressed(
+    layout: &Path,
+    from_tag: &str,
+    new_tag: &str,
+    layers: &[Vec<u8>],
+    zstd: bool,
+    edit: impl FnOnce(&mut Value),
+) {
     let idx_path = layout.join("index.json");
     let mut index = read_json(&idx_path);
     let entry = index["manifests"]
@@ -254,12 +266,23 @@ pub fn derive_tag(
     let cdigest = manifest["config"]["digest"].as_str().unwrap().to_string();
     let mut config = read_json(&layout.join("blobs/sha256").join(&cdigest[7..]));
     for tar_bytes in layers {
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        gz.write_all(tar_bytes).unwrap();
-        let gz = gz.finish().unwrap();
-        let (d, size) = write_blob(layout, &gz);
+        let (blob, media_type) = if zstd {
+            let z = ruzstd::encoding::compress_to_vec(
+                tar_bytes.as_slice(),
+                ruzstd::encoding::CompressionLevel::Fastest,
+            );
+            (z, "application/vnd.oci.image.layer.v1.tar+zstd")
+        } else {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            gz.write_all(tar_bytes).unwrap();
+            (
+                gz.finish().unwrap(),
+                "application/vnd.oci.image.layer.v1.tar+gzip",
+            )
+        };
+        let (d, size) = write_blob(layout, &blob);
         manifest["layers"].as_array_mut().unwrap().push(json!({
-            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+            "mediaType": media_type,
             "digest": d,
             "size": size,
         }));
