@@ -89,14 +89,14 @@ pub enum ImageError {
         image: String,
         layer: String,
         #[source]
-        source: ExtractError,
+        source: Box<ExtractError>,
     },
     #[error("could not apply layer {layer} of {image}")]
     Layer {
         image: String,
         layer: String,
         #[source]
-        source: ExtractError,
+        source: Box<ExtractError>,
     },
     #[error("invalid {what}: {reason}")]
     InvalidInput { what: String, reason: String },
@@ -108,7 +108,7 @@ pub enum ImageError {
     Registry {
         reference: String,
         #[source]
-        source: oci_client::errors::OciDistributionError,
+        source: Box<oci_client::errors::OciDistributionError>,
     },
     #[error("{what}: {path}")]
     Io {

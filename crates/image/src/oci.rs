@@ -279,13 +279,13 @@ pub fn apply_layers(
                 ImageError::UnsafeLayer {
                     image: image.to_string(),
                     layer: layer.name.clone(),
-                    source,
+                    source: Box::new(source),
                 }
             } else {
                 ImageError::Layer {
                     image: image.to_string(),
                     layer: layer.name.clone(),
-                    source,
+                    source: Box::new(source),
                 }
             }
         })?;

@@ -129,7 +129,7 @@ fn map_err(e: OciDistributionError, reference: &str, registry: &str) -> ImageErr
             } else {
                 ImageError::Registry {
                     reference: r,
-                    source: e,
+                    source: Box::new(e),
                 }
             }
         }
@@ -169,7 +169,7 @@ fn map_err(e: OciDistributionError, reference: &str, registry: &str) -> ImageErr
         }
         _ => ImageError::Registry {
             reference: r,
-            source: e,
+            source: Box::new(e),
         },
     }
 }
