@@ -899,6 +899,10 @@ impl<M: Manager> Pool<M> {
         config.validate()?;
         let (wake, wake_rx) = crossbeam_channel::bounded(1);
         let interval = config.maintenance_interval;
+        // Each shard can hold the whole idle set up to a small bound without growing, so a
+        // release that lands on another shard than its acquire (a busy home shard) does not
+        // allocate on the hot path.
+        let shard_capacity = config.max_size.min(64);
         let shared = Arc::new(Shared {
             manager,
             config,
@@ -907,7 +911,7 @@ impl<M: Manager> Pool<M> {
                 waiters: AtomicUsize::new(0),
             },
             shards: array::from_fn(|_| Shard {
-                idle: ShardLock::new(VecDeque::new()),
+                idle: ShardLock::new(VecDeque::with_capacity(shard_capacity)),
                 hits: AtomicU64::new(0),
                 len: AtomicUsize::new(0),
             }),
