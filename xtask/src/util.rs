@@ -40,9 +40,14 @@ pub fn target_dir() -> PathBuf {
 
 /// Kiln's assets directory (see docs/ARCHITECTURE.md "Assets"), created if missing.
 pub fn assets_dir() -> Result<PathBuf> {
-    let dir = kiln_vmm::host::assets_dir()?;
+    let dir = kiln::assets::assets_dir()?;
     fs::create_dir_all(&dir).with_context(|| format!("creating assets dir {}", dir.display()))?;
     Ok(dir)
+}
+
+/// POSIX shell single-quoting: `s` as one word for `sh`.
+pub fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
 }
 
 /// Renders a command line for messages.

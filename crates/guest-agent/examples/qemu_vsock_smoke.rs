@@ -29,7 +29,7 @@ use nix::sys::socket::{
 
 type Result<T> = std::result::Result<T, Box<dyn Error>>;
 
-const GUEST_CID: u32 = 3;
+const GUEST_CID: u32 = kiln_proto::GUEST_CID;
 
 fn assets_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("KILN_ASSETS_DIR") {
@@ -214,20 +214,10 @@ fn run() -> Result<()> {
     )?;
     check(sh(&c, "hostname")?.trim() == "kiln", "hostname")?;
     let mounts = sh(&c, "cat /proc/mounts")?;
-    for (target, fstype) in [
-        ("/proc", "proc"),
-        ("/sys", "sysfs"),
-        ("/dev", "devtmpfs"),
-        ("/dev/pts", "devpts"),
-        ("/dev/shm", "tmpfs"),
-        ("/tmp", "tmpfs"),
-        ("/run", "tmpfs"),
-    ] {
+    let missing = kiln_testkit::guest::missing_pid1_mounts(&mounts);
+    for (target, fstype) in kiln_testkit::guest::PID1_MOUNTS {
         check(
-            mounts.lines().any(|l| {
-                let mut w = l.split_whitespace().skip(1);
-                w.next() == Some(target) && w.next() == Some(fstype)
-            }),
+            !missing.contains(&(target, fstype)),
             &format!("{target} mounted as {fstype}"),
         )?;
     }

@@ -28,7 +28,7 @@ use exec::{ExecContext, ExecTable};
 use reaper::Reaper;
 
 /// The readiness line (contract: docs/ARCHITECTURE.md).
-const READY: &str = "KILN-AGENT-READY";
+const READY: &str = kiln_proto::READY_LINE;
 
 enum Cli {
     Guest,
