@@ -136,27 +136,20 @@ pub struct PoolSamples {
     pub stats: PoolCounters,
 }
 
-/// The pool's counters (`kiln::PoolStats`) in a [`PoolSamples`] document.
+/// The pool's counters in a [`PoolSamples`] document: `kiln::PoolStats` (kiln-pool's
+/// `PoolStats`), field for field with the same names and meanings.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
+#[allow(missing_docs)]
 pub struct PoolCounters {
-    /// Acquires served by an idle resource.
     pub hit_count: u64,
-    /// Acquires that had to create one.
     pub miss_count: u64,
-    /// Idle resources evicted.
     pub evict_count: u64,
-    /// Resources found dead.
     pub dead_count: u64,
-    /// Idle now.
     pub idle_count: usize,
-    /// Handed out now.
     pub in_use_count: usize,
-    /// Created in all.
     pub created_count: u64,
-    /// Creations that failed.
     pub create_failed_count: u64,
-    /// Destroyed in all.
     pub destroyed_count: u64,
 }
 
