@@ -192,9 +192,7 @@ pub fn run_logged(cmd: &mut Command, log: &Path, mut on_line: impl FnMut(&str)) 
     check_logged(status, cmd, log)
 }
 
-fn lock(file: &Mutex<File>) -> std::sync::MutexGuard<'_, File> {
-    file.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+use kiln_sync::lock;
 
 fn copy_lines(src: impl Read, log: &Mutex<File>, mut on_line: impl FnMut(&str)) {
     let mut reader = BufReader::new(src);

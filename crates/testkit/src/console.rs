@@ -110,7 +110,7 @@ impl History {
 type Shared = Arc<(Mutex<History>, Condvar)>;
 
 fn lock(shared: &Shared) -> MutexGuard<'_, History> {
-    shared.0.lock().unwrap_or_else(|p| p.into_inner())
+    kiln_sync::lock(&shared.0)
 }
 
 /// Console streams read line by line on their own threads, with bounded lines and history.
