@@ -24,7 +24,7 @@ fn boot(name: &str, vcpus: u8) -> Vm {
     cfg.initramfs = Some(guest_initramfs().unwrap());
     cfg.vcpus = vcpus;
     cfg.mem_mib = 256;
-    cfg.vsock_cid = Some(3);
+    cfg.vsock_cid = Some(kiln_proto::GUEST_CID.into());
     cfg.cmdline_extra = "kiln.echo=1".into();
     let vm = Vm::start(cfg).unwrap();
     vm.wait_for_serial(READY_LINE, Instant::now() + Duration::from_secs(120))

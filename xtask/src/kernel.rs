@@ -552,7 +552,7 @@ mod tests {
     #[test]
     fn built_kernel_has_the_pvh_note() {
         // Only meaningful once `cargo xtask kernel` has run on this host.
-        let Ok(path) = kiln_vmm::host::default_kernel() else {
+        let Ok(path) = kiln::assets::default_kernel() else {
             return;
         };
         let Ok(bytes) = fs::read(&path) else { return };

@@ -18,12 +18,12 @@ pub struct RunArgs {
     pub command: Vec<String>,
 }
 
-/// Builds the `kiln` CLI (debug) and returns its path.
+/// Builds the `kiln` CLI (debug; package kiln-cli, crates/cli) and returns its path.
 pub fn build_kiln_cli() -> Result<PathBuf> {
     eprintln!("building the kiln CLI");
     util::cargo_build(
         "the kiln CLI",
-        &["build", "-p", "kiln", "--bin", "kiln"],
+        &["build", "-p", "kiln-cli", "--bin", "kiln"],
         util::target_dir().join("debug").join("kiln"),
     )
 }
@@ -54,7 +54,7 @@ pub fn cmd_run(args: &RunArgs) -> Result<i32> {
     if !has_run_subcommand(&kiln) {
         bail!(
             "the guest assets are ready, but {} has no working `run` subcommand yet: the \
-             Kiln VMM and CLI (crates/vmm-core, crates/sandbox-api) are still missing",
+             Kiln VMM and CLI (crates/vmm-core, crates/cli) are still missing",
             kiln.display()
         );
     }

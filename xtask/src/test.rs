@@ -705,10 +705,6 @@ fn describe_test(b: &Tier4Build, t: &Tier4Test) -> String {
     }
 }
 
-fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
-
 /// The script run inside L1 for the tests `which` (indices into `tests`): each in its own
 /// process under [`EXE_TIMEOUT`], its output to `<k>.log` and echoed, its exit code to
 /// `<k>.rc`. A start line per test keeps the harness's silence deadline from firing while
@@ -726,16 +722,16 @@ fn harness_script(
     let _ = writeln!(
         s,
         "cd {} || exit 90",
-        shell_quote(&workdir.display().to_string())
+        util::sh_quote(&workdir.display().to_string())
     );
     let t = EXE_TIMEOUT.as_secs();
     for (n, &k) in which.iter().enumerate() {
         let test = &tests[k];
-        let exe = shell_quote(&exes[test.exe].display().to_string());
-        let log = shell_quote(&test_file(out_dir, k, "log").display().to_string());
-        let rc = shell_quote(&test_file(out_dir, k, "rc").display().to_string());
+        let exe = util::sh_quote(&exes[test.exe].display().to_string());
+        let log = util::sh_quote(&test_file(out_dir, k, "log").display().to_string());
+        let rc = util::sh_quote(&test_file(out_dir, k, "rc").display().to_string());
         let args = match &test.name {
-            Some(name) => format!(" --exact {} --test-threads=1", shell_quote(name)),
+            Some(name) => format!(" --exact {} --test-threads=1", util::sh_quote(name)),
             None => String::new(),
         };
         let _ = writeln!(
@@ -745,7 +741,7 @@ fn harness_script(
             which.len(),
             test.name
                 .as_deref()
-                .map(|n| format!(" {}", shell_quote(n)))
+                .map(|n| format!(" {}", util::sh_quote(n)))
                 .unwrap_or_default()
         );
         let _ = writeln!(s, "timeout -k 10 {t} {exe}{args} > {log} 2>&1; r=$?");
@@ -980,6 +976,6 @@ not json"#;
 
     #[test]
     fn shell_quoting_survives_quotes() {
-        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(util::sh_quote("it's"), r"'it'\''s'");
     }
 }

@@ -40,9 +40,14 @@ pub fn target_dir() -> PathBuf {
 
 /// Kiln's assets directory (see docs/ARCHITECTURE.md "Assets"), created if missing.
 pub fn assets_dir() -> Result<PathBuf> {
-    let dir = kiln_vmm::host::assets_dir()?;
+    let dir = kiln::assets::assets_dir()?;
     fs::create_dir_all(&dir).with_context(|| format!("creating assets dir {}", dir.display()))?;
     Ok(dir)
+}
+
+/// POSIX shell single-quoting: `s` as one word for `sh`.
+pub fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
 }
 
 /// Renders a command line for messages.
@@ -187,9 +192,7 @@ pub fn run_logged(cmd: &mut Command, log: &Path, mut on_line: impl FnMut(&str)) 
     check_logged(status, cmd, log)
 }
 
-fn lock(file: &Mutex<File>) -> std::sync::MutexGuard<'_, File> {
-    file.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+use kiln_sync::lock;
 
 fn copy_lines(src: impl Read, log: &Mutex<File>, mut on_line: impl FnMut(&str)) {
     let mut reader = BufReader::new(src);

@@ -17,11 +17,11 @@ use std::error::Error;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kiln_proto::{Client, ClientConfig, ExecRequest, AGENT_PORT, ECHO_PORT};
+use kiln_testkit::QemuCommand;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{
     accept, bind, connect, listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr,
@@ -29,17 +29,7 @@ use nix::sys::socket::{
 
 type Result<T> = std::result::Result<T, Box<dyn Error>>;
 
-const GUEST_CID: u32 = 3;
-
-fn assets_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("KILN_ASSETS_DIR") {
-        return d.into();
-    }
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(d).join("kiln");
-    }
-    PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache/kiln")
-}
+const GUEST_CID: u32 = kiln_proto::GUEST_CID;
 
 /// Load vhost-vsock from the harness's kernel package when /dev/vhost-vsock is missing.
 fn ensure_vhost_vsock() -> Result<()> {
@@ -49,7 +39,7 @@ fn ensure_vhost_vsock() -> Result<()> {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")?
         .trim()
         .to_owned();
-    let base = assets_dir()
+    let base = kiln::assets::assets_dir()?
         .join("harness")
         .join(&release)
         .join("pkg/lib/modules")
@@ -156,39 +146,27 @@ fn main() {
 
 fn run() -> Result<()> {
     ensure_vhost_vsock()?;
-    let assets = assets_dir();
-    let kernel = std::env::var_os("KILN_KERNEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| assets.join("guest/vmlinux"));
-    let initramfs = std::env::var_os("KILN_INITRAMFS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| assets.join("guest/initramfs.cpio"));
+    // `$KILN_KERNEL` / `$KILN_INITRAMFS`, else the current guest in the assets directory.
+    let kernel = kiln::assets::default_kernel()?;
+    let initramfs = kiln::assets::default_initramfs()?;
 
     let listener = vsock_stream()?;
     bind(listener.as_raw_fd(), &VsockAddr::new(u32::MAX, AGENT_PORT))?;
     listen(&listener, Backlog::new(4)?)?;
 
     let t0 = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
+    let mut child = QemuCommand::new(&kernel)
         // No ACPI: QEMU then announces the virtio-mmio devices on the kernel command line.
-        .args(["-M", "microvm,acpi=off", "-accel", "kvm", "-cpu", "host"])
-        .args(["-nodefaults", "-no-user-config", "-display", "none"])
-        .args(["-monitor", "none", "-serial", "stdio", "-no-reboot"])
-        .args(["-m", "256", "-smp", "1"])
-        .args([
-            "-device",
-            &format!("vhost-vsock-device,guest-cid={GUEST_CID}"),
-        ])
-        .arg("-kernel")
-        .arg(&kernel)
-        .arg("-initrd")
-        .arg(&initramfs)
-        .args([
-            "-append",
-            "console=ttyS0 reboot=t panic=-1 quiet kiln.echo=1",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+        .machine("microvm,acpi=off")
+        .accel("kvm")
+        .cpu("host")
+        .memory_mib(256)
+        .smp(1)
+        .arg("-device")
+        .arg(format!("vhost-vsock-device,guest-cid={GUEST_CID}"))
+        .initrd(&initramfs)
+        .append("console=ttyS0 reboot=t panic=-1 quiet kiln.echo=1")
+        .command()
         .stderr(Stdio::inherit())
         .spawn()?;
     let serial = child.stdout.take().ok_or("no QEMU stdout")?;
@@ -214,20 +192,10 @@ fn run() -> Result<()> {
     )?;
     check(sh(&c, "hostname")?.trim() == "kiln", "hostname")?;
     let mounts = sh(&c, "cat /proc/mounts")?;
-    for (target, fstype) in [
-        ("/proc", "proc"),
-        ("/sys", "sysfs"),
-        ("/dev", "devtmpfs"),
-        ("/dev/pts", "devpts"),
-        ("/dev/shm", "tmpfs"),
-        ("/tmp", "tmpfs"),
-        ("/run", "tmpfs"),
-    ] {
+    let missing = kiln_testkit::guest::missing_pid1_mounts(&mounts);
+    for (target, fstype) in kiln_testkit::guest::PID1_MOUNTS {
         check(
-            mounts.lines().any(|l| {
-                let mut w = l.split_whitespace().skip(1);
-                w.next() == Some(target) && w.next() == Some(fstype)
-            }),
+            !missing.contains(&(target, fstype)),
             &format!("{target} mounted as {fstype}"),
         )?;
     }

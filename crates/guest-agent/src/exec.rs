@@ -18,7 +18,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -150,10 +150,8 @@ impl std::fmt::Debug for ExecTable {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Critical sections are short map/queue operations that leave the data consistent.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+// Critical sections are short map/queue operations that leave the data consistent.
+use kiln_sync::lock;
 
 /// Output of a background exec, buffered until a `Wait` attaches.
 #[derive(Default)]

@@ -30,7 +30,7 @@ use reaper::Reaper;
 use sys::Mode;
 
 /// The readiness line (contract: docs/ARCHITECTURE.md).
-const READY: &str = "KILN-AGENT-READY";
+const READY: &str = kiln_proto::READY_LINE;
 
 enum Cli {
     Guest,

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -77,10 +77,8 @@ impl Reaper {
     }
 }
 
-fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
-    // Every critical section is a single map operation: a poisoned lock is still consistent.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+// Every critical section is a single map operation: a poisoned lock is still consistent.
+use kiln_sync::lock;
 
 fn reap_loop(inner: &Inner) {
     loop {

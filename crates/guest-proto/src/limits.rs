@@ -1,4 +1,5 @@
-//! Protocol version, well-known vsock ports and every size bound of the protocol.
+//! Protocol version, well-known vsock addresses (CIDs, ports), the agent's READY console line
+//! and every size bound of the protocol.
 //!
 //! Both ends enforce these: the decoder refuses frames larger than [`MAX_FRAME`] before
 //! allocating, and [`crate::Message::validate`] checks the per-field bounds.
@@ -14,6 +15,13 @@ pub const ECHO_PORT: u32 = 5000;
 
 /// The vsock CID of the host.
 pub const HOST_CID: u32 = 2;
+
+/// The vsock CID Kiln gives its guests (one guest per VM, so every guest has the same one).
+pub const GUEST_CID: u32 = 3;
+
+/// The line the agent prints on the serial console once it can serve; tests and tools wait
+/// for this exact line.
+pub const READY_LINE: &str = "KILN-AGENT-READY";
 
 /// Length of the frame header: a `u32` little-endian payload length.
 pub const FRAME_HEADER_LEN: usize = 4;

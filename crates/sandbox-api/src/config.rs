@@ -62,7 +62,7 @@ pub enum ConfigError {
         env: &'static str,
         /// Why the default location is unknown.
         #[source]
-        source: kiln_vmm::host::HostError,
+        source: crate::assets::AssetsError,
     },
 }
 
@@ -81,9 +81,9 @@ pub struct SandboxConfig {
     pub vcpus: u32,
     /// Guest memory in MiB ([`MIN_MEMORY_MIB`]..=[`MAX_MEMORY_MIB`]).
     pub memory_mib: u32,
-    /// Guest kernel (ELF vmlinux); `None` = `kiln_vmm::host::default_kernel()`.
+    /// Guest kernel (ELF vmlinux); `None` = `crate::assets::default_kernel()`.
     pub kernel: Option<PathBuf>,
-    /// Guest initramfs (newc cpio); `None` = `kiln_vmm::host::default_initramfs()`.
+    /// Guest initramfs (newc cpio); `None` = `crate::assets::default_initramfs()`.
     pub initramfs: Option<PathBuf>,
     /// Appended to the kernel command line the VMM builds (space separated, printable ASCII).
     pub extra_cmdline: String,
@@ -191,14 +191,14 @@ impl SandboxConfig {
     /// Checks every field and resolves the asset paths (defaults, existence).
     pub fn validate(&self) -> Result<ResolvedConfig, ConfigError> {
         self.validate_with(&|what| match what {
-            Asset::Kernel => kiln_vmm::host::default_kernel(),
-            Asset::Initramfs => kiln_vmm::host::default_initramfs(),
+            Asset::Kernel => crate::assets::default_kernel(),
+            Asset::Initramfs => crate::assets::default_initramfs(),
         })
     }
 
     fn validate_with(
         &self,
-        defaults: &dyn Fn(Asset) -> Result<PathBuf, kiln_vmm::host::HostError>,
+        defaults: &dyn Fn(Asset) -> Result<PathBuf, crate::assets::AssetsError>,
     ) -> Result<ResolvedConfig, ConfigError> {
         let invalid = |field, reason: String| ConfigError::Invalid { field, reason };
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
@@ -347,7 +347,7 @@ impl Asset {
 fn resolve_asset(
     explicit: Option<&Path>,
     asset: Asset,
-    defaults: &dyn Fn(Asset) -> Result<PathBuf, kiln_vmm::host::HostError>,
+    defaults: &dyn Fn(Asset) -> Result<PathBuf, crate::assets::AssetsError>,
 ) -> Result<PathBuf, ConfigError> {
     let path = match explicit {
         Some(p) => p.to_path_buf(),
@@ -516,7 +516,7 @@ mod tests {
     fn defaults_come_from_the_lookup() {
         let (dir, _) = with_assets();
         let base = dir.path().to_path_buf();
-        let lookup = move |a: Asset| -> Result<PathBuf, kiln_vmm::host::HostError> {
+        let lookup = move |a: Asset| -> Result<PathBuf, crate::assets::AssetsError> {
             Ok(base.join(match a {
                 Asset::Kernel => "vmlinux",
                 Asset::Initramfs => "initramfs.cpio",
@@ -525,8 +525,8 @@ mod tests {
         let r = SandboxConfig::new().validate_with(&lookup).unwrap();
         assert_eq!(r.kernel, dir.path().join("vmlinux"));
         assert_eq!(r.initramfs, dir.path().join("initramfs.cpio"));
-        let no_home = |_a: Asset| -> Result<PathBuf, kiln_vmm::host::HostError> {
-            Err(kiln_vmm::host::HostError::NoAssetsDir)
+        let no_home = |_a: Asset| -> Result<PathBuf, crate::assets::AssetsError> {
+            Err(crate::assets::AssetsError::NoAssetsDir)
         };
         let e = SandboxConfig::new().validate_with(&no_home).unwrap_err();
         assert!(e.to_string().contains("KILN_KERNEL"), "{e}");

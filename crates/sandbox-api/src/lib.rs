@@ -7,10 +7,15 @@
 //! and [`Sandbox::shutdown`]. Every failure is a [`SandboxError`] naming the sandbox and the
 //! operation. See docs/API.md.
 //!
-//! Modules: [`config`] (configuration and validation), [`error`] (the error model),
-//! [`exec`] (exec options, results and events), [`sandbox`] (the sandbox itself), [`pool`]
-//! ([`SandboxPool`], a prewarm pool of sandboxes).
+//! Modules: [`config`] (configuration and validation), [`assets`] (where the guest kernel and
+//! initramfs live by default), [`error`] (the error model), [`exec`] (exec options, results
+//! and events), [`sandbox`] (the sandbox itself), [`pool`] ([`SandboxPool`], a prewarm pool of
+//! sandboxes).
+//!
+//! This crate is the library alone: the `kiln` command line is `kiln-cli` (crates/cli), the
+//! benchmark helpers are `kiln-bench` (crates/bench).
 
+pub mod assets;
 pub mod config;
 pub mod error;
 pub mod exec;

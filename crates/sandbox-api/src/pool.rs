@@ -29,7 +29,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::Mutex;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -139,10 +139,8 @@ struct Reaper {
     done: Mutex<Option<mpsc::Receiver<()>>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The guarded values (an Option of a sender or a handle) cannot be left half-updated.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
+// The guarded values (an Option of a sender or a handle) cannot be left half-updated.
+use kiln_sync::lock;
 
 impl Reaper {
     fn start() -> Result<Reaper, SandboxPoolError> {

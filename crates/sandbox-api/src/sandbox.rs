@@ -32,7 +32,7 @@ pub(crate) mod snapshot;
 pub use snapshot::MAX_FORKS;
 
 /// Guest CID of every sandbox VM (each VM has its own in-process vsock device).
-pub const GUEST_CID: u64 = 3;
+pub const GUEST_CID: u64 = kiln_proto::GUEST_CID as u64;
 /// How often the boot wait checks whether the VM already ended.
 const BOOT_POLL: Duration = Duration::from_millis(50);
 /// How often the watchdog checks whether the VM ended.

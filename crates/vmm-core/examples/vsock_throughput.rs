@@ -1,5 +1,6 @@
 //! vsock data-plane measurement used by `cargo xtask bench vsock`: boots the Kiln guest
-//! (`$KILN_KERNEL`, `$KILN_INITRAMFS`) with `kiln.echo=1` and, over the agent's echo server on
+//! (`$KILN_KERNEL`, `$KILN_INITRAMFS`, both required: the VMM takes paths, `cargo xtask`
+//! passes them) with `kiln.echo=1` and, over the agent's echo server on
 //! guest port 5000, measures connect latency and echo throughput (host->guest and
 //! guest->host concurrently). Writes raw samples as one JSON object to `--out`.
 //!
@@ -10,7 +11,7 @@ use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
 use kiln_vmm::virtio::vsock::{VsockError, VsockHost};
-use kiln_vmm::{host, Vm, VmConfig};
+use kiln_vmm::{Vm, VmConfig};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -20,6 +21,14 @@ fn arg(args: &[String], name: &str, default: &str) -> String {
         .and_then(|i| args.get(i + 1))
         .cloned()
         .unwrap_or_else(|| default.to_owned())
+}
+
+/// The path in environment variable `name` (set by `cargo xtask bench vsock`).
+fn env_path(name: &str) -> Res<std::path::PathBuf> {
+    match std::env::var_os(name) {
+        Some(v) if !v.is_empty() => Ok(v.into()),
+        _ => Err(format!("{name} is not set (run through `cargo xtask bench vsock`)").into()),
+    }
 }
 
 fn connect(host: &VsockHost) -> Res<kiln_vmm::virtio::vsock::VsockStream> {
@@ -86,14 +95,14 @@ fn main() -> Res<()> {
     let runs: usize = arg(&args, "--runs", "3").parse()?;
     let connects: usize = arg(&args, "--connects", "50").parse()?;
 
-    let mut cfg = VmConfig::new("vsock-bench", host::default_kernel()?);
-    cfg.initramfs = Some(host::default_initramfs()?);
+    let mut cfg = VmConfig::new("vsock-bench", env_path("KILN_KERNEL")?);
+    cfg.initramfs = Some(env_path("KILN_INITRAMFS")?);
     cfg.mem_mib = 256;
-    cfg.vsock_cid = Some(3);
+    cfg.vsock_cid = Some(kiln_proto::GUEST_CID.into());
     cfg.cmdline_extra = "kiln.echo=1".into();
     let vm = Vm::start(cfg)?;
     vm.wait_for_serial(
-        "KILN-AGENT-READY",
+        kiln_proto::READY_LINE,
         Instant::now() + Duration::from_secs(180),
     )?;
     let host = vm.vsock().ok_or("no vsock device")?.clone();

@@ -145,7 +145,7 @@ impl Bus {
 /// Locks a device; a device whose previous user panicked is still used (its state is plain
 /// register state, and refusing would wedge the vCPU).
 fn lock(dev: &SharedDevice) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
-    dev.lock().unwrap_or_else(|p| p.into_inner())
+    kiln_sync::lock(dev)
 }
 
 #[cfg(test)]

@@ -1,14 +1,13 @@
-//! Host facts: which kind of KVM this host offers, and where Kiln's built assets live.
+//! Host facts: which kind of KVM this host offers.
 //!
 //! One reusable answer to "can this host boot Linux guests?" ([`detect`]) shared by xtask, the
-//! `kiln doctor` CLI and the tier-4 tests, plus the asset locations fixed in
-//! docs/ARCHITECTURE.md ("Assets"): [`assets_dir`], [`default_kernel`], [`default_initramfs`].
+//! `kiln doctor` CLI and the tier-4 tests. (Where Kiln keeps its guest assets is not the VMM's
+//! business: the VMM takes paths; `kiln::assets` locates them.)
 //!
 //! Detection is split in two: gathering [`HostFacts`] from the running system (device node,
 //! `/sys/module`, `/proc/cpuinfo`) and the pure [`classify`] step, so the decision logic is
 //! unit-tested without depending on the machine the tests run on.
 
-use std::ffi::OsString;
 use std::fmt;
 use std::fs::OpenOptions;
 use std::io;
@@ -20,16 +19,6 @@ use std::path::{Path, PathBuf};
 const KVM_GET_API_VERSION: libc::c_ulong = 0xAE00;
 /// The only KVM API version Linux has ever reported.
 const KVM_API_VERSION: i32 = 12;
-
-/// Errors of the host module.
-#[derive(Debug, thiserror::Error)]
-pub enum HostError {
-    /// None of `$KILN_ASSETS_DIR`, `$XDG_CACHE_HOME`, `$HOME` is set.
-    #[error(
-        "cannot locate the assets directory: none of KILN_ASSETS_DIR, XDG_CACHE_HOME, HOME is set"
-    )]
-    NoAssetsDir,
-}
 
 /// CPU vendor of a hardware-virtualization host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -286,117 +275,9 @@ pub fn cpu_virt_from_cpuinfo(cpuinfo: &str) -> Option<CpuVendor> {
     None
 }
 
-fn non_empty(value: Option<OsString>) -> Option<OsString> {
-    value.filter(|v| !v.is_empty())
-}
-
-/// Assets directory from an environment lookup (see [`assets_dir`]).
-pub fn assets_dir_from(env: impl Fn(&str) -> Option<OsString>) -> Result<PathBuf, HostError> {
-    if let Some(dir) = non_empty(env("KILN_ASSETS_DIR")) {
-        return Ok(PathBuf::from(dir));
-    }
-    if let Some(cache) = non_empty(env("XDG_CACHE_HOME")) {
-        return Ok(PathBuf::from(cache).join("kiln"));
-    }
-    if let Some(home) = non_empty(env("HOME")) {
-        return Ok(PathBuf::from(home).join(".cache").join("kiln"));
-    }
-    Err(HostError::NoAssetsDir)
-}
-
-/// `$KILN_ASSETS_DIR`, else `$XDG_CACHE_HOME/kiln`, else `$HOME/.cache/kiln` (empty = unset).
-pub fn assets_dir() -> Result<PathBuf, HostError> {
-    assets_dir_from(|k| std::env::var_os(k))
-}
-
-/// Guest kernel path from an environment lookup (see [`default_kernel`]).
-pub fn default_kernel_from(env: impl Fn(&str) -> Option<OsString>) -> Result<PathBuf, HostError> {
-    if let Some(kernel) = non_empty(env("KILN_KERNEL")) {
-        return Ok(PathBuf::from(kernel));
-    }
-    Ok(assets_dir_from(env)?.join("guest").join("vmlinux"))
-}
-
-/// `$KILN_KERNEL`, else `<assets>/guest/vmlinux` (the ELF guest kernel, booted through PVH).
-pub fn default_kernel() -> Result<PathBuf, HostError> {
-    default_kernel_from(|k| std::env::var_os(k))
-}
-
-/// Guest initramfs path from an environment lookup (see [`default_initramfs`]).
-pub fn default_initramfs_from(
-    env: impl Fn(&str) -> Option<OsString>,
-) -> Result<PathBuf, HostError> {
-    if let Some(initramfs) = non_empty(env("KILN_INITRAMFS")) {
-        return Ok(PathBuf::from(initramfs));
-    }
-    Ok(assets_dir_from(env)?.join("guest").join("initramfs.cpio"))
-}
-
-/// `$KILN_INITRAMFS`, else `<assets>/guest/initramfs.cpio` (uncompressed newc).
-pub fn default_initramfs() -> Result<PathBuf, HostError> {
-    default_initramfs_from(|k| std::env::var_os(k))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
-
-    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<OsString> {
-        let map: HashMap<String, OsString> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), OsString::from(v)))
-            .collect();
-        move |k| map.get(k).cloned()
-    }
-
-    #[test]
-    fn assets_dir_precedence() {
-        let all = env(&[
-            ("KILN_ASSETS_DIR", "/a"),
-            ("XDG_CACHE_HOME", "/x"),
-            ("HOME", "/h"),
-        ]);
-        assert_eq!(assets_dir_from(all).unwrap(), PathBuf::from("/a"));
-        let xdg = env(&[("XDG_CACHE_HOME", "/x"), ("HOME", "/h")]);
-        assert_eq!(assets_dir_from(xdg).unwrap(), PathBuf::from("/x/kiln"));
-        let home = env(&[("HOME", "/h")]);
-        assert_eq!(
-            assets_dir_from(home).unwrap(),
-            PathBuf::from("/h/.cache/kiln")
-        );
-    }
-
-    #[test]
-    fn empty_variables_count_as_unset() {
-        let e = env(&[
-            ("KILN_ASSETS_DIR", ""),
-            ("XDG_CACHE_HOME", ""),
-            ("HOME", "/h"),
-        ]);
-        assert_eq!(assets_dir_from(e).unwrap(), PathBuf::from("/h/.cache/kiln"));
-        let none = env(&[("HOME", "")]);
-        assert!(matches!(assets_dir_from(none), Err(HostError::NoAssetsDir)));
-    }
-
-    #[test]
-    fn kernel_and_initramfs_defaults_and_overrides() {
-        let base = env(&[("KILN_ASSETS_DIR", "/a")]);
-        assert_eq!(
-            default_kernel_from(&base).unwrap(),
-            PathBuf::from("/a/guest/vmlinux")
-        );
-        assert_eq!(
-            default_initramfs_from(&base).unwrap(),
-            PathBuf::from("/a/guest/initramfs.cpio")
-        );
-        let over = env(&[("KILN_KERNEL", "/k"), ("KILN_INITRAMFS", "/i")]);
-        assert_eq!(default_kernel_from(&over).unwrap(), PathBuf::from("/k"));
-        assert_eq!(default_initramfs_from(&over).unwrap(), PathBuf::from("/i"));
-        // Overrides do not need an assets directory at all.
-        let none = env(&[]);
-        assert!(default_kernel_from(&none).is_err());
-    }
 
     #[test]
     fn cpuinfo_flags_parsing() {

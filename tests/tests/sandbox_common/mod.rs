@@ -49,7 +49,7 @@ pub fn kiln_bin() -> PathBuf {
     let bin = profile_dir.join("kiln");
     assert!(
         bin.is_file(),
-        "the kiln CLI is not built at {} (build it with `cargo build -p kiln` in the same \
+        "the kiln CLI is not built at {} (build it with `cargo build -p kiln-cli` in the same \
          profile; `cargo xtask test` does)",
         bin.display()
     );

@@ -1,8 +1,8 @@
 //! `cargo xtask bench exec [--json]`: command execution in a warm Linux guest, Kiln side by
 //! side with QEMU microvm running the same guest.
 //!
-//! Builds the guest assets and the release `kiln` CLI, then runs its hidden
-//! `kiln bench-exec --peer qemu` (directly on a hardware-virtualization host, elsewhere inside
+//! Builds the guest assets and the release `kiln-bench` (crates/bench), then runs
+//! `kiln-bench exec --peer qemu` (directly on a hardware-virtualization host, elsewhere inside
 //! the emulated-virtualization harness) which writes raw samples to
 //! `<target>/bench/exec-kiln.json`. Metrics (ms), each Kiln row with its ratio Kiln / QEMU
 //! (medians) and the QEMU row right below it:
@@ -22,10 +22,10 @@
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use serde::Deserialize;
+use kiln_testkit::bench::ExecSamples as Samples;
 
 use super::{
-    build_kiln_release, format_row, metric_stats as stats, read_samples, samples_file, Format,
+    build_kiln_bench, format_row, metric_stats as stats, read_samples, samples_file, Format,
     PeerRatio, Stats,
 };
 use crate::{build_guest, kernel, util};
@@ -39,24 +39,6 @@ const BOOTS: usize = 5;
 /// Deadline of the whole measurement in the harness.
 const TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
-/// What `kiln bench-exec` writes (see crates/sandbox-api/src/cli/bench.rs).
-#[derive(Debug, Deserialize)]
-struct Samples {
-    exec_true_ms: Vec<f64>,
-    ping_ms: Vec<f64>,
-    boot_ms: f64,
-    boot_samples_ms: Vec<f64>,
-    #[serde(default)]
-    qemu_exec_true_ms: Vec<f64>,
-    #[serde(default)]
-    qemu_ping_ms: Vec<f64>,
-    #[serde(default)]
-    qemu_microvm_handshake_ms: Vec<f64>,
-    #[serde(default)]
-    qemu_microvm_ready_ms: Vec<f64>,
-    qemu_error: Option<String>,
-}
-
 /// The QEMU peer's name in ratios.
 const PEER: &str = "qemu-microvm";
 
@@ -64,12 +46,12 @@ const PEER: &str = "qemu-microvm";
 pub fn run(format: Format) -> Result<()> {
     let k = kernel::ensure()?;
     let g = build_guest::ensure()?;
-    let kiln = build_kiln_release("bench exec: ")?;
+    let kiln = build_kiln_bench("bench exec: ")?;
     let out = samples_file("exec-kiln.json")?;
 
     let argv: Vec<String> = vec![
         kiln.display().to_string(),
-        "bench-exec".into(),
+        "exec".into(),
         "--iterations".into(),
         ITERATIONS.to_string(),
         "--warmup".into(),
@@ -91,7 +73,7 @@ pub fn run(format: Format) -> Result<()> {
         Some(TIMEOUT),
     )?;
     if status != 0 {
-        bail!("kiln bench-exec failed with status {status}");
+        bail!("kiln-bench exec failed with status {status}");
     }
     let s: Samples = read_samples(&out)?;
     for row in rows(&s, format)? {

@@ -1,12 +1,13 @@
 //! Timing fresh processes: from spawning a benchmark child to a line on its stdout, and the
 //! warm-up + measured loop around it (shared by the `vmm` and `snapshot` benchmarks).
 
-use std::io::{BufRead, BufReader};
+use std::io::BufReader;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use kiln_testkit::read_bounded_line;
 
 /// Which stdout line stops the clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,16 +46,13 @@ pub fn time_to_line(
     let needle_owned = needle.to_owned();
     let reader = std::thread::spawn(move || {
         let mut r = BufReader::new(stdout);
-        let mut line = Vec::new();
         loop {
-            line.clear();
-            match r.read_until(b'\n', &mut line) {
-                Ok(0) | Err(_) => {
+            match read_bounded_line(&mut r) {
+                Ok(None) | Err(_) => {
                     let _ = tx.send(None);
                     return;
                 }
-                Ok(_) => {
-                    let text = String::from_utf8_lossy(&line);
+                Ok(Some(text)) => {
                     let hit = match how {
                         LineMatch::StartsWith => text.starts_with(&needle_owned),
                         LineMatch::Contains => text.contains(&needle_owned),

@@ -1,10 +1,12 @@
 //! `cargo xtask bench <name> [--json]`: benchmark scaffolding shared by every benchmark.
 //!
-//! [`Stats`] summarises samples (n, min, median, p99); [`report`] prints one metric either as
-//! a human table row or, with `--json`, as one JSON object per line:
+//! [`Stats`] (kiln-testkit) summarises samples (n, min, median, p99); [`report`] prints one
+//! metric either as a human table row or, with `--json`, as one [`BenchRecord`] JSON line:
 //! `{"name","unit","n","min","median","p99"}` plus optional `"ratio_vs"`/`"peer"` for a
 //! comparison against a peer (e.g. Firecracker). The benchmarks themselves live in
-//! `bench/<name>.rs`.
+//! `bench/<name>.rs`; the measuring programs they run are `kiln-bench` (crates/bench, whose
+//! sample documents are `kiln_testkit::bench`'s), kiln-pool's bench and kiln-vmm's
+//! `vsock_throughput` example.
 
 // The reporting helpers are for the benchmark modules, which are still placeholders.
 #![allow(dead_code)]
@@ -19,14 +21,13 @@ mod vsock;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use serde::de::DeserializeOwned;
-use serde::Serialize;
 
 use crate::util;
+pub use kiln_testkit::{BenchRecord, Stats};
 
 /// Which benchmark to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -62,50 +63,6 @@ pub enum Format {
     Json,
 }
 
-/// Summary of one metric's samples.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Stats {
-    /// Number of samples.
-    pub n: usize,
-    /// Smallest sample.
-    pub min: f64,
-    /// Median (mean of the two middle samples when n is even).
-    pub median: f64,
-    /// 99th percentile (nearest rank).
-    pub p99: f64,
-}
-
-impl Stats {
-    /// Summarises `samples`; `None` when there are none (or any is NaN).
-    pub fn from_samples(samples: &[f64]) -> Option<Stats> {
-        if samples.is_empty() || samples.iter().any(|s| s.is_nan()) {
-            return None;
-        }
-        let mut v = samples.to_vec();
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        let median = if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        };
-        // Nearest-rank percentile: the smallest sample with at least 99% of samples <= it.
-        let rank = (n * 99).div_ceil(100).max(1);
-        Some(Stats {
-            n,
-            min: v[0],
-            median,
-            p99: v[rank - 1],
-        })
-    }
-
-    /// Summarises durations in milliseconds.
-    pub fn from_durations_ms(samples: &[Duration]) -> Option<Stats> {
-        let ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
-        Stats::from_samples(&ms)
-    }
-}
-
 /// A comparison of our median against a peer's (e.g. Firecracker).
 #[derive(Debug, Clone, PartialEq)]
 pub struct PeerRatio {
@@ -113,20 +70,6 @@ pub struct PeerRatio {
     pub peer: String,
     /// our median / peer median.
     pub ratio: f64,
-}
-
-#[derive(Debug, Serialize)]
-struct JsonRow<'a> {
-    name: &'a str,
-    unit: &'a str,
-    n: usize,
-    min: f64,
-    median: f64,
-    p99: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ratio_vs: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    peer: Option<&'a str>,
 }
 
 /// Formats one metric as a line (without newline).
@@ -139,18 +82,8 @@ pub fn format_row(
 ) -> String {
     match format {
         Format::Json => {
-            let row = JsonRow {
-                name,
-                unit,
-                n: stats.n,
-                min: stats.min,
-                median: stats.median,
-                p99: stats.p99,
-                ratio_vs: peer.map(|p| p.ratio),
-                peer: peer.map(|p| p.peer.as_str()),
-            };
-            // Serialising plain numbers and strings cannot fail; keep a readable fallback.
-            serde_json::to_string(&row).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+            BenchRecord::new(name, unit, stats, peer.map(|p| (p.peer.as_str(), p.ratio)))
+                .to_json_line()
         }
         Format::Human => {
             let mut s = format!(
@@ -184,13 +117,21 @@ pub fn metric_stats(name: &str, samples: &[f64]) -> Result<Stats> {
     Stats::from_samples(samples).with_context(|| format!("metric {name} has no usable samples"))
 }
 
-/// Builds the release `kiln` CLI and returns its path; `tag` prefixes the progress line.
-pub fn build_kiln_release(tag: &str) -> Result<PathBuf> {
-    eprintln!("{tag}building the kiln CLI (release)");
+/// Builds the release `kiln-bench` (crates/bench) and returns its path; `tag` prefixes the
+/// progress line.
+pub fn build_kiln_bench(tag: &str) -> Result<PathBuf> {
+    eprintln!("{tag}building kiln-bench (release)");
     util::cargo_build(
-        "the kiln CLI",
-        &["build", "--release", "-p", "kiln", "--bin", "kiln"],
-        util::target_dir().join("release").join("kiln"),
+        "kiln-bench",
+        &[
+            "build",
+            "--release",
+            "-p",
+            "kiln-bench",
+            "--bin",
+            "kiln-bench",
+        ],
+        util::target_dir().join("release").join("kiln-bench"),
     )
 }
 
@@ -249,36 +190,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn stats_of_odd_and_even_samples() {
-        let s = Stats::from_samples(&[5.0, 1.0, 3.0]).unwrap();
-        assert_eq!((s.n, s.min, s.median, s.p99), (3, 1.0, 3.0, 5.0));
-        let s = Stats::from_samples(&[4.0, 1.0, 3.0, 2.0]).unwrap();
-        assert_eq!((s.n, s.min, s.median, s.p99), (4, 1.0, 2.5, 4.0));
-    }
-
-    #[test]
-    fn p99_is_nearest_rank() {
-        let samples: Vec<f64> = (1..=200).map(f64::from).collect();
-        let s = Stats::from_samples(&samples).unwrap();
-        assert_eq!(s.p99, 198.0);
-        assert_eq!(s.median, 100.5);
-        let one = Stats::from_samples(&[7.0]).unwrap();
-        assert_eq!((one.min, one.median, one.p99), (7.0, 7.0, 7.0));
-    }
-
-    #[test]
-    fn empty_or_nan_samples_have_no_stats() {
-        assert!(Stats::from_samples(&[]).is_none());
-        assert!(Stats::from_samples(&[1.0, f64::NAN]).is_none());
-    }
-
-    #[test]
-    fn durations_are_reported_in_ms() {
-        let s = Stats::from_durations_ms(&[Duration::from_micros(1500)]).unwrap();
-        assert!((s.median - 1.5).abs() < 1e-9);
-    }
-
-    #[test]
     fn json_rows_carry_every_field() {
         let s = Stats::from_samples(&[1.0, 2.0, 3.0]).unwrap();
         let line = format_row("boot", "ms", &s, None, Format::Json);
@@ -290,6 +201,8 @@ mod tests {
         assert_eq!(v["median"], 2.0);
         assert_eq!(v["p99"], 3.0);
         assert!(v.get("peer").is_none() && v.get("ratio_vs").is_none());
+        // The reader's type is the writer's.
+        assert_eq!(BenchRecord::from_json_line(&line).unwrap().stats(), s);
 
         let peer = PeerRatio {
             peer: "firecracker".into(),

@@ -9,7 +9,7 @@
 //! - `pool.mock.acquire_release.health_check_every_release`: one thread, check on every release;
 //! - `pool.mock.acquire_release.2_threads`: two threads at once (lock contention).
 //!
-//! The real-sandbox half runs `kiln pool bench` (release build; crates/sandbox-api/src/cli/pool.rs)
+//! The real-sandbox half runs `kiln-bench pool` (release build; crates/bench/src/pool.rs)
 //! directly on a hardware-virtualization host, elsewhere inside the emulated-virtualization
 //! harness (both reset modes in one L1 boot), with a warm `kiln::SandboxPool` of [`REAL_SIZE`]
 //! sandboxes. Metrics (ms; every measured acquire is a hit — the bench waits, untimed, until
@@ -30,10 +30,11 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use kiln_testkit::bench::PoolSamples as RealSamples;
 use kiln_vmm::host;
 use serde::Deserialize;
 
-use super::{report, Format, Stats};
+use super::{build_kiln_bench, report, Format, Stats};
 use crate::harness::{self, HarnessOptions};
 use crate::{build_guest, kernel, util};
 
@@ -54,20 +55,6 @@ const MODE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 const REAL_TIMEOUT: Duration = Duration::from_secs(40 * 60);
 /// The prototype's pool acquire + echo + release, P50 on real hardware (DESIGN.md).
 const PROTOTYPE_REFERENCE_MS: f64 = 0.773;
-
-/// What `kiln pool bench --out` writes (crates/sandbox-api/src/cli/pool.rs).
-#[derive(Debug, Deserialize)]
-struct RealSamples {
-    reset_mode: String,
-    emulated: bool,
-    acquire_ms: Vec<f64>,
-    exec_ms: Vec<f64>,
-    release_ms: Vec<f64>,
-    total_ms: Vec<f64>,
-    boot_ms: Vec<f64>,
-    hits: u64,
-    misses: u64,
-}
 
 /// One line of the bench binary's `--raw-json` output.
 #[derive(Debug, Deserialize)]
@@ -109,32 +96,11 @@ pub fn run(format: Format) -> Result<()> {
     run_real(format)
 }
 
-/// Builds the release `kiln` CLI and returns its path.
-fn build_kiln_release() -> Result<PathBuf> {
-    eprintln!("bench pool: building the kiln CLI (release)");
-    util::run(
-        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-            .current_dir(util::repo_root())
-            .args(["build", "--release", "-p", "kiln", "--bin", "kiln"]),
-    )
-    .context("building the kiln CLI")?;
-    let kiln = util::target_dir().join("release").join("kiln");
-    if !kiln.is_file() {
-        bail!("cargo built the kiln CLI but {} is missing", kiln.display());
-    }
-    Ok(kiln)
-}
-
-/// Single-quotes `s` for `sh`.
-fn sh_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "'\\''"))
-}
-
-/// The real-sandbox half: `kiln pool bench` with a warm SandboxPool, in every reset mode.
+/// The real-sandbox half: `kiln-bench pool` with a warm SandboxPool, in every reset mode.
 fn run_real(format: Format) -> Result<()> {
     let k = kernel::ensure()?;
     let g = build_guest::ensure()?;
-    let kiln = build_kiln_release()?;
+    let kiln = build_kiln_bench("bench pool: ")?;
     let out_dir = util::target_dir().join("bench");
     fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let runs: Vec<(&str, PathBuf, Vec<String>)> = REAL_MODES
@@ -144,7 +110,6 @@ fn run_real(format: Format) -> Result<()> {
             let argv = vec![
                 kiln.display().to_string(),
                 "pool".into(),
-                "bench".into(),
                 "--reset-mode".into(),
                 mode.into(),
                 "--size".into(),
@@ -181,7 +146,7 @@ fn run_real(format: Format) -> Result<()> {
                 .status()
                 .with_context(|| format!("starting {}", kiln.display()))?;
             if !status.success() {
-                eprintln!("bench pool: kiln pool bench --reset-mode {mode} failed: {status}");
+                eprintln!("bench pool: kiln-bench pool --reset-mode {mode} failed: {status}");
             }
         }
     } else {
@@ -199,7 +164,7 @@ fn run_real(format: Format) -> Result<()> {
                      failed or timed out (status $?)\" >&2",
                     MODE_TIMEOUT.as_secs(),
                     argv.iter()
-                        .map(|a| sh_quote(a))
+                        .map(|a| util::sh_quote(a))
                         .collect::<Vec<_>>()
                         .join(" ")
                 )
@@ -213,7 +178,7 @@ fn run_real(format: Format) -> Result<()> {
             idle_timeout: None,
         })?;
         if status != 0 {
-            bail!("kiln pool bench failed in the harness with status {status}");
+            bail!("kiln-bench pool failed in the harness with status {status}");
         }
     }
     let mut measured = Vec::new();
@@ -340,8 +305,8 @@ mod tests {
         let t = Stats::from_samples(&s.total_ms).unwrap();
         assert_eq!((t.min, t.p99), (5.2, 6.3));
         report_real(&s, Format::Json).unwrap();
-        assert_eq!(sh_quote("a b"), "'a b'");
-        assert_eq!(sh_quote("it's"), "'it'\\''s'");
+        assert_eq!(util::sh_quote("a b"), "'a b'");
+        assert_eq!(util::sh_quote("it's"), "'it'\\''s'");
         let empty = RealSamples {
             total_ms: Vec::new(),
             ..s

@@ -1,16 +1,16 @@
 //! `cargo xtask bench snapshot`: snapshot restore and create with the bare-metal test guest
-//! (`kiln_vmm::test_guest`) on the host's /dev/kvm, driven through the hidden
-//! `kiln vm-snapshot` (release build).
+//! (`kiln_vmm::test_guest`) on the host's /dev/kvm, driven through
+//! `kiln-bench vm-snapshot` (release build, crates/bench).
 //!
 //! Metrics:
 //! - `snapshot.in_process.restore_to_running` (ms): `Vm::restore` start until the restored
 //!   guest wrote its first complete serial line (the `fastcount` guest prints without pause),
-//!   restores one after another in one warm `kiln vm-snapshot restore --repeat` process;
+//!   restores one after another in one warm `kiln-bench vm-snapshot restore --repeat` process;
 //!   `snapshot.in_process.restore_call` is the `Vm::restore` call alone (vCPUs started);
 //! - `snapshot.prepared.start_call` / `start_to_running` (ms): the same with each restore
 //!   prepared first (`Vm::prepare_restore`, untimed: what a pool refill does ahead of time)
 //!   and only `PreparedRestore::start` timed;
-//! - `snapshot.fresh_process.restore_to_running` (ms): spawning `kiln vm-snapshot restore`
+//! - `snapshot.fresh_process.restore_to_running` (ms): spawning `kiln-bench vm-snapshot restore`
 //!   until its `RUNNING` line reaches us (process start, /dev/kvm open, restore, guest output)
 //!   — comparable with Firecracker's "new process -> resumed";
 //! - `snapshot.create.<size>.<kind>` (ms): `Vm::snapshot` of a paused guest of 128 MiB and
@@ -28,10 +28,12 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use serde::Deserialize;
+use kiln_testkit::bench::{
+    VmCreateSamples as CreateOut, VmForksSamples as ForksOut, VmRestoreSamples as RestoreOut,
+};
 
 use super::launch::{measured_runs, time_to_line, AfterLine, LineMatch};
-use super::{build_kiln_release, command_json, note, report, Format, PeerRatio, Stats};
+use super::{build_kiln_bench, command_json, note, report, Format, PeerRatio, Stats};
 use crate::util::target_dir;
 
 /// Measured restores per metric.
@@ -49,32 +51,9 @@ const FIRECRACKER_RESTORE: (f64, f64) = (8.7, 13.2);
 /// Firecracker snapshot create of 128 MiB on tmpfs / on disk, ms (DESIGN.md).
 const FIRECRACKER_CREATE: (f64, f64) = (90.0, 233.0);
 
-#[derive(Debug, Deserialize)]
-struct CreateOut {
-    create_ms: Vec<f64>,
-    guest_bytes: u64,
-    written_bytes: u64,
-}
-
-#[derive(Debug, Deserialize)]
-struct RestoreOut {
-    restore_ms: Vec<f64>,
-    running_ms: Vec<f64>,
-}
-
-#[derive(Debug, Deserialize)]
-struct ForksOut {
-    count: usize,
-    rss_kib_per_fork: f64,
-    rss_anon_kib_per_fork: f64,
-    pss_kib_per_fork: f64,
-    threads_per_fork: f64,
-    fds_per_fork: f64,
-}
-
 /// Runs the snapshot benchmark and reports each metric in `format`.
 pub fn run(format: Format) -> Result<()> {
-    let kiln = build_kiln_release("bench snapshot: ")?;
+    let kiln = build_kiln_bench("bench snapshot: ")?;
     let dir = target_dir().join("kiln-bench/snapshot");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let guest = kiln_vmm::test_guest::write_to(&dir)
@@ -237,7 +216,7 @@ pub fn run(format: Format) -> Result<()> {
     Ok(())
 }
 
-/// `kiln vm-snapshot create` of the test guest; returns its samples.
+/// `kiln-bench vm-snapshot create` of the test guest; returns its samples.
 fn create(
     kiln: &Path,
     guest: &Path,

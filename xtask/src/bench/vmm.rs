@@ -3,8 +3,8 @@
 //!
 //! Metrics (milliseconds, ≥ 30 runs each):
 //! - `vmm.in_process.create_to_ready`: `Vm::start` until READY on the serial console, VMs
-//!   booted one after another in one warm `kiln boot --repeat` process (release build);
-//! - `vmm.fresh_process.launch_to_ready`: spawning `kiln boot --until-serial READY` until its
+//!   booted one after another in one warm `kiln-bench boot --repeat` process (release build);
+//! - `vmm.fresh_process.launch_to_ready`: spawning `kiln-bench boot --until-serial READY` until its
 //!   READY line arrives on our end of its stdout (process start, dynamic linking, /dev/kvm
 //!   open, VM build, guest boot) — the figure comparable with Firecracker's launch -> READY;
 //! - `vmm.peer.qemu_microvm.launch_to_ready`: the same guest under
@@ -19,9 +19,10 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use kiln_testkit::QemuCommand;
 
 use super::launch::{measured_runs, time_to_line, AfterLine, LineMatch};
-use super::{build_kiln_release, command_json, note, report, Format, PeerRatio, Stats};
+use super::{build_kiln_bench, command_json, note, report, Format, PeerRatio, Stats};
 use crate::util::target_dir;
 
 /// Measured runs per metric.
@@ -35,7 +36,7 @@ const FIRECRACKER_REF: (f64, f64) = (8.4, 8.7);
 
 /// Runs the vmm benchmark and reports each metric in `format`.
 pub fn run(format: Format) -> Result<()> {
-    let kiln = build_kiln_release("bench vmm: ")?;
+    let kiln = build_kiln_bench("bench vmm: ")?;
     let dir = target_dir().join("kiln-bench");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let guest = kiln_vmm::test_guest::write_to(&dir)
@@ -50,7 +51,7 @@ pub fn run(format: Format) -> Result<()> {
             .args(["--until-serial", ready, "--repeat"])
             .arg((WARMUP + RUNS).to_string()),
     )
-    .context("in-process `kiln boot --repeat`")?;
+    .context("in-process `kiln-bench boot --repeat`")?;
     let in_process = Stats::from_samples(samples.get(WARMUP..).unwrap_or_default())
         .context("no in-process samples")?;
     report(
@@ -69,7 +70,7 @@ pub fn run(format: Format) -> Result<()> {
             .args(["--until-serial", ready]);
         c
     })
-    .context("fresh `kiln boot` processes")?;
+    .context("fresh `kiln-bench boot` processes")?;
     let fresh = Stats::from_durations_ms(&fresh).context("no fresh-process samples")?;
 
     // Peer: QEMU microvm with KVM, same guest, if it runs here.
@@ -134,13 +135,14 @@ fn launch_samples(needle: &str, make: impl Fn() -> Command) -> Result<Vec<Durati
 
 fn qemu_samples(guest: &Path, needle: &str) -> Result<Stats> {
     let make = || {
-        let mut c = Command::new("qemu-system-x86_64");
-        c.args(["-accel", "kvm", "-cpu", "host", "-smp", "1", "-m", "128"])
-            .args(["-M", "microvm,x-option-roms=off,rtc=off"])
-            .args(["-nographic", "-nodefaults", "-no-user-config", "-no-reboot"])
-            .args(["-serial", "stdio", "-kernel"])
-            .arg(guest)
-            .stderr(Stdio::null());
+        let mut c = QemuCommand::new(guest)
+            .machine("microvm,x-option-roms=off,rtc=off")
+            .accel("kvm")
+            .cpu("host")
+            .smp(1)
+            .memory_mib(128)
+            .command();
+        c.stderr(Stdio::null());
         c
     };
     let samples = launch_samples(needle, make)?;

@@ -40,7 +40,7 @@ impl Agent {
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if line == "KILN-AGENT-READY" {
+                if line == kiln_proto::READY_LINE {
                     let _ = tx.send(());
                 }
             }

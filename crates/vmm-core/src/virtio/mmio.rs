@@ -9,7 +9,7 @@
 //! outside guest memory, queue not ready) makes the device report DEVICE_NEEDS_RESET instead
 //! of activating. Nothing the guest writes here can panic or allocate.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
@@ -137,9 +137,7 @@ fn set_high(v: &mut u64, high: u32) {
 
 /// Lock a mutex, recovering the data if another thread panicked while holding it (the device
 /// state stays usable; the panic itself is reported by that thread).
-pub(crate) fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+pub(crate) use kiln_sync::lock;
 
 /// One virtio-mmio device window.
 #[derive(Debug)]

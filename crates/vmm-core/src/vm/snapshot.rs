@@ -13,7 +13,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use kvm_ioctls::Kvm;
@@ -34,9 +34,7 @@ use crate::virtio::VirtioDevice;
 /// transport and locking the device.
 const DEVICE_QUIESCE_TRIES: usize = 100;
 
-fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use kiln_sync::lock;
 
 /// KVM's MSR index list, read once per process.
 fn msr_indices(kvm: &Kvm) -> Result<&'static [u32], SnapshotErrorKind> {

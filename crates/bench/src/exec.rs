@@ -1,4 +1,4 @@
-//! The hidden `kiln bench-exec`: boots one sandbox, warms it up, then measures exec round
+//! `kiln-bench exec`: boots one sandbox, warms it up, then measures exec round
 //! trips of `true` and ping round trips, and prints the raw samples as one JSON document
 //! (`cargo xtask bench exec` summarises them). Speed is measured here, never asserted.
 //!
@@ -21,19 +21,20 @@ use std::time::{Duration, Instant};
 use clap::{Args, ValueEnum};
 use kiln::{Sandbox, SandboxConfig, DEFAULT_OUTPUT_CAP};
 use kiln_proto::ExecRequest;
-use serde::Serialize;
+use kiln_testkit::bench::ExecSamples as BenchSamples;
+use kiln_testkit::stats::ms;
 
 use super::exit;
 use qemu::{QemuGuest, QemuPeer, QemuPeerError};
 
-/// A comparison peer for `kiln bench-exec`.
+/// A comparison peer for `kiln-bench exec`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Peer {
     /// QEMU `-M microvm` with KVM and vhost-vsock, the same guest.
     Qemu,
 }
 
-/// `kiln bench-exec` arguments.
+/// `kiln-bench exec` arguments.
 #[derive(Debug, Args)]
 pub struct BenchExecArgs {
     /// Measured iterations of each round trip.
@@ -70,36 +71,6 @@ pub struct BenchExecArgs {
 
 /// Deadline of one QEMU boot (launch until the agent's Hello).
 const QEMU_BOOT_TIMEOUT: Duration = Duration::from_secs(180);
-
-/// The samples, in milliseconds.
-#[derive(Debug, Serialize)]
-pub struct BenchSamples {
-    /// Which implementation produced them.
-    pub vmm: &'static str,
-    /// `Sandbox::create` until the agent's handshake.
-    pub boot_ms: f64,
-    /// `exec(["true"])` round trips.
-    pub exec_true_ms: Vec<f64>,
-    /// `ping()` round trips.
-    pub ping_ms: Vec<f64>,
-    /// Cold boots, create until the agent's handshake.
-    pub boot_samples_ms: Vec<f64>,
-    /// The QEMU peer's exec `true` round trips in its warm guest.
-    pub qemu_exec_true_ms: Vec<f64>,
-    /// The QEMU peer's ping round trips in its warm guest.
-    pub qemu_ping_ms: Vec<f64>,
-    /// QEMU boots (the warm guest's first), launch until the agent's `Hello`.
-    pub qemu_microvm_handshake_ms: Vec<f64>,
-    /// QEMU boots, launch until `KILN-AGENT-READY` on the console.
-    pub qemu_microvm_ready_ms: Vec<f64>,
-    /// Why the QEMU measurement failed or stopped early, if it did (the Kiln samples and
-    /// the QEMU samples taken before stay valid).
-    pub qemu_error: Option<String>,
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
 
 /// Runs the benchmark; returns the exit code.
 pub fn bench_exec(args: &BenchExecArgs) -> i32 {
@@ -228,7 +199,7 @@ fn sandbox_config(args: &BenchExecArgs, name: String) -> SandboxConfig {
 
 fn measure(args: &BenchExecArgs) -> Result<BenchSamples, kiln::SandboxError> {
     let mut out = BenchSamples {
-        vmm: "kiln",
+        vmm: "kiln".into(),
         boot_ms: 0.0,
         exec_true_ms: Vec::new(),
         ping_ms: Vec::new(),
@@ -261,8 +232,8 @@ fn measure(args: &BenchExecArgs) -> Result<BenchSamples, kiln::SandboxError> {
     };
     let mut guest = match &peer {
         Some(p) => match p.check_host().and_then(|()| p.boot()) {
-            Ok(g) => {
-                record_qemu_boot(&g, &mut out);
+            Ok(mut g) => {
+                record_qemu_boot(&mut g, &mut out);
                 Some(g)
             }
             Err(e) => {
@@ -343,7 +314,7 @@ fn measure(args: &BenchExecArgs) -> Result<BenchSamples, kiln::SandboxError> {
         if i < args.qemu_boots {
             if let Some(p) = &peer {
                 match p.boot() {
-                    Ok(g) => record_qemu_boot(&g, &mut out),
+                    Ok(mut g) => record_qemu_boot(&mut g, &mut out),
                     Err(e) => {
                         qemu_failed(&mut out, e);
                         peer = None;
@@ -362,7 +333,7 @@ fn qemu_failed(out: &mut BenchSamples, e: QemuPeerError) {
 }
 
 /// Adds a QEMU guest's boot times (launch until `Hello`, and until READY) to `out`.
-fn record_qemu_boot(guest: &QemuGuest, out: &mut BenchSamples) {
+fn record_qemu_boot(guest: &mut QemuGuest, out: &mut BenchSamples) {
     out.qemu_microvm_handshake_ms
         .push(ms(guest.handshake_after()));
     if let Some(ready) = guest.ready_after(Duration::from_secs(2)) {
@@ -373,14 +344,14 @@ fn record_qemu_boot(guest: &QemuGuest, out: &mut BenchSamples) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::{Cli, Command};
+    use crate::{Cli, Command};
     use clap::Parser;
 
     fn parse(args: &[&str]) -> Result<BenchExecArgs, clap::Error> {
-        let mut argv = vec!["kiln", "bench-exec"];
+        let mut argv = vec!["kiln-bench", "exec"];
         argv.extend_from_slice(args);
         match Cli::try_parse_from(argv)?.command {
-            Command::BenchExec(a) => Ok(a),
+            Command::Exec(a) => Ok(a),
             other => panic!("parsed as {other:?}"),
         }
     }

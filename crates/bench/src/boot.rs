@@ -1,4 +1,4 @@
-//! The hidden `kiln boot`: boot a kernel on the Kiln VMM directly (no agent, no protocol) and
+//! `kiln-bench boot`: boot a kernel on the Kiln VMM directly (no agent, no protocol) and
 //! wait for a serial line and/or the guest's exit. Used by `cargo xtask bench vmm` (fresh
 //! process launch -> READY, and in-process repeats with `--repeat`) and for VMM-level checks
 //! of the real guest (`--until-serial KILN-AGENT-READY --wait-exit`).
@@ -15,9 +15,10 @@ use kiln_vmm::{Vm, VmConfig};
 
 use super::parse_secs;
 
-/// `kiln boot` arguments.
-#[derive(Debug, Args)]
-pub struct BootArgs {
+/// The VM of `kiln-bench boot` and `kiln-bench vm-snapshot create`: `--kernel`,
+/// `--initramfs`, `--vcpus`, `--memory`, `--cmdline`.
+#[derive(Debug, Clone, Args)]
+pub struct VmArgs {
     /// Kernel image (ELF vmlinux booted through PVH, or bzImage).
     #[arg(long)]
     pub kernel: PathBuf,
@@ -33,6 +34,26 @@ pub struct BootArgs {
     /// Extra kernel command-line arguments.
     #[arg(long, default_value = "")]
     pub cmdline: String,
+}
+
+impl VmArgs {
+    /// The VM configuration, named `name`.
+    pub fn config(&self, name: String) -> VmConfig {
+        let mut c = VmConfig::new(name, &self.kernel);
+        c.initramfs = self.initramfs.clone();
+        c.vcpus = self.vcpus;
+        c.mem_mib = self.memory;
+        c.cmdline_extra = self.cmdline.clone();
+        c
+    }
+}
+
+/// `kiln-bench boot` arguments.
+#[derive(Debug, Args)]
+pub struct BootArgs {
+    /// The VM.
+    #[command(flatten)]
+    pub vm: VmArgs,
     /// Wait for this text on the serial console; print "<text> <ms>" on stdout when it appears.
     #[arg(long, value_name = "TEXT")]
     pub until_serial: Option<String>,
@@ -52,16 +73,12 @@ pub struct BootArgs {
 }
 
 fn config(args: &BootArgs, i: usize) -> VmConfig {
-    let mut c = VmConfig::new(format!("boot{i}"), &args.kernel);
-    c.initramfs = args.initramfs.clone();
-    c.vcpus = args.vcpus;
-    c.mem_mib = args.memory;
-    c.cmdline_extra = args.cmdline.clone();
+    let mut c = args.vm.config(format!("boot{i}"));
     c.serial_ring_bytes = 1 << 20;
     c
 }
 
-/// Runs `kiln boot`; returns the exit code.
+/// Runs `kiln-bench boot`; returns the exit code.
 pub fn boot(args: &BootArgs) -> i32 {
     if args.repeat > 1 {
         return repeat(args);

@@ -13,11 +13,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use kiln::config::{DEFAULT_MEMORY_MIB, DEFAULT_VCPUS};
 use kiln::sandbox::MAX_FORKS;
 use kiln::{ExecResult, Sandbox, SandboxConfig, SandboxError};
 
-use super::exit;
+use super::{exit, MachineArgs};
 // Boot / restore deadline default (seconds): the same as `kiln run`'s.
 use super::run::DEFAULT_BOOT_TIMEOUT_SECS;
 
@@ -27,22 +26,13 @@ pub struct SnapshotArgs {
     /// Snapshot directory (created; a snapshot there is replaced).
     #[arg(long)]
     pub dir: PathBuf,
-    /// Number of vCPUs.
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_VCPUS)]
-    pub vcpus: u32,
-    /// Guest memory in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = DEFAULT_MEMORY_MIB)]
-    pub memory: u32,
+    /// The guest machine.
+    #[command(flatten)]
+    pub machine: MachineArgs,
     /// Deadline for the guest to boot.
     #[arg(long, value_name = "SECS", value_parser = super::parse_secs,
           default_value = DEFAULT_BOOT_TIMEOUT_SECS)]
     pub boot_timeout: Duration,
-    /// Guest kernel (default: $KILN_KERNEL or <assets>/guest/vmlinux).
-    #[arg(long, value_name = "PATH")]
-    pub kernel: Option<PathBuf>,
-    /// Guest initramfs (default: $KILN_INITRAMFS or <assets>/guest/initramfs.cpio).
-    #[arg(long, value_name = "PATH")]
-    pub initramfs: Option<PathBuf>,
     /// Setup command run before the snapshot (after `--`).
     #[arg(
         trailing_var_arg = true,
@@ -52,7 +42,7 @@ pub struct SnapshotArgs {
     pub command: Vec<String>,
 }
 
-/// `kiln restore` arguments.
+/// `kiln restore` arguments (and the restore half of `kiln fork`'s).
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
     /// Snapshot directory.
@@ -68,23 +58,15 @@ pub struct RestoreArgs {
     pub command: Vec<String>,
 }
 
-/// `kiln fork` arguments.
+/// `kiln fork` arguments: a restore, done `--count` times at once.
 #[derive(Debug, Args)]
 pub struct ForkArgs {
-    /// Snapshot directory.
-    #[arg(long)]
-    pub dir: PathBuf,
     /// Number of forks.
     #[arg(short = 'n', long, default_value_t = 2)]
     pub count: usize,
-    /// Deadline for each restored guest's agent to reconnect.
-    #[arg(long, value_name = "SECS", value_parser = super::parse_secs,
-          default_value = DEFAULT_BOOT_TIMEOUT_SECS)]
-    pub boot_timeout: Duration,
-    /// The command and its arguments (after `--`).
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true,
-          num_args = 1.., value_name = "CMD")]
-    pub command: Vec<String>,
+    /// What each fork restores and runs.
+    #[command(flatten)]
+    pub restore: RestoreArgs,
 }
 
 fn fail(e: &SandboxError) -> i32 {
@@ -112,12 +94,9 @@ fn show(prefix: &str, r: &ExecResult) {
 
 /// Runs `kiln snapshot`; returns the exit code.
 pub fn snapshot(args: SnapshotArgs) -> i32 {
-    let mut config = SandboxConfig::new()
-        .vcpus(args.vcpus)
-        .memory_mib(args.memory)
-        .boot_timeout(args.boot_timeout);
-    config.kernel = args.kernel;
-    config.initramfs = args.initramfs;
+    let config = args
+        .machine
+        .apply(SandboxConfig::new().boot_timeout(args.boot_timeout));
     let sandbox = match Sandbox::create(config) {
         Ok(s) => s,
         Err(e) => return fail(&e),
@@ -185,7 +164,10 @@ pub fn fork(args: ForkArgs) -> i32 {
     }
     let results: Vec<Result<ExecResult, SandboxError>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..args.count)
-            .map(|_| s.spawn(|| restore_and_run(&args.dir, args.boot_timeout, &args.command)))
+            .map(|_| {
+                let r = &args.restore;
+                s.spawn(|| restore_and_run(&r.dir, r.boot_timeout, &r.command))
+            })
             .collect();
         handles
             .into_iter()

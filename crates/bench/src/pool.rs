@@ -1,4 +1,4 @@
-//! `kiln pool bench`: warms a [`SandboxPool`] and measures acquire + exec `true` + release
+//! `kiln-bench pool`: warms a [`SandboxPool`] and measures acquire + exec `true` + release
 //! with real sandboxes (the real-sandbox half of `cargo xtask bench pool`).
 //!
 //! Before each iteration it waits, untimed, until the pool is full again (`size` idle), so every
@@ -11,34 +11,21 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, ValueEnum};
 use kiln::{
     ExecOptions, PoolConfig, PoolStats, ResetMode, SandboxConfig, SandboxError, SandboxPool,
     SandboxPoolError,
 };
-use serde::Serialize;
+use kiln_testkit::bench::{PoolCounters, PoolSamples as PoolBenchSamples};
+use kiln_testkit::stats::ms;
+use kiln_testkit::Stats;
 
 use super::{exit, parse_secs};
 
 /// The prototype Kiln replaces: pool acquire + echo + release, P50 on real hardware.
 pub const PROTOTYPE_REFERENCE_US: f64 = 773.0;
 
-/// `kiln pool` arguments.
-#[derive(Debug, Args)]
-pub struct PoolArgs {
-    /// What to do.
-    #[command(subcommand)]
-    pub command: PoolCommand,
-}
-
-/// `kiln pool` subcommands.
-#[derive(Debug, Subcommand)]
-pub enum PoolCommand {
-    /// Warm a sandbox pool and measure acquire + exec `true` + release (min/median/p99).
-    Bench(PoolBenchArgs),
-}
-
-/// `kiln pool bench` arguments.
+/// `kiln-bench pool` arguments.
 #[derive(Debug, Args)]
 pub struct PoolBenchArgs {
     /// Sandboxes kept warm (the pool's min_size and max_size).
@@ -97,65 +84,18 @@ impl From<ModeArg> for ResetMode {
     }
 }
 
-/// The samples, in milliseconds, and the pool's counters at the end.
-#[derive(Debug, Serialize)]
-pub struct PoolBenchSamples {
-    /// How returned sandboxes are replaced (`reboot` or `restore`).
-    pub reset_mode: String,
-    /// The pool's min_size and max_size.
-    pub size: u32,
-    /// Whether it ran inside the emulated-virtualization harness (software emulation).
-    pub emulated: bool,
-    /// `warm(size)`: booting the pool in the caller's thread.
-    pub warm_ms: f64,
-    /// `acquire()` (hits only, see `misses`).
-    pub acquire_ms: Vec<f64>,
-    /// `exec(["true"])` in the acquired sandbox.
-    pub exec_ms: Vec<f64>,
-    /// Dropping the handle (reset or hand-off to the reaper).
-    pub release_ms: Vec<f64>,
-    /// acquire + exec + release.
-    pub total_ms: Vec<f64>,
-    /// Boot (reboot mode) or restore (restore mode) time of each sandbox handed out, paid by
-    /// the pool in the background.
-    pub boot_ms: Vec<f64>,
-    /// Untimed waits for the pool to be full again before an iteration.
-    pub refill_wait_ms: Vec<f64>,
-    /// Measured acquires served by an idle sandbox.
-    pub hits: u64,
-    /// Measured acquires that had to boot (should be 0).
-    pub misses: u64,
-    /// The pool's counters at the end.
-    pub stats: StatsJson,
-}
-
-/// [`PoolStats`] as JSON.
-#[derive(Debug, Serialize)]
-pub struct StatsJson {
-    hit_count: u64,
-    miss_count: u64,
-    evict_count: u64,
-    dead_count: u64,
-    idle_count: usize,
-    in_use_count: usize,
-    created_count: u64,
-    create_failed_count: u64,
-    destroyed_count: u64,
-}
-
-impl From<PoolStats> for StatsJson {
-    fn from(s: PoolStats) -> Self {
-        StatsJson {
-            hit_count: s.hit_count,
-            miss_count: s.miss_count,
-            evict_count: s.evict_count,
-            dead_count: s.dead_count,
-            idle_count: s.idle_count,
-            in_use_count: s.in_use_count,
-            created_count: s.created_count,
-            create_failed_count: s.create_failed_count,
-            destroyed_count: s.destroyed_count,
-        }
+/// [`PoolStats`] as the sample document's counters.
+fn counters(s: PoolStats) -> PoolCounters {
+    PoolCounters {
+        hit_count: s.hit_count,
+        miss_count: s.miss_count,
+        evict_count: s.evict_count,
+        dead_count: s.dead_count,
+        idle_count: s.idle_count,
+        in_use_count: s.in_use_count,
+        created_count: s.created_count,
+        create_failed_count: s.create_failed_count,
+        destroyed_count: s.destroyed_count,
     }
 }
 
@@ -192,21 +132,15 @@ impl BenchError {
     }
 }
 
-/// `kiln pool ...`; returns the exit code.
-pub fn pool(args: &PoolArgs) -> i32 {
-    match &args.command {
-        PoolCommand::Bench(a) => match bench(a) {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("kiln: error: {e}");
-                e.exit_code()
-            }
-        },
+/// `kiln-bench pool`; returns the exit code.
+pub fn pool_bench(args: &PoolBenchArgs) -> i32 {
+    match bench(args) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("kiln: error: {e}");
+            e.exit_code()
+        }
     }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 /// Waits until the pool has `n` idle sandboxes; returns how long that took.
@@ -266,7 +200,7 @@ fn bench(args: &PoolBenchArgs) -> Result<(), BenchError> {
         refill_wait_ms: Vec::with_capacity(n),
         hits: 0,
         misses: 0,
-        stats: pool.stats().into(),
+        stats: counters(pool.stats()),
     };
     for i in 0..args.warmup + args.iterations {
         let measured = i >= args.warmup;
@@ -312,7 +246,7 @@ fn bench(args: &PoolBenchArgs) -> Result<(), BenchError> {
         s.boot_ms.push(ms(boot));
         s.refill_wait_ms.push(ms(waited));
     }
-    s.stats = pool.stats().into();
+    s.stats = counters(pool.stats());
     pool.shutdown();
 
     let json = serde_json::to_string(&s)?;
@@ -330,29 +264,17 @@ fn bench(args: &PoolBenchArgs) -> Result<(), BenchError> {
     Ok(())
 }
 
-/// (min, median, p99 nearest rank) of `v`; `None` when empty.
-fn summarize(v: &[f64]) -> Option<(f64, f64, f64)> {
-    if v.is_empty() || v.iter().any(|x| x.is_nan()) {
-        return None;
-    }
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    let median = if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    };
-    let rank = (n * 99).div_ceil(100).max(1);
-    Some((v[0], median, v[rank - 1]))
-}
-
 fn print_summary(s: &PoolBenchSamples) {
     let row = |name: &str, v: &[f64]| {
-        if let Some((min, med, p99)) = summarize(v) {
+        if let Some(Stats {
+            n,
+            min,
+            median,
+            p99,
+        }) = Stats::from_samples(v)
+        {
             println!(
-                "{name:<28} n={:<4} min={min:>10.3} median={med:>10.3} p99={p99:>10.3} ms",
-                v.len()
+                "{name:<28} n={n:<4} min={min:>10.3} median={median:>10.3} p99={p99:>10.3} ms"
             );
         }
     };
@@ -375,18 +297,5 @@ fn print_summary(s: &PoolBenchSamples) {
              emulation, nested KVM): far slower than hardware; compare ratios, not absolute \
              values"
         );
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn summary_is_min_median_p99() {
-        assert_eq!(summarize(&[3.0, 1.0, 2.0]), Some((1.0, 2.0, 3.0)));
-        let v: Vec<f64> = (1..=200).map(f64::from).collect();
-        assert_eq!(summarize(&v), Some((1.0, 100.5, 198.0)));
-        assert_eq!(summarize(&[]), None);
     }
 }

@@ -1,4 +1,4 @@
-//! The QEMU microvm peer of `kiln bench-exec`: the same guest kernel + initramfs under
+//! The QEMU microvm peer of `kiln-bench exec`: the same guest kernel + initramfs under
 //! `qemu-system-x86_64 -M microvm,acpi=off -accel kvm` with a `vhost-vsock-device`, so the
 //! same agent reaches "the host" (here: the kernel QEMU runs on, through vhost-vsock) on CID 2
 //! port [`AGENT_PORT`]. A listener on AF_VSOCK port [`AGENT_PORT`] accepts it and the same
@@ -12,19 +12,18 @@
 //! Every wait has a deadline: the agent's connect and `Hello` ([`QemuPeer::boot_timeout`]),
 //! and each read or write on the connection ([`IDLE_TIMEOUT`], `SO_RCVTIMEO`/`SO_SNDTIMEO`,
 //! so a stalled guest fails the request instead of hanging the benchmark). QEMU is killed
-//! when a [`QemuGuest`] is dropped.
+//! when a [`QemuGuest`] is dropped. The command line is `kiln_testkit::QemuCommand`'s, the
+//! console reader `kiln_testkit::Console`.
 
-use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Child, Command};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kiln_proto::{Client, ClientConfig, Message, AGENT_PORT, PROTOCOL_VERSION};
+use kiln_proto::{Client, ClientConfig, Message, AGENT_PORT, PROTOCOL_VERSION, READY_LINE};
+use kiln_testkit::{Console, QemuCommand};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{
     accept4, bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
@@ -34,16 +33,12 @@ use nix::sys::time::{TimeVal, TimeValLike};
 
 /// `VMADDR_CID_ANY`: accept connections from any guest of this host.
 const CID_ANY: u32 = u32::MAX;
-/// The agent's readiness line (docs/ARCHITECTURE.md).
-pub const READY_LINE: &str = "KILN-AGENT-READY";
 /// The vhost-vsock control device QEMU opens.
 pub const VHOST_VSOCK: &str = "/dev/vhost-vsock";
 /// Longest wait for one read or write on the agent connection once it is up.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Console lines kept for error messages.
+/// Console lines quoted in error messages.
 const TAIL_LINES: usize = 40;
-/// Longest console line kept (the guest is not trusted).
-const MAX_LINE: usize = 4096;
 /// How often the accept loop checks whether QEMU is still alive.
 const POLL_SLICE: Duration = Duration::from_millis(100);
 
@@ -154,24 +149,18 @@ impl QemuPeer {
 
     /// The QEMU command: serial console on stdout, QEMU's own messages on stderr.
     pub fn command(&self) -> Command {
-        let mut cmd = Command::new(&self.qemu);
-        cmd.args(["-M", "microvm,acpi=off", "-accel", "kvm", "-cpu", "host"])
-            .args(["-nodefaults", "-no-user-config", "-display", "none"])
-            .args(["-monitor", "none", "-serial", "stdio", "-no-reboot"])
-            .args(["-m", &self.memory_mib.to_string()])
-            .args(["-smp", &self.vcpus.to_string()])
+        QemuCommand::new(&self.kernel)
+            .program(&self.qemu)
+            .machine("microvm,acpi=off")
+            .accel("kvm")
+            .cpu("host")
+            .memory_mib(self.memory_mib)
+            .smp(self.vcpus)
+            .initrd(&self.initramfs)
+            .append(self.cmdline())
             .arg("-device")
             .arg(format!("vhost-vsock-device,guest-cid={}", self.cid))
-            .arg("-kernel")
-            .arg(&self.kernel)
-            .arg("-initrd")
-            .arg(&self.initramfs)
-            .arg("-append")
-            .arg(self.cmdline())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        cmd
+            .command()
     }
 
     /// Checks what QEMU + vhost-vsock need here, so a host without them gets a clear reason.
@@ -204,13 +193,17 @@ impl QemuPeer {
                 program: self.qemu.display().to_string(),
                 source,
             })?;
-        let console = Console::new();
-        if let Some(out) = child.stdout.take() {
-            console.read_from(out, true);
-        }
-        if let Some(err) = child.stderr.take() {
-            console.read_from(err, false);
-        }
+        let console = match (child.stdout.take(), child.stderr.take()) {
+            (Some(out), Some(err)) => Console::spawn_with_diagnostics(out, err),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(QemuPeerError::Spawn {
+                    program: self.qemu.display().to_string(),
+                    source: std::io::Error::other("stdout/stderr not piped"),
+                });
+            }
+        };
         let mut guest = QemuGuest {
             child,
             console,
@@ -251,86 +244,6 @@ fn vsock_listener() -> Result<OwnedFd, QemuPeerError> {
     Ok(fd)
 }
 
-/// The console of a running QEMU: when the READY line appeared, and the last lines.
-#[derive(Debug, Clone)]
-struct Console {
-    state: Arc<Mutex<ConsoleState>>,
-}
-
-#[derive(Debug, Default)]
-struct ConsoleState {
-    ready_at: Option<Instant>,
-    tail: VecDeque<String>,
-}
-
-impl Console {
-    fn new() -> Console {
-        Console {
-            state: Arc::new(Mutex::new(ConsoleState::default())),
-        }
-    }
-
-    /// Reads `r` line by line on its own thread (it ends when QEMU closes the pipe).
-    fn read_from<R: Read + Send + 'static>(&self, r: R, watch_ready: bool) {
-        let state = Arc::clone(&self.state);
-        thread::spawn(move || {
-            let mut r = BufReader::new(r);
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                // Bounded: at most MAX_LINE bytes per line are kept, the rest skipped.
-                match read_bounded_line(&mut r, &mut line) {
-                    Ok(false) | Err(_) => return,
-                    Ok(true) => {}
-                }
-                let text = String::from_utf8_lossy(&line).trim_end().to_string();
-                let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
-                if watch_ready && s.ready_at.is_none() && text.contains(READY_LINE) {
-                    s.ready_at = Some(Instant::now());
-                }
-                if s.tail.len() == TAIL_LINES {
-                    s.tail.pop_front();
-                }
-                s.tail.push_back(text);
-            }
-        });
-    }
-
-    fn ready_at(&self) -> Option<Instant> {
-        self.state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .ready_at
-    }
-
-    fn tail(&self) -> String {
-        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        s.tail.iter().cloned().collect::<Vec<_>>().join("\n")
-    }
-}
-
-/// Reads one line into `line`, keeping at most [`MAX_LINE`] bytes; `false` at end of stream.
-fn read_bounded_line(r: &mut impl BufRead, line: &mut Vec<u8>) -> std::io::Result<bool> {
-    let mut any = false;
-    loop {
-        let buf = r.fill_buf()?;
-        if buf.is_empty() {
-            return Ok(any);
-        }
-        any = true;
-        let (chunk, used, done) = match buf.iter().position(|&b| b == b'\n') {
-            Some(i) => (&buf[..i], i + 1, true),
-            None => (buf, buf.len(), false),
-        };
-        let room = MAX_LINE.saturating_sub(line.len());
-        line.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        r.consume(used);
-        if done {
-            return Ok(true);
-        }
-    }
-}
-
 /// A booted QEMU guest with its agent connected; QEMU is killed on drop.
 #[derive(Debug)]
 pub struct QemuGuest {
@@ -352,17 +265,11 @@ impl QemuGuest {
     /// Launch until the READY console line was read, if it was; waits at most `wait` for the
     /// console thread (the agent prints the line before it connects, but the thread reading
     /// QEMU's stdout may not have got to it yet).
-    pub fn ready_after(&self, wait: Duration) -> Option<Duration> {
-        let until = Instant::now() + wait;
-        loop {
-            if let Some(t) = self.console.ready_at() {
-                return Some(t.saturating_duration_since(self.launched));
-            }
-            if Instant::now() >= until {
-                return None;
-            }
-            thread::sleep(Duration::from_millis(5));
-        }
+    pub fn ready_after(&mut self, wait: Duration) -> Option<Duration> {
+        self.console
+            .wait_for_line(READY_LINE, Instant::now() + wait)
+            .ok()
+            .map(|t| t.saturating_duration_since(self.launched))
     }
 
     /// The kiln-proto client on the agent's connection.
@@ -380,7 +287,7 @@ impl QemuGuest {
         if let Ok(Some(status)) = self.child.try_wait() {
             reason.push_str(&format!(
                 "; QEMU exited ({status}); last console lines:\n{}",
-                self.console.tail()
+                self.console.tail(TAIL_LINES)
             ));
         }
         QemuPeerError::Request {
@@ -404,7 +311,7 @@ impl QemuGuest {
                 return Err(QemuPeerError::Exited {
                     cid: self.cid,
                     status: status.to_string(),
-                    tail: self.console.tail(),
+                    tail: self.console.tail(TAIL_LINES),
                 });
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -413,7 +320,7 @@ impl QemuGuest {
                     cid: self.cid,
                     what: "the agent did not connect to vsock port 1024",
                     after: boot_timeout,
-                    tail: self.console.tail(),
+                    tail: self.console.tail(TAIL_LINES),
                 });
             }
             let slice = left.min(POLL_SLICE);
@@ -479,7 +386,7 @@ impl QemuGuest {
                     cid: self.cid,
                     what: "no Hello from the agent",
                     after: boot_timeout,
-                    tail: self.console.tail(),
+                    tail: self.console.tail(TAIL_LINES),
                 })
             }
             Err(e) => return Err(hs(format!("reading the agent's Hello: {e}"))),
@@ -563,36 +470,6 @@ mod tests {
         let mut p = peer();
         p.extra_cmdline = "quiet".into();
         assert_eq!(p.cmdline(), "console=ttyS0 reboot=t panic=-1 quiet");
-    }
-
-    #[test]
-    fn console_lines_are_bounded_and_ready_is_seen() {
-        let mut input = vec![b'x'; MAX_LINE * 2];
-        input.extend_from_slice(b"\r\nbooting\nKILN-AGENT-READY\n");
-        let console = Console::new();
-        console.read_from(std::io::Cursor::new(input), true);
-        let until = Instant::now() + Duration::from_secs(5);
-        while console.ready_at().is_none() && Instant::now() < until {
-            thread::sleep(Duration::from_millis(5));
-        }
-        assert!(console.ready_at().is_some());
-        let tail = console.tail();
-        let lines: Vec<&str> = tail.lines().collect();
-        assert_eq!(lines.len(), 3, "{tail}");
-        assert_eq!(lines[0].len(), MAX_LINE);
-        assert_eq!(lines[1..], ["booting", READY_LINE]);
-    }
-
-    #[test]
-    fn stderr_does_not_count_as_ready() {
-        let console = Console::new();
-        console.read_from(std::io::Cursor::new(b"KILN-AGENT-READY\n".to_vec()), false);
-        let until = Instant::now() + Duration::from_secs(5);
-        while console.tail().is_empty() && Instant::now() < until {
-            thread::sleep(Duration::from_millis(5));
-        }
-        assert_eq!(console.tail(), READY_LINE);
-        assert!(console.ready_at().is_none());
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use clap::Args;
+use kiln::assets;
 use kiln_vmm::host::{self, HostKind, NoKvmReason};
 use serde::Serialize;
 
@@ -94,12 +95,12 @@ fn gather() -> Report {
         }
     }
 
-    let assets_dir = host::assets_dir().ok();
+    let assets_dir = assets::assets_dir().ok();
     let kernel = asset(
-        host::default_kernel().ok(),
+        assets::default_kernel().ok(),
         "cargo xtask kernel && cargo xtask build-guest",
     );
-    let initramfs = asset(host::default_initramfs().ok(), "cargo xtask build-guest");
+    let initramfs = asset(assets::default_initramfs().ok(), "cargo xtask build-guest");
     for a in [&kernel, &initramfs] {
         if let Some(fix) = &a.fix {
             advice.push(fix.clone());

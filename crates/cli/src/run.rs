@@ -3,15 +3,13 @@
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use kiln::config::{DEFAULT_MEMORY_MIB, DEFAULT_VCPUS};
 use kiln::{ExecEvent, ExecOptions, ExitStatus, Sandbox, SandboxConfig, SandboxError, StdinSource};
 use serde::Serialize;
 
-use super::{exit, signals};
+use super::{exit, signals, MachineArgs};
 
 /// SIGPIPE: sent to the command when our stdout is closed (`kiln run -- yes | head`).
 const SIGPIPE: i32 = 13;
@@ -19,12 +17,9 @@ const SIGPIPE: i32 = 13;
 /// `kiln run` arguments.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Number of vCPUs.
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_VCPUS)]
-    pub vcpus: u32,
-    /// Guest memory in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = DEFAULT_MEMORY_MIB)]
-    pub memory: u32,
+    /// The guest machine.
+    #[command(flatten)]
+    pub machine: MachineArgs,
     /// Kill the command (and all its children) after SECS seconds; exit status 124.
     #[arg(long, value_name = "SECS", value_parser = super::parse_secs)]
     pub timeout: Option<Duration>,
@@ -52,15 +47,6 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECS", value_parser = super::parse_secs,
           default_value = DEFAULT_BOOT_TIMEOUT_SECS)]
     pub boot_timeout: Duration,
-    /// Guest kernel (default: $KILN_KERNEL or <assets>/guest/vmlinux).
-    #[arg(long, value_name = "PATH")]
-    pub kernel: Option<PathBuf>,
-    /// Guest initramfs (default: $KILN_INITRAMFS or <assets>/guest/initramfs.cpio).
-    #[arg(long, value_name = "PATH")]
-    pub initramfs: Option<PathBuf>,
-    /// Extra guest kernel command line.
-    #[arg(long, value_name = "ARGS")]
-    pub cmdline: Option<String>,
     /// Boot the guest kernel without `quiet`: its whole log goes to the serial console (quoted
     /// in errors); slower, every console byte is a VM exit.
     #[arg(long)]
@@ -149,18 +135,13 @@ pub fn run(args: RunArgs) -> i32 {
     };
     // One command, one consumer: when whatever reads kiln's stdout pauses (`kiln run | less`),
     // the guest is throttled for as long as it takes instead of the command failing.
-    let mut config = SandboxConfig::new()
-        .vcpus(args.vcpus)
-        .memory_mib(args.memory)
-        .boot_timeout(boot_timeout)
-        .consumer_deadline(Duration::MAX);
+    let mut config = args.machine.apply(
+        SandboxConfig::new()
+            .boot_timeout(boot_timeout)
+            .consumer_deadline(Duration::MAX),
+    );
     config.name = args.name;
-    config.kernel = args.kernel;
-    config.initramfs = args.initramfs;
     config.quiet_kernel = !args.kernel_log;
-    if let Some(c) = args.cmdline {
-        config.extra_cmdline = c;
-    }
 
     let sandbox = match Sandbox::create(config) {
         Ok(s) => s,

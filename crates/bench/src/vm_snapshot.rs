@@ -1,4 +1,4 @@
-//! The hidden `kiln vm-snapshot`: VMM-level snapshots of a bare kernel (no agent), for
+//! `kiln-bench vm-snapshot`: VMM-level snapshots of a bare kernel (no agent), for
 //! `cargo xtask bench snapshot` and snapshot checks.
 //!
 //! - `create`: boot a kernel, wait for a serial line, optionally fill guest RAM with non-zero
@@ -19,13 +19,18 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
+use kiln_testkit::bench::{
+    VmCreateSamples as CreateOut, VmForksSamples as ForksOut, VmRestoreSamples as RestoreOut,
+};
+use kiln_testkit::stats::ms;
 use kiln_vmm::snapshot::RestoreConfig;
-use kiln_vmm::{Vm, VmConfig};
+use kiln_vmm::Vm;
 use serde::Serialize;
 
+use super::boot::VmArgs;
 use super::parse_secs;
 
-/// `kiln vm-snapshot` arguments.
+/// `kiln-bench vm-snapshot` arguments.
 #[derive(Debug, Args)]
 pub struct VmSnapshotArgs {
     /// What to do.
@@ -44,21 +49,12 @@ pub enum VmSnapshotAction {
     Forks(ForksArgs),
 }
 
-/// `kiln vm-snapshot create`.
+/// `kiln-bench vm-snapshot create`.
 #[derive(Debug, Args)]
 pub struct CreateArgs {
-    /// Kernel image (ELF vmlinux through PVH, or bzImage).
-    #[arg(long)]
-    pub kernel: PathBuf,
-    /// Extra kernel command-line arguments.
-    #[arg(long, default_value = "")]
-    pub cmdline: String,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 128)]
-    pub memory: u64,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
-    pub vcpus: u8,
+    /// The VM.
+    #[command(flatten)]
+    pub vm: VmArgs,
     /// Snapshot once this text appeared on the serial console.
     #[arg(long, value_name = "TEXT")]
     pub until_serial: Option<String>,
@@ -76,7 +72,7 @@ pub struct CreateArgs {
     pub timeout: Duration,
 }
 
-/// `kiln vm-snapshot restore`.
+/// `kiln-bench vm-snapshot restore`.
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
     /// Snapshot directory.
@@ -94,7 +90,7 @@ pub struct RestoreArgs {
     pub prepared: bool,
 }
 
-/// `kiln vm-snapshot forks`.
+/// `kiln-bench vm-snapshot forks`.
 #[derive(Debug, Args)]
 pub struct ForksArgs {
     /// Snapshot directory.
@@ -108,32 +104,7 @@ pub struct ForksArgs {
     pub settle: Duration,
 }
 
-#[derive(Debug, Serialize)]
-struct CreateOut {
-    create_ms: Vec<f64>,
-    guest_bytes: u64,
-    written_bytes: u64,
-    state_bytes: u64,
-}
-
-#[derive(Debug, Serialize)]
-struct RestoreOut {
-    restore_ms: Vec<f64>,
-    running_ms: Vec<f64>,
-}
-
-#[derive(Debug, Serialize)]
-struct ForksOut {
-    count: usize,
-    rss_kib_per_fork: f64,
-    rss_anon_kib_per_fork: f64,
-    rss_file_kib_per_fork: f64,
-    pss_kib_per_fork: f64,
-    threads_per_fork: f64,
-    fds_per_fork: f64,
-}
-
-/// Runs `kiln vm-snapshot`; returns the exit code.
+/// Runs `kiln-bench vm-snapshot`; returns the exit code.
 pub fn vm_snapshot(args: &VmSnapshotArgs) -> i32 {
     let r = match &args.action {
         VmSnapshotAction::Create(a) => create(a),
@@ -149,10 +120,6 @@ pub fn vm_snapshot(args: &VmSnapshotArgs) -> i32 {
     }
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
 fn print_json<T: Serialize>(v: &T) -> Result<(), String> {
     let s = serde_json::to_string(v).map_err(|e| e.to_string())?;
     println!("{s}");
@@ -163,11 +130,7 @@ fn create(a: &CreateArgs) -> Result<(), String> {
     if a.repeat == 0 {
         return Err("--repeat must be at least 1".into());
     }
-    let mut c = VmConfig::new("snap-create", &a.kernel);
-    c.cmdline_extra = a.cmdline.clone();
-    c.mem_mib = a.memory;
-    c.vcpus = a.vcpus;
-    let vm = Vm::start(c).map_err(|e| e.to_string())?;
+    let vm = Vm::start(a.vm.config("snap-create".into())).map_err(|e| e.to_string())?;
     let deadline = Instant::now() + a.timeout;
     if let Some(t) = &a.until_serial {
         vm.wait_for_serial(t, deadline).map_err(|e| e.to_string())?;

@@ -1,0 +1,123 @@
+//! Arguments several commands share: [`MachineArgs`] (the guest's size, kernel, initramfs and
+//! command line, for every command that boots a sandbox) and the value parsers
+//! [`parse_secs`] and [`parse_env`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use kiln::config::{DEFAULT_MEMORY_MIB, DEFAULT_VCPUS};
+use kiln::SandboxConfig;
+
+/// The guest machine: `--vcpus`, `--memory`, `--kernel`, `--initramfs`, `--cmdline`.
+#[derive(Debug, Clone, Args)]
+pub struct MachineArgs {
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_VCPUS)]
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = DEFAULT_MEMORY_MIB)]
+    pub memory: u32,
+    /// Guest kernel (default: $KILN_KERNEL or <assets>/guest/vmlinux).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Guest initramfs (default: $KILN_INITRAMFS or <assets>/guest/initramfs.cpio).
+    #[arg(long, value_name = "PATH")]
+    pub initramfs: Option<PathBuf>,
+    /// Extra guest kernel command line.
+    #[arg(long, value_name = "ARGS")]
+    pub cmdline: Option<String>,
+}
+
+impl MachineArgs {
+    /// `config` with this machine (flags not given keep `config`'s values).
+    pub fn apply(self, config: SandboxConfig) -> SandboxConfig {
+        let mut config = config.vcpus(self.vcpus).memory_mib(self.memory);
+        if self.kernel.is_some() {
+            config.kernel = self.kernel;
+        }
+        if self.initramfs.is_some() {
+            config.initramfs = self.initramfs;
+        }
+        if let Some(c) = self.cmdline {
+            config.extra_cmdline = c;
+        }
+        config
+    }
+}
+
+/// Parses a positive number of seconds (decimals allowed), e.g. `30` or `0.5`.
+pub fn parse_secs(s: &str) -> Result<Duration, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !v.is_finite() || v <= 0.0 || v > 1e9 {
+        return Err(format!(
+            "{s:?}: seconds must be greater than 0 and at most 1e9"
+        ));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+/// Parses `KEY=VALUE` (the value may be empty or contain `=`).
+pub fn parse_env(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    if k.is_empty() {
+        return Err(format!("{s:?}: empty variable name"));
+    }
+    if let Some(c) = k
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_'))
+    {
+        return Err(format!(
+            "{s:?}: variable name contains {c:?}; use letters, digits and '_'"
+        ));
+    }
+    if k.starts_with(|c: char| c.is_ascii_digit()) {
+        return Err(format!("{s:?}: variable name starts with a digit"));
+    }
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seconds_parse_and_reject() {
+        assert_eq!(parse_secs("2").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_secs("0.25").unwrap(), Duration::from_millis(250));
+        for bad in ["0", "-1", "abc", "inf", "NaN", ""] {
+            assert!(parse_secs(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn env_pairs_parse_and_reject() {
+        assert_eq!(parse_env("A=1").unwrap(), ("A".into(), "1".into()));
+        assert_eq!(parse_env("A_B=x=y").unwrap(), ("A_B".into(), "x=y".into()));
+        assert_eq!(parse_env("E=").unwrap(), ("E".into(), String::new()));
+        for bad in ["A", "=1", "A-B=1", "1A=2"] {
+            assert!(parse_env(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn machine_args_set_the_config() {
+        let m = MachineArgs {
+            vcpus: 2,
+            memory: 384,
+            kernel: Some("/k".into()),
+            initramfs: None,
+            cmdline: Some("quiet".into()),
+        };
+        let c = m.apply(SandboxConfig::new());
+        assert_eq!((c.vcpus, c.memory_mib), (2, 384));
+        assert_eq!(c.kernel.as_deref(), Some(std::path::Path::new("/k")));
+        assert!(c.initramfs.is_none());
+        assert_eq!(c.extra_cmdline, "quiet");
+    }
+}
