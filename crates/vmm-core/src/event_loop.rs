@@ -48,7 +48,16 @@ pub struct EventLoop {
 
 impl EventLoop {
     /// Starts `manager` on a thread named `<vm>-dev`.
-    pub fn spawn(vm: &str, mut manager: DeviceEventManager) -> io::Result<Self> {
+    pub fn spawn(vm: &str, manager: DeviceEventManager) -> io::Result<Self> {
+        Self::spawn_named(vm, &format!("{vm}-dev"), manager)
+    }
+
+    /// Starts `manager` on a thread named `thread` (logs name `vm`).
+    pub fn spawn_named(
+        vm: &str,
+        thread: &str,
+        mut manager: DeviceEventManager,
+    ) -> io::Result<Self> {
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
         let flag = Arc::new(AtomicBool::new(false));
         let sub: Subscriber = Arc::new(Mutex::new(StopSubscriber {
@@ -58,7 +67,7 @@ impl EventLoop {
         manager.add_subscriber(sub);
         let vm_name = vm.to_owned();
         let handle = std::thread::Builder::new()
-            .name(format!("{vm}-dev"))
+            .name(thread.to_owned())
             .spawn(move || {
                 while !flag.load(Ordering::SeqCst) {
                     if let Err(e) = manager.run_with_timeout(1000) {

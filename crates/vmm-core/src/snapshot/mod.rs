@@ -87,6 +87,17 @@ pub enum SnapshotError {
         /// Why.
         what: String,
     },
+    /// A disk's backing file could not be identified, or changed since the snapshot.
+    #[error("VM {vm}: snapshot disk {index}: {source}")]
+    Disk {
+        /// VM name.
+        vm: String,
+        /// Position of the disk.
+        index: usize,
+        /// Cause.
+        #[source]
+        source: Box<crate::virtio::block::BlockError>,
+    },
     /// A device's saved state does not fit the device being restored.
     #[error("VM {vm}: restore device {device}: {what}")]
     Device {
