@@ -902,3 +902,75 @@ fn snapshot_state_bounds() {
     vm.blocks = vec![good; 2];
     vm.validate().unwrap();
 }
+
+#[test]
+fn random_descriptor_tables_never_panic_or_grow_the_file() {
+    let (_f, mut g) = rw_guest();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut rnd = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    // Guest memory the random descriptors point at: random bytes, so headers have random
+    // types and sectors (some valid IN/OUT/FLUSH/GET_ID with small sectors).
+    let mut junk = vec![0u8; 1 << 20];
+    for (i, b) in junk.iter_mut().enumerate() {
+        *b = (rnd() >> (i % 7)) as u8;
+    }
+    for i in (0..junk.len()).step_by(64) {
+        junk[i] = (rnd() % 10) as u8; // type byte: mostly known types
+        junk[i + 1..i + 4].fill(0);
+        junk[i + 8..i + 16].copy_from_slice(&(rnd() % 4096).to_le_bytes());
+    }
+    g.mem.write_slice(&junk, GuestAddress(DATA)).unwrap();
+    let mut resets = 0;
+    for round in 0..300 {
+        for idx in 0..g.q.size {
+            let addr = match rnd() % 4 {
+                0 => rnd(),
+                1 => DATA + (rnd() % (1 << 20)) / 64 * 64,
+                _ => DATA + rnd() % (1 << 20),
+            };
+            let len = match rnd() % 4 {
+                0 => rnd() as u32,
+                1 => 16,
+                2 => 512 * (1 + (rnd() % 8) as u32),
+                _ => 1,
+            };
+            let flags = match rnd() % 8 {
+                0 => 4, // INDIRECT
+                1..=3 => VRING_DESC_F_NEXT,
+                4 | 5 => VRING_DESC_F_NEXT | VRING_DESC_F_WRITE,
+                _ => VRING_DESC_F_WRITE,
+            };
+            let next = if rnd() % 4 == 0 {
+                (rnd() % 300) as u16
+            } else {
+                idx.wrapping_add(1)
+            };
+            g.q.write_desc(&g.mem, idx, SplitDescriptor::new(addr, len, flags, next));
+        }
+        for _ in 0..(1 + rnd() % 8) {
+            g.q.publish(&g.mem, (rnd() % 260) as u16);
+        }
+        g.kick();
+        if g.status_reg() & STATUS_DEVICE_NEEDS_RESET != 0 || round % 50 == 49 {
+            resets += 1;
+            g.w32(regs::STATUS, 0);
+            g.q = GuestQueue::new(&g.mem, QBASE, 256);
+            g.init();
+        }
+    }
+    assert_eq!(g.file_bytes().len(), DISK_BYTES, "the file never grows");
+    let s = g.stats();
+    assert!(s.reads + s.writes + s.flushes + s.get_ids > 0, "{s:?}");
+    assert!(s.bad_chains + s.io_errors + s.unsupported > 0, "{s:?}");
+    assert!(resets > 0);
+    // Still a working device after a final reset.
+    g.w32(regs::STATUS, 0);
+    g.q = GuestQueue::new(&g.mem, QBASE, 256);
+    g.init();
+    assert_eq!(g.read(0, 512).0, VIRTIO_BLK_S_OK);
+}
