@@ -102,6 +102,9 @@ pub struct SandboxConfig {
     /// other requests of the sandbox wait too. `Duration::MAX` waits as long as it takes: for
     /// a single consumer whose reader may pause at will, like `kiln run | less`.
     pub consumer_deadline: Duration,
+    /// Disks (virtio-blk) passed to the VM as they are, the guest's /dev/vda, /dev/vdb, ...
+    /// in this order (at most [`kiln_vmm::virtio::block::MAX_DISKS`]).
+    pub disks: Vec<kiln_vmm::virtio::block::DiskConfig>,
 }
 
 impl Default for SandboxConfig {
@@ -117,6 +120,7 @@ impl Default for SandboxConfig {
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             consumer_deadline: DEFAULT_CONSUMER_DEADLINE,
+            disks: Vec::new(),
         }
     }
 }
@@ -166,6 +170,13 @@ impl SandboxConfig {
     /// Sets the boot deadline.
     pub fn boot_timeout(mut self, t: Duration) -> Self {
         self.boot_timeout = t;
+        self
+    }
+
+    /// Adds a disk backed by the file `path` (opened read-only when `read_only`).
+    pub fn disk(mut self, path: impl Into<PathBuf>, read_only: bool) -> Self {
+        self.disks
+            .push(kiln_vmm::virtio::block::DiskConfig::new(path, read_only));
         self
     }
 
@@ -271,6 +282,20 @@ impl SandboxConfig {
             }
             None => default_name(),
         };
+        if self.disks.len() > kiln_vmm::virtio::block::MAX_DISKS {
+            return Err(invalid(
+                "disks",
+                format!(
+                    "{} disks exceed the limit of {}",
+                    self.disks.len(),
+                    kiln_vmm::virtio::block::MAX_DISKS
+                ),
+            ));
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            d.validate()
+                .map_err(|e| invalid("disks", format!("disk {i}: {e}")))?;
+        }
         let kernel = resolve_asset(self.kernel.as_deref(), Asset::Kernel, defaults)?;
         let initramfs = resolve_asset(self.initramfs.as_deref(), Asset::Initramfs, defaults)?;
         Ok(ResolvedConfig {
@@ -287,6 +312,7 @@ impl SandboxConfig {
             boot_timeout: self.boot_timeout,
             request_timeout: self.request_timeout,
             consumer_deadline: self.consumer_deadline,
+            disks: self.disks.clone(),
         })
     }
 }
@@ -312,6 +338,8 @@ pub struct ResolvedConfig {
     pub request_timeout: Duration,
     /// Unread-output deadline.
     pub consumer_deadline: Duration,
+    /// Disks for the VM.
+    pub disks: Vec<kiln_vmm::virtio::block::DiskConfig>,
 }
 
 /// Which guest asset.
@@ -427,6 +455,32 @@ mod tests {
                 .extra_cmdline,
             "a=b"
         );
+    }
+
+    #[test]
+    fn disks_pass_through_and_are_bounded() {
+        let (_d, cfg) = with_assets();
+        let r = cfg
+            .clone()
+            .disk("/a.img", true)
+            .disk("/b.img", false)
+            .validate()
+            .unwrap();
+        assert_eq!(
+            r.disks,
+            vec![
+                kiln_vmm::virtio::block::DiskConfig::new("/a.img", true),
+                kiln_vmm::virtio::block::DiskConfig::new("/b.img", false),
+            ]
+        );
+        let mut many = cfg.clone();
+        for _ in 0..=kiln_vmm::virtio::block::MAX_DISKS {
+            many = many.disk("/a.img", true);
+        }
+        assert_eq!(field_of(many.validate().unwrap_err()), "disks");
+        let mut bad = cfg.disk("/a.img", true);
+        bad.disks[0].id = Some("x".repeat(21));
+        assert_eq!(field_of(bad.validate().unwrap_err()), "disks");
     }
 
     #[test]

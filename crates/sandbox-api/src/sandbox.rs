@@ -699,6 +699,7 @@ fn vm_config(cfg: &ResolvedConfig) -> VmConfig {
     v.initramfs = Some(cfg.initramfs.clone());
     v.cmdline_extra = cfg.extra_cmdline.clone();
     v.vsock_cid = Some(GUEST_CID);
+    v.disks = cfg.disks.clone();
     v.serial_ring_bytes = SERIAL_RING_BYTES;
     v
 }

@@ -51,9 +51,17 @@ pub struct EventLoop {
 impl EventLoop {
     /// Starts `manager` on a thread named `<vm>-dev`, which installs the device seccomp filter
     /// (`seccomp`) before it dispatches any event.
-    pub fn spawn(
+    pub fn spawn(vm: &str, manager: DeviceEventManager, seccomp: SeccompMode) -> io::Result<Self> {
+        Self::spawn_named(vm, &format!("{vm}-dev"), manager, ThreadKind::Device, seccomp)
+    }
+
+    /// Starts `manager` on a thread named `thread` (logs name `vm`), which installs the
+    /// seccomp filter of `kind` before it dispatches any event.
+    pub fn spawn_named(
         vm: &str,
+        thread: &str,
         mut manager: DeviceEventManager,
+        kind: ThreadKind,
         seccomp: SeccompMode,
     ) -> io::Result<Self> {
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
@@ -65,9 +73,9 @@ impl EventLoop {
         manager.add_subscriber(sub);
         let vm_name = vm.to_owned();
         let handle = std::thread::Builder::new()
-            .name(format!("{vm}-dev"))
+            .name(thread.to_owned())
             .spawn(move || {
-                if let Err(e) = crate::seccomp::install(ThreadKind::Device, seccomp) {
+                if let Err(e) = crate::seccomp::install(kind, seccomp) {
                     // Fail closed: no device runs on an unfiltered thread.
                     tracing::error!(vm = %vm_name, "device loop not started: {e}");
                     return;

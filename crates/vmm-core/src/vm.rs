@@ -66,6 +66,8 @@ pub struct VmConfig {
     pub cmdline_extra: String,
     /// Guest CID for the virtio-vsock device; `None` means no vsock device.
     pub vsock_cid: Option<u64>,
+    /// Disks (virtio-blk), in the order the guest sees them (vda, vdb, ...).
+    pub disks: Vec<crate::virtio::block::DiskConfig>,
     /// Bytes of serial output kept.
     pub serial_ring_bytes: usize,
     /// Also log guest serial lines through `tracing` (info level).
@@ -86,6 +88,7 @@ impl VmConfig {
             initramfs: None,
             cmdline_extra: String::new(),
             vsock_cid: None,
+            disks: Vec::new(),
             serial_ring_bytes: 64 * 1024,
             serial_log: false,
             seccomp: SeccompMode::from_env(),
@@ -119,6 +122,18 @@ impl VmConfig {
         if let Some(cid) = self.vsock_cid {
             if cid < 3 || cid > u64::from(u32::MAX) {
                 return bad(format!("vsock_cid = {cid} (must be 3..=2^32-1)"));
+            }
+        }
+        if self.disks.len() > crate::virtio::block::MAX_DISKS {
+            return bad(format!(
+                "{} disks (at most {})",
+                self.disks.len(),
+                crate::virtio::block::MAX_DISKS
+            ));
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            if let Err(e) = d.validate() {
+                return bad(format!("disk {i}: {e}"));
             }
         }
         for (what, path) in [
@@ -225,6 +240,15 @@ pub enum VmErrorKind {
         /// Cause.
         #[source]
         source: std::io::Error,
+    },
+    /// A disk (virtio-blk) could not be attached.
+    #[error("disk {index}: {source}")]
+    Disk {
+        /// Position in `VmConfig::disks`.
+        index: usize,
+        /// Cause.
+        #[source]
+        source: Box<crate::virtio::block::BlockError>,
     },
     /// The boot MSR list could not be built.
     #[error("MSR list: {0}")]
@@ -439,6 +463,8 @@ fn attach_devices(
         devices.vsock = Some(crate::virtio::vsock::attach::attach(ctx, vsock_cfg)?);
     }
     // --- end vsock ---
+    // --- disks (virtio/block/attach.rs): after vsock, so vda is the first disk ---
+    devices.blocks = crate::virtio::block::attach::attach_all(ctx, &cfg.disks, cfg.seccomp)?;
     Ok(devices)
 }
 
@@ -447,6 +473,8 @@ fn attach_devices(
 struct AttachedDevices {
     /// The virtio-vsock device: host endpoint, device, transport, slot (vsock).
     vsock: Option<crate::virtio::vsock::attach::AttachedVsock>,
+    /// The disks and their I/O thread (virtio-blk).
+    blocks: crate::virtio::block::attach::AttachedBlocks,
 }
 
 static KVM: OnceLock<Kvm> = OnceLock::new();
@@ -738,6 +766,16 @@ impl Vm {
     /// freely; it stays valid (returning `DeviceGone`) after the VM stops. (vsock)
     pub fn vsock(&self) -> Option<&crate::virtio::vsock::VsockHost> {
         self.devices.vsock.as_ref().map(|v| &v.host)
+    }
+
+    /// Counters of each disk's virtio-blk device, in configuration order.
+    pub fn disk_stats(&self) -> Vec<crate::virtio::block::BlockStats> {
+        self.devices
+            .blocks
+            .disks
+            .iter()
+            .map(|d| crate::virtio::mmio::lock(&d.device).stats())
+            .collect()
     }
 
     /// Guest memory (`None` only during teardown).

@@ -121,6 +121,15 @@ pub enum SnapshotErrorKind {
         /// Why.
         what: String,
     },
+    /// A disk's backing file could not be identified, or changed since the snapshot.
+    #[error("snapshot disk {index}: {source}")]
+    Disk {
+        /// Position of the disk.
+        index: usize,
+        /// Cause.
+        #[source]
+        source: Box<crate::virtio::block::BlockError>,
+    },
     /// A device's saved state does not fit the device being restored.
     #[error("restore device {device}: {what}")]
     Device {

@@ -191,6 +191,8 @@ pub struct VmSnapshot {
     pub serial: SerialState,
     /// The virtio-vsock device, if the VM had one.
     pub vsock: Option<VsockSnapshot>,
+    /// The disks (virtio-blk), in configuration order.
+    pub blocks: Vec<crate::virtio::block::BlockSnapshot>,
 }
 
 impl VmSnapshot {
@@ -279,6 +281,12 @@ impl VmSnapshot {
                 ));
             }
         }
+        if self.blocks.len() > crate::virtio::block::MAX_DISKS {
+            return Err(format!("{} disks", self.blocks.len()));
+        }
+        for (i, b) in self.blocks.iter().enumerate() {
+            b.validate().map_err(|e| format!("disk {i}: {e}"))?;
+        }
         Ok(())
     }
 }
@@ -343,6 +351,7 @@ pub(crate) mod tests {
             clock: kvm_clock_data::default(),
             serial: SerialState::default(),
             vsock: None,
+            blocks: Vec::new(),
         }
     }
 

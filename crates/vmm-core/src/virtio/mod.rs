@@ -1,4 +1,5 @@
-//! Virtio devices: the virtio-mmio transport ([`mmio`]) and the virtio-vsock device ([`vsock`]).
+//! Virtio devices: the virtio-mmio transport ([`mmio`]), the virtio-vsock device ([`vsock`])
+//! and the virtio-blk device ([`block`]).
 //!
 //! This module owns the contract between a transport and a device ([`VirtioDevice`]), the
 //! interrupt line a device raises towards the guest ([`Interrupt`]), and the virtio constants
@@ -10,6 +11,7 @@
 //! queue-notify EventFds (registered as KVM ioeventfds by the VM), and the device raises its
 //! interrupt through an EventFd (registered as a KVM irqfd).
 
+pub mod block;
 pub mod mmio;
 pub mod vsock;
 

@@ -13,7 +13,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::sync::OnceLock;
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use kvm_ioctls::Kvm;
@@ -22,12 +22,14 @@ use super::{
     build_machine, create_vm_fd, kvm, register_memory, Machine, Vm, VmConfig, VmError, VmErrorKind,
 };
 use crate::snapshot::kvm_state::{self, VmKvmState};
-use crate::snapshot::state::{VcpuSnapshot, VmSnapshot, VsockSnapshot};
+use crate::snapshot::state::{MmioSnapshot, VcpuSnapshot, VmSnapshot, VsockSnapshot};
 use crate::snapshot::{
     self, format, memory_file, RestoreConfig, SnapshotError, SnapshotErrorKind, SnapshotInfo,
     VCPU_TIMEOUT,
 };
 use crate::vcpu::{VcpuJob, VcpuState};
+use crate::virtio::block::BlockSnapshot;
+use crate::virtio::mmio::MmioTransport;
 use crate::virtio::VirtioDevice;
 
 /// How often snapshotting retries when the device thread moved a queue between reading the
@@ -143,6 +145,32 @@ impl Vm {
                 })
             }
         };
+        // Disks: each transport and device likewise, held until memory is written; the
+        // backing file's identity is read with the device locked (no write in flight).
+        let mut held_blocks = Vec::with_capacity(self.devices.blocks.disks.len());
+        let mut blocks = Vec::with_capacity(self.devices.blocks.disks.len());
+        for (index, b) in self.devices.blocks.disks.iter().enumerate() {
+            let t = lock(&b.transport);
+            let Some((st, d)) = quiesced(&t, &b.device) else {
+                return Err(not(&format!("disk {index} kept moving its queue")));
+            };
+            let backing = d.identity().map_err(|source| SnapshotErrorKind::Disk {
+                index,
+                source: Box::new(source),
+            })?;
+            let cfg = d.config();
+            blocks.push(BlockSnapshot {
+                path: cfg.path.clone(),
+                read_only: cfg.read_only,
+                id: cfg.id.clone(),
+                capacity: d.capacity(),
+                backing,
+                mmio_base: b.slot.base,
+                gsi: b.slot.gsi,
+                transport: st,
+            });
+            held_blocks.push((t, d));
+        }
         let vm_state = kvm_state::save_vm(vm_fd).map_err(|source| SnapshotErrorKind::KvmState {
             what: "VM state".into(),
             source,
@@ -153,6 +181,7 @@ impl Vm {
         let tmp_mem = tmp_name(&mem_path);
         let written = memory_file::write(&tmp_mem, mem, &id);
         drop(held);
+        drop(held_blocks);
         let (regions, memory_file_len, stats) = match written {
             Ok(w) => w,
             Err(e) => {
@@ -177,6 +206,7 @@ impl Vm {
             clock: vm_state.clock,
             serial,
             vsock,
+            blocks,
         };
         snap.validate()
             .map_err(|what| SnapshotErrorKind::NotSnapshottable {
@@ -307,6 +337,7 @@ impl Vm {
                 ))
             }
         };
+        vcfg.disks = snap.blocks.iter().map(|b| b.disk_config()).collect();
         // Everything but the kernel file (a restore has none) must pass VmConfig's checks;
         // the kernel check is the last one validate() makes.
         match vcfg.validate().map_err(VmError::into_kind) {
@@ -336,6 +367,30 @@ impl Vm {
                     ),
                 ));
             }
+        }
+        // Disks: same windows, and backing files unchanged since the snapshot (checked on the
+        // descriptors just opened).
+        for (index, (saved, b)) in snap
+            .blocks
+            .iter()
+            .zip(&machine.devices.blocks.disks)
+            .enumerate()
+        {
+            if saved.mmio_base != b.slot.base || saved.gsi != b.slot.gsi {
+                return Err(device_err(
+                    "virtio-blk",
+                    format!(
+                        "disk {index} saved at {:#x} GSI {}, rebuilt at {:#x} GSI {}",
+                        saved.mmio_base, saved.gsi, b.slot.base, b.slot.gsi
+                    ),
+                ));
+            }
+            lock(&b.device)
+                .check_identity(&saved.backing)
+                .map_err(|source| SnapshotErrorKind::Disk {
+                    index,
+                    source: Box::new(source),
+                })?;
         }
         Ok(PreparedRestore {
             machine,
@@ -433,9 +488,44 @@ impl PreparedRestore {
             // Connections did not survive: tell the guest so its agent reconnects.
             lock(&v.device).transport_reset();
         }
+        for (index, (saved, b)) in snap
+            .blocks
+            .iter()
+            .zip(&machine.devices.blocks.disks)
+            .enumerate()
+        {
+            lock(&b.transport)
+                .restore_state(&saved.transport)
+                .map_err(|e| SnapshotErrorKind::Device {
+                    device: "virtio-blk",
+                    what: format!("disk {index}: {e}"),
+                })?;
+        }
 
         Vm::launch(name, machine, vm_fd, mem, vcpus, snap.cmdline, before_start)
     }
+}
+
+/// Saves `t`'s registers once its device is at rest: the device lock is taken after reading
+/// the transport, and the read is retried if the device thread moved the queue in between.
+/// Returns the state with the device still locked.
+fn quiesced<'a, D: VirtioDevice>(
+    t: &MmioTransport<D>,
+    dev: &'a Mutex<D>,
+) -> Option<(MmioSnapshot, MutexGuard<'a, D>)> {
+    for _ in 0..DEVICE_QUIESCE_TRIES {
+        let st = t.save_state();
+        let d = lock(dev);
+        let saved: Vec<u16> = st.queues.iter().map(|q| q.next_index).collect();
+        let same = match d.queue_next_indices() {
+            Some(n) => n == saved,
+            None => saved.iter().all(|&x| x == 0),
+        };
+        if same {
+            return Some((st, d));
+        }
+    }
+    None
 }
 
 /// `path` with a temporary suffix in the same directory (for write + rename).
