@@ -42,6 +42,7 @@ pub struct Limiter {
     limits: Limits,
     active: AtomicUsize,
     bytes: AtomicU64,
+    exhausted: std::sync::atomic::AtomicBool,
     bucket: Mutex<(f64, Instant)>,
 }
 
@@ -64,6 +65,7 @@ impl Limiter {
             limits,
             active: AtomicUsize::new(0),
             bytes: AtomicU64::new(0),
+            exhausted: std::sync::atomic::AtomicBool::new(false),
             bucket: Mutex::new((
                 f64::from(limits.max_new_connections_per_sec),
                 Instant::now(),
@@ -123,7 +125,20 @@ impl Limiter {
                     b.checked_add(n).filter(|&t| t <= max)
                 })
                 .map(|_| ())
-                .map_err(|_| LimitHit::Bytes(max)),
+                .map_err(|_| {
+                    self.exhausted.store(true, Ordering::Release);
+                    LimitHit::Bytes(max)
+                }),
+        }
+    }
+
+    /// Fails when the byte budget is used up (or a transfer was already cut by it) (no new connection is opened then).
+    pub fn check_budget(&self) -> Result<(), LimitHit> {
+        match self.limits.max_total_bytes {
+            Some(max) if self.bytes() >= max || self.exhausted.load(Ordering::Acquire) => {
+                Err(LimitHit::Bytes(max))
+            }
+            _ => Ok(()),
         }
     }
 

@@ -620,6 +620,7 @@ impl Inner {
                 }),
             });
         }
+        self.limiter.check_budget().map_err(OpenError::Limit)?;
         self.limiter.new_connection().map_err(OpenError::Limit)?;
         let mut last = None;
         for ip in ok {
@@ -751,6 +752,9 @@ impl Inner {
                 return self.reject(&mut conn, 400, "Bad Request", format!("kiln egress: request target {:?}: {why} (absolute-form http:// required)\n", truncate(&head.target)));
             }
         };
+        if let Err(e) = body_framing(&head.headers, false) {
+            return self.reject(&mut conn, 400, "Bad Request", format!("kiln egress: {e}\n"));
+        }
         let mut entry = now_entry(ConnKind::Http, url.host.to_string(), url.port);
         let opened = match self.open_logged(&url.host, url.port, &mut entry) {
             Ok(o) => o,
