@@ -571,9 +571,94 @@ fn copy_n<T: Timed, W: Write>(
     }
 }
 
+/// Fuzzing entry points (not a stable API).
+#[doc(hidden)]
+pub mod fuzz {
+    use super::*;
+
+    /// An in-memory "connection" for the bounded readers.
+    struct Mem(io::Cursor<Vec<u8>>);
+
+    impl Read for Mem {
+        fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+            self.0.read(b)
+        }
+    }
+
+    impl Write for Mem {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Timed for Mem {
+        fn read_timeout(&self, _: Option<Duration>) -> io::Result<()> {
+            Ok(())
+        }
+        fn write_timeout(&self, _: Option<Duration>) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    struct NoMeter;
+
+    impl Meter for NoMeter {
+        fn charge(&mut self, _: usize) -> Result<(), HttpError> {
+            Ok(())
+        }
+    }
+
+    /// Reads one request from `data` the way the proxy reads a guest connection: bounded head,
+    /// framing check, hop-by-hop stripping, body relayed (de-chunked, at most 1 MiB).
+    pub fn read_request(data: &[u8]) -> Result<(RequestHead, Vec<u8>), HttpError> {
+        let mut conn = BufConn::new(Mem(io::Cursor::new(data.to_vec())));
+        let mut head = conn.read_head(Duration::from_secs(1), parse_request_head)?;
+        let framing = body_framing(&head.headers, false)?;
+        strip_hop_by_hop(&mut head.headers);
+        let mut body = Vec::new();
+        relay_body(&mut conn, &mut body, framing, true, 1 << 20, &mut NoMeter)?;
+        Ok((head, body))
+    }
+
+    /// The same for a response (read-until-close allowed).
+    pub fn read_response(data: &[u8]) -> Result<(ResponseHead, Vec<u8>), HttpError> {
+        let mut conn = BufConn::new(Mem(io::Cursor::new(data.to_vec())));
+        let head = conn.read_head(Duration::from_secs(1), parse_response_head)?;
+        let framing = body_framing(&head.headers, true)?;
+        let mut body = Vec::new();
+        relay_body(&mut conn, &mut body, framing, false, 1 << 20, &mut NoMeter)?;
+        Ok((head, body))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_whole_requests() {
+        let (h, body) = fuzz::read_request(
+            b"POST http://x/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n0\r\nT: 1\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (h.method.as_str(), body.as_slice()),
+            ("POST", &b"hello"[..])
+        );
+        let (_, body) =
+            fuzz::read_request(b"PUT / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcdef").unwrap();
+        assert_eq!(body, b"abc");
+        assert!(fuzz::read_request(b"PUT / HTTP/1.1\r\nContent-Length: 9\r\n\r\nabc").is_err());
+        assert!(
+            fuzz::read_request(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+                .is_err()
+        );
+        let (r, body) = fuzz::read_response(b"HTTP/1.1 200 OK\r\n\r\nuntil close").unwrap();
+        assert_eq!((r.status, body.as_slice()), (200, &b"until close"[..]));
+    }
 
     #[test]
     fn parses_heads() {

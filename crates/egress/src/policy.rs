@@ -387,9 +387,13 @@ pub fn parse_port(p: &str) -> Option<u16> {
 
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.port {
-            Some(p) => write!(f, "{}:{p}", self.host),
-            None => write!(f, "{}", self.host),
+        match (self.port, &self.host) {
+            // An IPv6 range with a port: brackets around the range.
+            (Some(p), HostPattern::Net(c)) if c.addr.is_ipv6() && c.prefix < 128 => {
+                write!(f, "[{}/{}]:{p}", c.addr, c.prefix)
+            }
+            (Some(p), h) => write!(f, "{h}:{p}"),
+            (None, h) => write!(f, "{h}"),
         }
     }
 }
@@ -677,6 +681,10 @@ mod tests {
         );
         assert_eq!(Rule::parse("[::1]:80").unwrap().to_string(), "[::1]:80");
         assert_eq!(Rule::parse("fd00::/8").unwrap().to_string(), "fd00::/8");
+        assert_eq!(
+            Rule::parse("[fd00::/8]:443").unwrap().to_string(),
+            "[fd00::/8]:443"
+        );
         assert_eq!(Rule::parse("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
         for bad in [
             "",

@@ -590,7 +590,7 @@ impl Inner {
         let addrs = match host {
             Host::Ip(ip) => vec![*ip],
             Host::Name(n) => {
-                let mut a = self.resolver.resolve(n, port).map_err(|source| {
+                let mut a = self.resolve_bounded(n, port).map_err(|source| {
                     OpenError::Failed(EgressError::Resolve {
                         name: n.clone(),
                         source,
@@ -644,6 +644,21 @@ impl Inner {
             )
         });
         Err(OpenError::Failed(EgressError::Connect { addr, source }))
+    }
+
+    /// Resolves on a helper thread so that a slow resolver cannot hold the connection past
+    /// the connect timeout (the helper ends when `getaddrinfo` returns).
+    fn resolve_bounded(&self, name: &str, port: u16) -> io::Result<Vec<IpAddr>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let resolver = self.resolver.clone();
+        let n = name.to_string();
+        std::thread::Builder::new()
+            .name("egress-dns".into())
+            .spawn(move || {
+                let _ = tx.send(resolver.resolve(&n, port));
+            })?;
+        rx.recv_timeout(self.timeouts.connect)
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "name resolution timed out"))?
     }
 
     /// Opens, logging a refusal into `entry`; on failure returns the status and body to send.
