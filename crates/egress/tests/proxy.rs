@@ -537,3 +537,142 @@ fn unix_stream_and_transparent_entry() {
         .iter()
         .any(|e| e.verdict == Verdict::Denied && e.port == 9 && e.rule == "default deny"));
 }
+
+fn run(cmd: &str, args: &[&str], env: &[(String, String)]) -> Out {
+    let mut c = std::process::Command::new(cmd);
+    c.args(args);
+    for k in [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "NO_PROXY",
+        "no_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ] {
+        c.env_remove(k);
+    }
+    c.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    c.stdin(std::process::Stdio::null());
+    let o = c
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd} is required for this test and could not be run: {e}"));
+    Out {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+/// wget, python requests, git and pip through the proxy with the guest environment
+/// (`guest_env`, CA bundle in place of the guest's). git and pip get a 404 from the test
+/// origin (it is no git or package server): what is checked is that their HTTPS went through
+/// the proxy, was intercepted with the sandbox CA trusted, and reached the origin.
+#[test]
+fn wget_requests_git_pip_through_the_proxy() {
+    let w = World::new();
+    let mut c = w.config(w.policy());
+    c.secrets = vec![secret("TOKEN", "real-token", &["secret.test"])];
+    let (proxy, port) = w.proxy(c);
+    let bundle = w.client_bundle(&proxy);
+    let bundle_s = bundle.to_str().unwrap().to_string();
+    // The guest environment, with the CA paths pointing at this test's bundle.
+    let env: Vec<(String, String)> = proxy
+        .guest_env(&proxy_arg(port))
+        .into_iter()
+        .map(|(k, v)| {
+            if v.starts_with("/etc/kiln/") {
+                (k, bundle_s.clone())
+            } else {
+                (k, v)
+            }
+        })
+        .collect();
+    let ph = proxy.secrets()[0].placeholder().to_string();
+
+    let o = run(
+        "wget",
+        &[
+            "-q",
+            "-O",
+            "-",
+            &format!("http://plain.test:{}/hello", w.http),
+        ],
+        &env,
+    );
+    assert_eq!(o.stdout, "hello", "{o:?}");
+    let o = run(
+        "wget",
+        &[
+            "-q",
+            "-O",
+            "-",
+            "--ca-certificate",
+            &bundle_s,
+            "--header",
+            &format!("X-T: {ph}"),
+            &format!("https://secret.test:{}/headers", w.https),
+        ],
+        &env,
+    );
+    assert!(o.stdout.contains("X-T: real-token"), "{o:?}");
+
+    let script = format!(
+        "import os,requests\nr=requests.get('https://secret.test:{}/headers',headers={{'Authorization':'token '+os.environ['TOKEN']}},timeout=30)\nprint(r.status_code);print(r.text)",
+        w.https
+    );
+    let o = python(&script, &env);
+    assert!(
+        o.stdout.starts_with("200") && o.stdout.contains("Authorization: token real-token"),
+        "{o:?}"
+    );
+
+    let before = proxy.log().entries().len();
+    let o = run(
+        "git",
+        &[
+            "ls-remote",
+            &format!("https://secret.test:{}/repo.git", w.https),
+        ],
+        &env,
+    );
+    assert_ne!(o.code, 0);
+    assert!(
+        !o.stderr.to_ascii_lowercase().contains("ssl"),
+        "git TLS failed: {o:?}"
+    );
+    let o2 = run(
+        "python3",
+        &[
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-d",
+            w.dir.path().to_str().unwrap(),
+            "--index-url",
+            &format!("https://secret.test:{}/simple/", w.https),
+            "nosuchpkg",
+        ],
+        &env,
+    );
+    assert_ne!(o2.code, 0);
+    assert!(
+        !o2.stderr.contains("SSL") && !o2.stdout.contains("SSL"),
+        "pip TLS failed: {o2:?}"
+    );
+    let log = proxy.log().entries();
+    let later: Vec<_> = log[before..]
+        .iter()
+        .filter(|e| e.kind == ConnKind::Intercepted)
+        .collect();
+    assert!(later.len() >= 2, "{log:?}");
+    assert!(
+        later
+            .iter()
+            .all(|e| e.verdict == Verdict::Allowed && e.detail.is_none() && e.bytes_down > 0),
+        "{later:?}"
+    );
+}
