@@ -378,7 +378,9 @@ fn connection_rate_limit() {
             limited += 1;
         }
     }
-    assert!((3..=4).contains(&ok), "ok={ok}");
+    // 3 tokens at once, plus what refills while the 8 requests run (a few ms each).
+    assert!((3..=5).contains(&ok), "ok={ok}");
+    assert!(limited >= 3, "limited={limited}");
     assert_eq!(ok + limited, 8);
     std::thread::sleep(Duration::from_millis(1100));
     let (reply, _) = raw(port, req.as_bytes(), Duration::from_secs(5));
@@ -419,7 +421,7 @@ fn bad_requests_closed_within_deadline() {
     );
     let (reply, took) = raw(port, big.as_bytes(), Duration::from_secs(10));
     assert!(reply.starts_with("HTTP/1.1 431"), "{reply}");
-    assert!(took < Duration::from_secs(3), "{took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
     // Many headers.
     let many: String = (0..200).map(|i| format!("X{i}: v\r\n")).collect();
     let (reply, _) = raw(
@@ -435,7 +437,7 @@ fn bad_requests_closed_within_deadline() {
         Duration::from_secs(10),
     );
     assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
-    assert!(took < Duration::from_secs(3));
+    assert!(took < Duration::from_secs(5));
     // Origin-form to the proxy, smuggling framing.
     let (reply, _) = raw(
         port,
@@ -470,14 +472,14 @@ fn bad_requests_closed_within_deadline() {
     let took = start.elapsed();
     let reply = String::from_utf8_lossy(&reply);
     assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
-    assert!(took < Duration::from_secs(4), "{took:?}");
+    assert!(took < Duration::from_secs(6), "{took:?}");
     // A connection that sends nothing is dropped at the deadline too.
     let (reply, took) = raw(port, b"", Duration::from_secs(10));
     assert!(
         reply.is_empty() || reply.starts_with("HTTP/1.1 408"),
         "{reply}"
     );
-    assert!(took < Duration::from_secs(4), "{took:?}");
+    assert!(took < Duration::from_secs(6), "{took:?}");
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(proxy.active_connections(), 0, "no proxy thread left behind");
     assert!(proxy
@@ -619,7 +621,7 @@ fn wget_requests_git_pip_through_the_proxy() {
     assert!(o.stdout.contains("X-T: real-token"), "{o:?}");
 
     let script = format!(
-        "import os,requests\nr=requests.get('https://secret.test:{}/headers',headers={{'Authorization':'token '+os.environ['TOKEN']}},timeout=30)\nprint(r.status_code);print(r.text)",
+        "import os\ntry:\n  import requests\nexcept ImportError:\n  from pip._vendor import requests\nr=requests.get('https://secret.test:{}/headers',headers={{'Authorization':'token '+os.environ['TOKEN']}},timeout=30)\nprint(r.status_code);print(r.text)",
         w.https
     );
     let o = python(&script, &env);
