@@ -678,3 +678,60 @@ fn wget_requests_git_pip_through_the_proxy() {
         "{later:?}"
     );
 }
+
+/// The transparent entry with a real client: curl connects (via `--connect-to`) to a listener
+/// that hands each stream to `spawn_raw` with the original name and port, as the agent's
+/// redirect will. TLS to the secret host is intercepted (secret injected); TLS to another host
+/// is relayed end to end.
+#[test]
+fn transparent_entry_intercepts_secret_hosts_only() {
+    let w = World::new();
+    let mut c = w.config(w.policy());
+    c.secrets = vec![secret("TOKEN", "transparent-value", &["secret.test"])];
+    let proxy = EgressProxy::new(c).unwrap();
+    let ph = proxy.secrets()[0].placeholder().to_string();
+    let mut ports = Vec::new();
+    for name in ["secret.test", "other.test"] {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        ports.push(l.local_addr().unwrap().port());
+        let (p, n, dport) = (proxy.clone(), name.to_string(), w.https);
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let _ = p.spawn_raw(s, &n, dport);
+            }
+        });
+    }
+    let bundle = w.client_bundle(&proxy);
+    let hdr = format!("X-T: {ph}");
+    for (i, (name, want)) in [
+        ("secret.test", "X-T: transparent-value".to_string()),
+        ("other.test", format!("X-T: {ph}")),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let connect_to = format!("{name}:{}:127.0.0.1:{}", w.https, ports[i]);
+        let out = curl(&[
+            "--connect-to",
+            &connect_to,
+            "--cacert",
+            bundle.to_str().unwrap(),
+            "-H",
+            &hdr,
+            &format!("https://{name}:{}/headers", w.https),
+        ]);
+        assert_eq!(out.code, 0, "{out:?}");
+        assert!(out.stdout.contains(want.as_str()), "{name}: {out:?}");
+    }
+    let log = wait_log(&proxy, 2);
+    assert!(
+        log.iter()
+            .any(|e| e.kind == ConnKind::Intercepted && e.name == "secret.test"),
+        "{log:?}"
+    );
+    assert!(
+        log.iter()
+            .any(|e| e.kind == ConnKind::Raw && e.name == "other.test" && e.bytes_down > 0),
+        "{log:?}"
+    );
+}
