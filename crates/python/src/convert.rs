@@ -45,7 +45,9 @@ pub fn seconds(field: &str, secs: f64, allow_inf: bool) -> Result<Duration, Stri
         return Ok(Duration::MAX);
     }
     if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("{field}: {secs} is not a non-negative number of seconds"));
+        return Err(format!(
+            "{field}: {secs} is not a non-negative number of seconds"
+        ));
     }
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{field}: {secs} s: {e}"))
 }
@@ -84,8 +86,8 @@ impl ConfigArgs {
             c.vcpus = u32::try_from(v).map_err(|_| ("vcpus", format!("{v} is out of range")))?;
         }
         if let Some(m) = self.memory_mib {
-            c.memory_mib = u32::try_from(m)
-                .map_err(|_| ("memory_mib", format!("{m} MiB is out of range")))?;
+            c.memory_mib =
+                u32::try_from(m).map_err(|_| ("memory_mib", format!("{m} MiB is out of range")))?;
         }
         c.kernel = self.kernel.clone().or(c.kernel);
         c.initramfs = self.initramfs.clone().or(c.initramfs);
@@ -100,7 +102,12 @@ impl ConfigArgs {
             Some(s) => seconds(field, s, inf).map_err(|r| (field, r)),
         };
         c.boot_timeout = dur("boot_timeout", self.boot_timeout, c.boot_timeout, false)?;
-        c.request_timeout = dur("request_timeout", self.request_timeout, c.request_timeout, false)?;
+        c.request_timeout = dur(
+            "request_timeout",
+            self.request_timeout,
+            c.request_timeout,
+            false,
+        )?;
         c.consumer_deadline = dur(
             "consumer_deadline",
             self.consumer_deadline,
@@ -203,15 +210,15 @@ pub fn extract_data(obj: &Bound<'_, PyAny>) -> PyResult<Data> {
     }
     // memoryview and other buffers: bytes(obj) copies them.
     let py = obj.py();
-    let bytes = py
-        .get_type::<PyBytes>()
-        .call1((obj,))
-        .map_err(|_| {
-            PyTypeError::new_err(format!(
-                "data must be bytes, str, a buffer or a binary file object, not {}",
-                obj.get_type().name().map(|n| n.to_string()).unwrap_or_default()
-            ))
-        })?;
+    let bytes = py.get_type::<PyBytes>().call1((obj,)).map_err(|_| {
+        PyTypeError::new_err(format!(
+            "data must be bytes, str, a buffer or a binary file object, not {}",
+            obj.get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_default()
+        ))
+    })?;
     Ok(Data::Owned(bytes.cast::<PyBytes>()?.as_bytes().to_vec()))
 }
 
@@ -275,7 +282,9 @@ pub fn extract_seconds(obj: Option<&Bound<'_, PyAny>>, field: &str) -> PyResult<
         return Ok(Some(obj.call_method0("total_seconds")?.extract()?));
     }
     if obj.is_instance_of::<pyo3::types::PyBool>() {
-        return Err(PyTypeError::new_err(format!("{field} must be seconds, not bool")));
+        return Err(PyTypeError::new_err(format!(
+            "{field} must be seconds, not bool"
+        )));
     }
     obj.extract::<f64>().map(Some).map_err(|_| {
         PyTypeError::new_err(format!(
@@ -320,7 +329,10 @@ mod tests {
 
     #[test]
     fn seconds_refuse_negatives_nan_and_unwanted_infinity() {
-        assert_eq!(seconds("t", 1.5, false).unwrap(), Duration::from_millis(1500));
+        assert_eq!(
+            seconds("t", 1.5, false).unwrap(),
+            Duration::from_millis(1500)
+        );
         assert_eq!(seconds("t", 0.0, false).unwrap(), Duration::ZERO);
         assert!(seconds("t", -1.0, false).unwrap_err().starts_with("t: -1"));
         assert!(seconds("t", f64::NAN, true).is_err());
@@ -405,7 +417,11 @@ mod tests {
             assert!(extract_command(&py.eval(c"[]", None, None).unwrap()).is_err());
 
             let p = py
-                .eval(c"__import__('pathlib').PurePosixPath('/tmp/a b')", None, None)
+                .eval(
+                    c"__import__('pathlib').PurePosixPath('/tmp/a b')",
+                    None,
+                    None,
+                )
                 .unwrap();
             assert_eq!(extract_path(&p).unwrap(), "/tmp/a b");
             assert_eq!(
@@ -417,11 +433,13 @@ mod tests {
 
             let d = extract_data(&PyString::new(py, "h\u{e9}").into_any()).unwrap();
             assert_eq!(d.as_bytes().unwrap(), "h\u{e9}".as_bytes());
-            let d = extract_data(&py.eval(c"memoryview(b'abc')[1:]", None, None).unwrap())
-                .unwrap();
+            let d = extract_data(&py.eval(c"memoryview(b'abc')[1:]", None, None).unwrap()).unwrap();
             assert_eq!(d.as_bytes().unwrap(), b"bc");
-            let d = extract_data(&py.eval(c"__import__('io').BytesIO(b'x' * 70000)", None, None).unwrap())
-                .unwrap();
+            let d = extract_data(
+                &py.eval(c"__import__('io').BytesIO(b'x' * 70000)", None, None)
+                    .unwrap(),
+            )
+            .unwrap();
             let Data::Reader(mut r) = d else {
                 panic!("a file object is read")
             };
@@ -435,7 +453,11 @@ mod tests {
             assert!(extract_env(Some(&py.eval(c"{'A': 1}", None, None).unwrap())).is_err());
 
             let td = py
-                .eval(c"__import__('datetime').timedelta(milliseconds=250)", None, None)
+                .eval(
+                    c"__import__('datetime').timedelta(milliseconds=250)",
+                    None,
+                    None,
+                )
                 .unwrap();
             assert_eq!(
                 extract_timeout(Some(&td), "timeout").unwrap(),

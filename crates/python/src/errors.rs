@@ -46,7 +46,12 @@ pub enum ErrorClass {
 }
 
 /// One row of the hierarchy: the class, its Kiln parent, an extra built-in base, its doc.
-type ClassRow = (ErrorClass, Option<ErrorClass>, Option<&'static str>, &'static str);
+type ClassRow = (
+    ErrorClass,
+    Option<ErrorClass>,
+    Option<&'static str>,
+    &'static str,
+);
 
 /// Every class, parents before children.
 pub const CLASSES: &[ClassRow] = {
@@ -415,7 +420,10 @@ mod tests {
         };
         let cases = [
             (ErrorKind::NotFound, ErrorClass::NotFoundError),
-            (ErrorKind::PermissionDenied, ErrorClass::PermissionDeniedError),
+            (
+                ErrorKind::PermissionDenied,
+                ErrorClass::PermissionDeniedError,
+            ),
             (ErrorKind::AlreadyExists, ErrorClass::AlreadyExistsError),
             (ErrorKind::DirectoryNotEmpty, ErrorClass::GuestError),
         ];
@@ -499,7 +507,9 @@ mod tests {
             serial_tail: "booting".into(),
         }));
         assert_eq!(i.class, ErrorClass::BootTimeout);
-        assert!(i.message.starts_with("sandbox pool: creating a sandbox failed"));
+        assert!(i
+            .message
+            .starts_with("sandbox pool: creating a sandbox failed"));
         assert_eq!(i.serial_tail.as_deref(), Some("booting"));
     }
 
@@ -535,7 +545,11 @@ mod tests {
             assert_eq!(tail, "tail line");
             let op: String = v.getattr("op").unwrap().extract().unwrap();
             assert_eq!(op, "exec");
-            assert!(v.str().unwrap().to_string().contains("the guest died during exec"));
+            assert!(v
+                .str()
+                .unwrap()
+                .to_string()
+                .contains("the guest died during exec"));
             // Attributes default to None on the class.
             let none = config_err(py, "vcpus", "0".into());
             assert!(none.value(py).getattr("serial_tail").unwrap().is_none());

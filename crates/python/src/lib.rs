@@ -22,8 +22,8 @@ mod _native {
     use crate::pool::{PoolStats, PySandboxPool};
     #[pymodule_export]
     use crate::sandbox::{
-        DirEntry, Event, ExecResult, ExecStream, FileStat, PySandbox, SnapshotInfo,
-        _bench_exec_rust,
+        _bench_exec_rust, DirEntry, Event, ExecResult, ExecStream, FileStat, PySandbox,
+        SnapshotInfo,
     };
 
     #[pymodule_init]
@@ -40,4 +40,3 @@ mod _native {
         Ok(())
     }
 }
-

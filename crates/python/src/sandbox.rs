@@ -8,7 +8,7 @@
 //! the calls in flight, then stops the VM.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -439,6 +439,7 @@ impl PySandbox {
             }),
             signaller: sig,
             name: self.name.clone(),
+            done: AtomicBool::new(false),
         })
     }
 
@@ -468,7 +469,12 @@ impl PySandbox {
     /// Writes `data` (bytes, str as UTF-8, a buffer, or a binary file object read to its end)
     /// as the whole content of guest file `path` (created or truncated). Returns the bytes
     /// written.
-    fn write(&self, py: Python<'_>, path: &Bound<'_, PyAny>, data: &Bound<'_, PyAny>) -> PyResult<u64> {
+    fn write(
+        &self,
+        py: Python<'_>,
+        path: &Bound<'_, PyAny>,
+        data: &Bound<'_, PyAny>,
+    ) -> PyResult<u64> {
         let path = convert::extract_path(path)?;
         let data = convert::extract_data(data)?;
         self.call(py, move |sb| match data {
@@ -537,7 +543,12 @@ impl PySandbox {
     }
 
     /// Renames guest path `src` to `dst`.
-    fn rename(&self, py: Python<'_>, src: &Bound<'_, PyAny>, dst: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn rename(
+        &self,
+        py: Python<'_>,
+        src: &Bound<'_, PyAny>,
+        dst: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         let src = convert::extract_path(src)?;
         let dst = convert::extract_path(dst)?;
         self.call(py, move |sb| sb.rename(&src, &dst))
@@ -857,6 +868,8 @@ pub struct ExecStream {
     state: Mutex<StreamState>,
     signaller: Option<ExecSignaller>,
     name: String,
+    /// Set with the exit (read without the lock, which a waiting reader holds).
+    done: AtomicBool,
 }
 
 impl std::fmt::Debug for ExecStream {
@@ -881,10 +894,16 @@ impl ExecStream {
                 return Ok(None);
             };
             let ev = stream.next_event();
-            if !matches!(ev, Ok(Some(ExecEvent::Started { .. } | ExecEvent::Stdout(_) | ExecEvent::Stderr(_)))) {
+            if !matches!(
+                ev,
+                Ok(Some(
+                    ExecEvent::Started { .. } | ExecEvent::Stdout(_) | ExecEvent::Stderr(_)
+                ))
+            ) {
                 // Exit, end or error: the command is over.
                 st.stream = None;
                 st.guard = None;
+                self.done.store(true, Ordering::Release);
             }
             ev
         });
@@ -911,7 +930,7 @@ impl ExecStream {
     /// Whether the exit was read (or the stream failed).
     #[getter]
     fn done(&self) -> bool {
-        lock(&self.state).stream.is_none()
+        self.done.load(Ordering::Acquire)
     }
 
     fn __repr__(&self) -> String {
