@@ -6,6 +6,7 @@ mod bench;
 mod build_guest;
 mod harness;
 mod kernel;
+mod python;
 mod run;
 mod test;
 mod util;
@@ -33,6 +34,8 @@ enum Cmd {
     Test(test::TestArgs),
     /// Run a benchmark.
     Bench(bench::BenchArgs),
+    /// Build the `kiln` Python wheel into a venv under the target dir (and `--bench` it).
+    Python(python::PythonArgs),
 }
 
 fn main() {
@@ -44,6 +47,7 @@ fn main() {
         Cmd::Run(args) => run::cmd_run(&args),
         Cmd::Test(args) => test::cmd_test(&args).map(|()| 0),
         Cmd::Bench(args) => bench::cmd_bench(&args).map(|()| 0),
+        Cmd::Python(args) => python::cmd_python(&args),
     };
     match result {
         Ok(code) => std::process::exit(code),

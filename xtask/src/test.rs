@@ -387,6 +387,8 @@ fn build_tier4() -> Result<Tier4Build> {
     let k = kernel::ensure().context("building the guest kernel")?;
     let g = build_guest::ensure().context("building the guest initramfs")?;
     let kiln = crate::run::build_kiln_cli()?;
+    // tests/tests/python_sdk.rs runs pytest in this venv.
+    crate::python::ensure().context("building the kiln Python package")?;
     eprintln!("building the {TIER4_PACKAGE} test executables");
     let out = cargo()
         .args([

@@ -1,0 +1,91 @@
+"""Kiln microVM sandboxes, embedded in the Python process.
+
+    import kiln
+
+    with kiln.Sandbox(memory_mib=256) as sb:
+        r = sb.run(["uname", "-a"])
+        print(r.exit_code, r.stdout_text)
+
+Every blocking call releases the GIL: many threads can drive one sandbox, or many, at once.
+`kiln.aio` has the same API for asyncio. See docs/PYTHON.md.
+"""
+
+from ._native import (
+    DEFAULT_OUTPUT_CAP,
+    AgentTimeout,
+    AlreadyExistsError,
+    BootError,
+    BootTimeout,
+    CommandError,
+    CommandTimeout,
+    ConfigError,
+    DirEntry,
+    Event,
+    ExecError,
+    ExecStream,
+    FileStat,
+    GuestDied,
+    GuestError,
+    HandshakeError,
+    HostIOError,
+    InvalidArgumentError,
+    KilnError,
+    MissingAssetError,
+    NoKvmError,
+    NotFoundError,
+    PermissionDeniedError,
+    PoolClosedError,
+    PoolError,
+    PoolStats,
+    PoolTimeout,
+    ProtocolError,
+    Result,
+    Sandbox,
+    SandboxClosedError,
+    SandboxPool,
+    SnapshotError,
+    SnapshotInfo,
+    UnsupportedHostError,
+    VmError,
+    __version__,
+)
+
+__all__ = [
+    "DEFAULT_OUTPUT_CAP",
+    "AgentTimeout",
+    "AlreadyExistsError",
+    "BootError",
+    "BootTimeout",
+    "CommandError",
+    "CommandTimeout",
+    "ConfigError",
+    "DirEntry",
+    "Event",
+    "ExecError",
+    "ExecStream",
+    "FileStat",
+    "GuestDied",
+    "GuestError",
+    "HandshakeError",
+    "HostIOError",
+    "InvalidArgumentError",
+    "KilnError",
+    "MissingAssetError",
+    "NoKvmError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "PoolClosedError",
+    "PoolError",
+    "PoolStats",
+    "PoolTimeout",
+    "ProtocolError",
+    "Result",
+    "Sandbox",
+    "SandboxClosedError",
+    "SandboxPool",
+    "SnapshotError",
+    "SnapshotInfo",
+    "UnsupportedHostError",
+    "VmError",
+    "__version__",
+]

@@ -1,0 +1,118 @@
+//! Tier-4: the `kiln` Python package (crates/python) in a real Kiln guest. Each test runs one
+//! file of `tests/python` with pytest in the venv that `cargo xtask python` builds
+//! (`<target>/kiln-python/venv`; `cargo xtask test` builds it before tier 4) and asserts that
+//! pytest passed: run/stream/errors/threads/asyncio, files, the pool, snapshot/restore/fork,
+//! and the checks that need no VM.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Deadline of one pytest run (the runner gives each tier-4 test 5 minutes).
+const PYTEST_TIMEOUT: Duration = Duration::from_secs(280);
+
+/// `$KILN_PYTHON`, else `<target>/kiln-python/venv/bin/python` next to this test executable.
+fn venv_python() -> PathBuf {
+    if let Some(p) = std::env::var_os("KILN_PYTHON").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    // <target>/<profile>/deps/<test>-<hash>
+    let target = exe
+        .ancestors()
+        .nth(3)
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    target.join("kiln-python/venv/bin/python")
+}
+
+/// Runs `pytest -q tests/python/<file>` and fails the test with its output unless it passed.
+fn pytest(file: &str) {
+    kiln_tests::require_tier4();
+    let python = venv_python();
+    assert!(
+        python.is_file(),
+        "no Python venv with the kiln package at {} (build it with `cargo xtask python`; \
+         `cargo xtask test` does before tier 4)",
+        python.display()
+    );
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python");
+    let mut child = Command::new(&python)
+        .current_dir(&dir)
+        .args(["-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", file])
+        // The source tree is read-only inside the harness.
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", python.display()));
+    let mut out = child.stdout.take().map(read_all);
+    let mut err = child.stderr.take().map(read_all);
+    let started = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break Some(s),
+            Ok(None) if started.elapsed() > PYTEST_TIMEOUT => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(100)),
+            Err(e) => panic!("waiting for pytest: {e}"),
+        }
+    };
+    let text = |t: &mut Option<std::thread::JoinHandle<String>>| {
+        t.take().and_then(|h| h.join().ok()).unwrap_or_default()
+    };
+    let (stdout, stderr) = (text(&mut out), text(&mut err));
+    println!("{stdout}");
+    eprintln!("{stderr}");
+    match status {
+        None => panic!("pytest {file} did not finish within {PYTEST_TIMEOUT:?}\n{stdout}"),
+        Some(s) => {
+            assert!(
+                s.success(),
+                "pytest {file} failed ({s}):\n{stdout}\n{stderr}"
+            );
+            assert!(
+                stdout.contains(" passed"),
+                "pytest {file} ran no tests:\n{stdout}"
+            );
+        }
+    }
+}
+
+fn read_all(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = r.read_to_string(&mut s);
+        s
+    })
+}
+
+#[test]
+fn python_sdk_run_stream_errors_threads() {
+    pytest("test_run.py");
+}
+
+#[test]
+fn python_sdk_files() {
+    pytest("test_files.py");
+}
+
+#[test]
+fn python_sdk_pool_is_pristine_between_users() {
+    pytest("test_pool.py");
+}
+
+#[test]
+fn python_sdk_snapshot_restore_fork() {
+    pytest("test_snapshot.py");
+}
+
+#[test]
+fn python_sdk_no_vm_checks() {
+    pytest("test_novm.py");
+}
