@@ -299,7 +299,25 @@ fn merge(outcomes: Vec<Outcome>) -> Outcome {
     }
 }
 
+/// Debian packages tier 1's loopback tests drive as real components: kiln-image's registry,
+/// layout and image-format tests (docker-registry, skopeo, umoci, htpasswd, mkfs.ext4,
+/// mkfs.erofs) and kiln-egress's proxy clients (curl, wget, git).
+const TIER1_PACKAGES: &[&str] = &[
+    "docker-registry",
+    "skopeo",
+    "umoci",
+    "apache2-utils",
+    "e2fsprogs",
+    "erofs-utils",
+    "curl",
+    "wget",
+    "git",
+];
+
 fn tier1(meta: &Metadata) -> Outcome {
+    if let Err(e) = util::ensure_packages(TIER1_PACKAGES) {
+        return Outcome::CouldNotRun(format!("installing the tier-1 test tools: {e:#}"));
+    }
     let mut outcomes = vec![cargo_test(&strings(&[
         "--workspace",
         "--exclude",

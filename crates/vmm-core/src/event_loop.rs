@@ -52,7 +52,13 @@ impl EventLoop {
     /// Starts `manager` on a thread named `<vm>-dev`, which installs the device seccomp filter
     /// (`seccomp`) before it dispatches any event.
     pub fn spawn(vm: &str, manager: DeviceEventManager, seccomp: SeccompMode) -> io::Result<Self> {
-        Self::spawn_named(vm, &format!("{vm}-dev"), manager, ThreadKind::Device, seccomp)
+        Self::spawn_named(
+            vm,
+            &format!("{vm}-dev"),
+            manager,
+            ThreadKind::Device,
+            seccomp,
+        )
     }
 
     /// Starts `manager` on a thread named `thread` (logs name `vm`), which installs the

@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 
 use super::{BlockDevice, DiskConfig};
 use crate::event_loop::{DeviceEventManager, EventLoop};
-use crate::virtio::mmio::{regs, MmioTransport};
 use crate::seccomp::{SeccompMode, ThreadKind};
+use crate::virtio::mmio::{regs, MmioTransport};
 use crate::vm::{DeviceContext, MmioSlot, VmErrorKind};
 
 /// One disk attached to a VM: the device and transport for snapshot save/restore (lock the
@@ -62,13 +62,12 @@ pub fn attach_all(
             }
         })?;
         let dev = Arc::new(Mutex::new(dev));
-        let transport =
-            MmioTransport::new(ctx.memory().clone(), dev.clone()).map_err(|e| {
-                VmErrorKind::Device {
-                    device: "virtio-blk transport",
-                    source: Box::new(e),
-                }
-            })?;
+        let transport = MmioTransport::new(ctx.memory().clone(), dev.clone()).map_err(|e| {
+            VmErrorKind::Device {
+                device: "virtio-blk transport",
+                source: Box::new(e),
+            }
+        })?;
         let transport = Arc::new(Mutex::new(transport));
         ctx.register_mmio(slot, transport.clone())?;
         ctx.add_cmdline(slot.virtio_cmdline());
