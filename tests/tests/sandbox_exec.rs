@@ -53,6 +53,30 @@ fn uname_reports_linux() {
 }
 
 #[test]
+fn guest_has_no_network_but_loopback_and_the_kernel_features_it_needs() {
+    // docs/SECURITY.md: the guest has no NIC (only `lo`); the fragment's /proc/sys,
+    // /proc/sysrq-trigger, nftables and EROFS are really in the kernel.
+    kiln_tests::require_tier4();
+    let r = shared()
+        .exec(&[
+            "sh",
+            "-c",
+            "ls /sys/class/net; echo --; cat /proc/sys/kernel/ostype; \
+             test -e /proc/sysrq-trigger && echo sysrq; grep -w erofs /proc/filesystems; \
+             zcat /proc/config.gz | grep -E '^CONFIG_NFT_REDIR=y'",
+        ])
+        .unwrap();
+    assert!(r.success(), "{r:?}");
+    let out = r.stdout_str();
+    let (nets, rest) = out.split_once("--\n").unwrap_or((&out, ""));
+    assert_eq!(nets.split_whitespace().collect::<Vec<_>>(), ["lo"], "{out}");
+    assert!(rest.starts_with("Linux\n"), "{out}");
+    assert!(rest.contains("sysrq\n"), "{out}");
+    assert!(rest.contains("erofs"), "{out}");
+    assert!(rest.contains("CONFIG_NFT_REDIR=y"), "{out}");
+}
+
+#[test]
 fn every_vcpu_has_the_tsc_deadline_timer() {
     // Kiln announces KVM's TSC-deadline timer, so Linux skips calibrating its LAPIC timer
     // against the PIT (a 100 ms busy-wait at every boot; docs/VMM.md).

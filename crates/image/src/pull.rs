@@ -217,6 +217,9 @@ impl ImageStore {
         } else {
             ClientProtocol::Https
         };
+        // reqwest is built without a crypto provider of its own (no aws-lc C build): use
+        // ring, the provider the rest of Kiln uses, unless the process already chose one.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let client = Client::new(ClientConfig {
             protocol,
             platform_resolver: None,
