@@ -104,7 +104,16 @@ fn disks_get_windows_after_vsock_and_an_io_thread() {
         "{}",
         vm.cmdline()
     );
-    let names = thread_names();
+    // A new thread names itself when it first runs (std sets the name on the thread), so
+    // wait for that rather than read the names right after `Vm::start` returns.
+    let deadline = Instant::now() + T;
+    let names = loop {
+        let names = thread_names();
+        if names.iter().any(|n| n == "blkv-blk") || Instant::now() > deadline {
+            break names;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
     assert_eq!(
         names.iter().filter(|n| *n == "blkv-blk").count(),
         1,
