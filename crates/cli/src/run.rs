@@ -131,6 +131,9 @@ pub fn run(args: RunArgs) -> i32 {
         status
     };
 
+    if let Err(message) = super::check_command(&args.command) {
+        return fail(exit::USAGE, message);
+    }
     let boot_timeout = args.boot_timeout;
     let stdin = match args.stdin.as_deref() {
         None => StdinSource::Null,
