@@ -201,10 +201,13 @@ impl SandboxConfig {
 
     /// Checks every field and resolves the asset paths (defaults, existence).
     pub fn validate(&self) -> Result<ResolvedConfig, ConfigError> {
-        self.validate_with(&|what| match what {
-            Asset::Kernel => crate::assets::default_kernel(),
-            Asset::Initramfs => crate::assets::default_initramfs(),
-        })
+        self.validate_with(
+            &|what| match what {
+                Asset::Kernel => crate::assets::default_kernel(),
+                Asset::Initramfs => crate::assets::default_initramfs(),
+            },
+            &host_mem_total_kib,
+        )
     }
 
     /// Checks what [`Sandbox::restore`](crate::Sandbox::restore) uses of a configuration:
@@ -237,6 +240,7 @@ impl SandboxConfig {
     fn validate_with(
         &self,
         defaults: &dyn Fn(Asset) -> Result<PathBuf, crate::assets::AssetsError>,
+        host_mem_kib: &dyn Fn() -> Option<u64>,
     ) -> Result<ResolvedConfig, ConfigError> {
         let invalid = |field, reason: String| ConfigError::Invalid { field, reason };
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
@@ -253,6 +257,21 @@ impl SandboxConfig {
                     self.memory_mib
                 ),
             ));
+        }
+        // More guest RAM than the host has cannot be backed: refuse it instead of letting the
+        // host swap or OOM-kill the VMM later. Unknown host memory is not checked.
+        if let Some(total_kib) = host_mem_kib() {
+            if u64::from(self.memory_mib) * 1024 > total_kib {
+                return Err(invalid(
+                    "memory_mib",
+                    format!(
+                        "{} MiB is more than this host's memory (MemTotal {} MiB in \
+                         /proc/meminfo)",
+                        self.memory_mib,
+                        total_kib / 1024
+                    ),
+                ));
+            }
         }
         self.check_deadlines()?;
         if self.extra_cmdline.len() > MAX_EXTRA_CMDLINE {
@@ -447,6 +466,22 @@ fn resolve_asset(
         });
     }
     Ok(path)
+}
+
+/// The host's `MemTotal` (KiB) from /proc/meminfo; `None` when it cannot be read.
+fn host_mem_total_kib() -> Option<u64> {
+    parse_mem_total(&std::fs::read_to_string("/proc/meminfo").ok()?)
+}
+
+/// The `MemTotal:` line of a /proc/meminfo text, in KiB.
+fn parse_mem_total(meminfo: &str) -> Option<u64> {
+    let rest = meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:"))?;
+    let mut words = rest.split_whitespace();
+    let kib: u64 = words.next()?.parse().ok()?;
+    match words.next() {
+        Some("kB") | None => Some(kib),
+        Some(_) => None,
+    }
 }
 
 /// A valid sandbox name: 1..=[`MAX_NAME`] bytes of `[A-Za-z0-9._-]`.
@@ -644,6 +679,39 @@ mod tests {
     }
 
     #[test]
+    fn guest_memory_beyond_the_host_is_refused() {
+        let (dir, _) = with_assets();
+        let base = dir.path().to_path_buf();
+        let lookup = move |a: Asset| -> Result<PathBuf, crate::assets::AssetsError> {
+            Ok(base.join(match a {
+                Asset::Kernel => "vmlinux",
+                Asset::Initramfs => "initramfs.cpio",
+            }))
+        };
+        // A 24 GiB host, as /proc/meminfo says it.
+        let meminfo = "MemTotal:       25165824 kB\nMemFree:         1000000 kB\n";
+        let host = || parse_mem_total(meminfo);
+        assert_eq!(host(), Some(24 << 20));
+        let e = SandboxConfig::new()
+            .memory_mib(65536)
+            .validate_with(&lookup, &host)
+            .unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("65536 MiB"), "{msg}");
+        assert!(msg.contains("MemTotal 24576 MiB"), "{msg}");
+        assert_eq!(field_of(e), "memory_mib");
+        // Up to all of it is accepted; unknown host memory is not checked.
+        let all = SandboxConfig::new().memory_mib(24576);
+        all.validate_with(&lookup, &host).unwrap();
+        SandboxConfig::new()
+            .memory_mib(65536)
+            .validate_with(&lookup, &|| None)
+            .unwrap();
+        assert_eq!(parse_mem_total("MemFree: 1 kB\n"), None);
+        assert_eq!(parse_mem_total("MemTotal: x kB\n"), None);
+    }
+
+    #[test]
     fn restore_configurations_check_deadlines_and_name_only() {
         // No assets anywhere: a restore does not need them.
         let cfg = SandboxConfig::new().kernel("/nonexistent/k").memory_mib(1);
@@ -716,13 +784,17 @@ mod tests {
                 Asset::Initramfs => "initramfs.cpio",
             }))
         };
-        let r = SandboxConfig::new().validate_with(&lookup).unwrap();
+        let r = SandboxConfig::new()
+            .validate_with(&lookup, &|| None)
+            .unwrap();
         assert_eq!(r.kernel, dir.path().join("vmlinux"));
         assert_eq!(r.initramfs, dir.path().join("initramfs.cpio"));
         let no_home = |_a: Asset| -> Result<PathBuf, crate::assets::AssetsError> {
             Err(crate::assets::AssetsError::NoAssetsDir)
         };
-        let e = SandboxConfig::new().validate_with(&no_home).unwrap_err();
+        let e = SandboxConfig::new()
+            .validate_with(&no_home, &|| None)
+            .unwrap_err();
         assert!(e.to_string().contains("KILN_KERNEL"), "{e}");
     }
 }
