@@ -277,14 +277,27 @@ impl Streamed {
     }
 }
 
-/// Kills the command's process group unless dropped within `grace` (the command did not end
-/// after its SIGPIPE). Dropping the returned sender cancels it.
-fn kill_after(signaller: kiln::ExecSignaller, grace: Duration) -> Option<mpsc::Sender<()>> {
+/// Ends the command after kiln's stdout closed, from a helper thread (so that the caller
+/// keeps reading the command's events meanwhile and no request waits behind unread output):
+/// sends SIGPIPE to its process group, then SIGKILL unless the returned sender is dropped
+/// (the command ended) within `grace` of the call.
+fn end_after_broken_pipe(
+    signaller: kiln::ExecSignaller,
+    grace: Duration,
+) -> Option<mpsc::Sender<()>> {
     let (tx, rx) = mpsc::channel::<()>();
+    let start = Instant::now();
     let spawned = thread::Builder::new()
-        .name("kiln-epipe-kill".into())
+        .name("kiln-epipe".into())
         .spawn(move || {
-            if rx.recv_timeout(grace) == Err(mpsc::RecvTimeoutError::Timeout) {
+            if let Err(e) = signaller.signal(SIGPIPE) {
+                // Not worth a word when the command has ended meanwhile.
+                if rx.try_recv() != Err(mpsc::TryRecvError::Disconnected) {
+                    eprintln!("kiln: sending SIGPIPE to the command: {e}");
+                }
+            }
+            let left = grace.saturating_sub(start.elapsed());
+            if rx.recv_timeout(left) == Err(mpsc::RecvTimeoutError::Timeout) {
                 if let Err(e) = signaller.signal(SIGKILL) {
                     eprintln!("kiln: killing the command after its SIGPIPE: {e}");
                 }
@@ -293,7 +306,7 @@ fn kill_after(signaller: kiln::ExecSignaller, grace: Duration) -> Option<mpsc::S
     match spawned {
         Ok(_) => Some(tx),
         Err(e) => {
-            eprintln!("kiln: warning: cannot arm the kill after SIGPIPE: {e}");
+            eprintln!("kiln: warning: cannot signal the command after SIGPIPE: {e}");
             None
         }
     }
@@ -301,8 +314,8 @@ fn kill_after(signaller: kiln::ExecSignaller, grace: Duration) -> Option<mpsc::S
 
 /// Streams the command's output to our stdout/stderr as it arrives. When our stdout is
 /// closed (EPIPE) it stops writing output, sends SIGPIPE to the command's process group and
-/// kills the group if it has not ended [`BROKEN_PIPE_GRACE`] later; it still reads the
-/// events to the command's exit.
+/// kills the group if it has not ended [`BROKEN_PIPE_GRACE`] later (both from a helper
+/// thread); meanwhile it keeps reading (and dropping) the events up to the command's exit.
 fn run_streaming(
     sandbox: &Sandbox,
     argv: &[String],
@@ -312,7 +325,7 @@ fn run_streaming(
     let signaller = stream.signaller()?;
     let _forwarder = signaller.clone().and_then(signals::forward_to);
     // Dropped on return: cancels a pending kill.
-    let mut _killer: Option<mpsc::Sender<()>> = None;
+    let mut _ender: Option<mpsc::Sender<()>> = None;
     let stdout = io::stdout();
     let stderr = io::stderr();
     let mut stdout_closed = false;
@@ -332,12 +345,9 @@ fn run_streaming(
                         }
                         // Like a pipeline: the writer gets SIGPIPE, and ends.
                         stdout_closed = true;
-                        if let Some(s) = &signaller {
-                            _killer = kill_after(s.clone(), BROKEN_PIPE_GRACE);
-                        }
-                        if let Err(e) = stream.signal(SIGPIPE) {
-                            eprintln!("kiln: sending SIGPIPE to the command: {e}");
-                        }
+                        _ender = signaller
+                            .clone()
+                            .and_then(|s| end_after_broken_pipe(s, BROKEN_PIPE_GRACE));
                     }
                 }
             }
