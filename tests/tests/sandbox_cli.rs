@@ -311,3 +311,66 @@ fn kiln_run_forwards_ctrl_c_to_the_command() {
     assert_eq!(status.code(), Some(3), "stdout after ready: {rest:?}");
     assert!(rest.iter().any(|l| l == "got-int"), "{rest:?}");
 }
+
+#[test]
+fn kiln_run_yes_into_a_closed_pipe_ends_with_141() {
+    // `kiln run -- yes | head -c 10`: once the reader is gone, kiln's write fails with
+    // EPIPE; the command must get SIGPIPE (or be killed after a short grace) and kiln must
+    // exit within seconds with 128 + SIGPIPE, like a shell pipeline's writer.
+    kiln_tests::require_tier4();
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    use std::time::Instant;
+
+    let mut child = Command::new(sandbox_common::kiln_bin())
+        .args(args(&["--", "yes"]))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut first = [0u8; 10];
+    // Boot plus the first output: the same deadline as every CLI run.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = out.read_exact(&mut first).map(|()| first);
+        // `out` is dropped here: the reader closes after 10 bytes.
+        let _ = tx.send(r);
+    });
+    let first = match rx.recv_timeout(sandbox_common::CLI_TIMEOUT) {
+        Ok(Ok(b)) => b,
+        other => {
+            let _ = child.kill();
+            let o = child.wait_with_output().unwrap();
+            panic!("no 10 bytes from `yes` ({other:?}): {}", describe(&o));
+        }
+    };
+    assert_eq!(&first, b"y\ny\ny\ny\ny\n");
+    let closed = Instant::now();
+    let deadline = closed + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let o = child.wait_with_output().unwrap();
+            panic!(
+                "kiln still ran 20 s after its stdout closed: {}",
+                describe(&o)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    assert_eq!(status.code(), Some(141), "stderr: {err}");
+    assert!(
+        closed.elapsed() < Duration::from_secs(10),
+        "kiln took {:?} to end after its stdout closed; stderr: {err}",
+        closed.elapsed()
+    );
+}

@@ -46,6 +46,18 @@ impl MachineArgs {
     }
 }
 
+/// Refuses a command whose program (the first argument after `--`) is an empty string, before
+/// anything boots (`kiln run -- ""`). Later arguments may be empty (`sh -c ""`).
+pub fn check_command(command: &[String]) -> Result<(), String> {
+    match command.first() {
+        Some(p) if p.is_empty() => Err(
+            "the command is empty: its first argument (CMD, after `--`) is the empty string \"\""
+                .into(),
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// Parses a positive number of seconds (decimals allowed), e.g. `30` or `0.5`.
 pub fn parse_secs(s: &str) -> Result<Duration, String> {
     let v: f64 = s
@@ -103,6 +115,16 @@ mod tests {
         for bad in ["A", "=1", "A-B=1", "1A=2"] {
             assert!(parse_env(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn an_empty_program_is_refused() {
+        let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let e = check_command(&v(&[""])).unwrap_err();
+        assert!(e.contains("empty string"), "{e}");
+        assert!(check_command(&v(&["", "x"])).is_err());
+        check_command(&v(&["sh", "-c", ""])).unwrap();
+        check_command(&[]).unwrap();
     }
 
     #[test]

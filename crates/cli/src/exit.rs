@@ -49,6 +49,8 @@ pub fn for_error(e: &SandboxError) -> i32 {
             ASSETS
         }
         SandboxError::NoKvm { .. } | SandboxError::UnsupportedHost { .. } => NO_KVM,
+        // `--dir` names no snapshot (missing, or not a directory): a bad argument.
+        SandboxError::Snapshot { source, .. } if is_missing_path(source) => USAGE,
         SandboxError::Vm { .. }
         | SandboxError::Vsock { .. }
         | SandboxError::BootTimeout { .. }
@@ -67,6 +69,18 @@ pub fn for_error(e: &SandboxError) -> i32 {
         #[allow(unreachable_patterns)]
         _ => INTERNAL,
     }
+}
+
+/// A snapshot file or directory that does not exist or is not a directory.
+fn is_missing_path(kind: &kiln_vmm::snapshot::SnapshotErrorKind) -> bool {
+    matches!(
+        kind,
+        kiln_vmm::snapshot::SnapshotErrorKind::Io { source, .. }
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+            )
+    )
 }
 
 /// Exit code for a command that ran to its end.

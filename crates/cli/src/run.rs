@@ -3,6 +3,8 @@
 
 use std::fs::File;
 use std::io::{self, Write};
+use std::sync::mpsc;
+use std::thread;
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -13,6 +15,11 @@ use super::{exit, signals, MachineArgs};
 
 /// SIGPIPE: sent to the command when our stdout is closed (`kiln run -- yes | head`).
 const SIGPIPE: i32 = 13;
+/// SIGKILL: for a command still running [`BROKEN_PIPE_GRACE`] after its SIGPIPE.
+const SIGKILL: i32 = 9;
+/// How long a command may keep running after kiln's stdout closed and its process group got
+/// SIGPIPE (it may ignore or handle it) before the group is killed.
+pub const BROKEN_PIPE_GRACE: Duration = Duration::from_secs(2);
 
 /// `kiln run` arguments.
 #[derive(Debug, Args)]
@@ -124,6 +131,9 @@ pub fn run(args: RunArgs) -> i32 {
         status
     };
 
+    if let Err(message) = super::check_command(&args.command) {
+        return fail(exit::USAGE, message);
+    }
     let boot_timeout = args.boot_timeout;
     let stdin = match args.stdin.as_deref() {
         None => StdinSource::Null,
@@ -170,7 +180,10 @@ pub fn run(args: RunArgs) -> i32 {
     let mut out = Vec::new();
     let mut err = Vec::new();
     let result = if json {
-        run_collect(&sandbox, &args.command, opts, &mut out, &mut err)
+        run_collect(&sandbox, &args.command, opts, &mut out, &mut err).map(|status| Streamed {
+            status,
+            stdout_closed: false,
+        })
     } else {
         run_streaming(&sandbox, &args.command, opts)
     };
@@ -183,8 +196,8 @@ pub fn run(args: RunArgs) -> i32 {
         total_ms: ms(t0.elapsed()),
     };
 
-    let status = match result {
-        Ok(s) => s,
+    let (status, code) = match result {
+        Ok(s) => (s.status, s.code()),
         Err(e) => {
             if args.verbose {
                 summary(&name, &timings, None);
@@ -192,7 +205,6 @@ pub fn run(args: RunArgs) -> i32 {
             return fail(exit::for_error(&e), e.to_string());
         }
     };
-    let code = exit::for_status(&status);
     if args.verbose {
         summary(&name, &timings, Some(&status));
     }
@@ -242,35 +254,100 @@ fn print_json<T: Serialize>(v: &T) {
     }
 }
 
-/// Streams the command's output to our stdout/stderr as it arrives.
+/// What [`run_streaming`] saw: the command's status and whether kiln's stdout was closed
+/// under it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Streamed {
+    /// The command's exit status.
+    pub status: ExitStatus,
+    /// kiln's stdout was closed (EPIPE) while the command ran: the command got SIGPIPE.
+    pub stdout_closed: bool,
+}
+
+impl Streamed {
+    /// kiln's exit code: the command's status, except that a command killed after kiln's
+    /// stdout was closed (by the SIGPIPE, or the SIGKILL after [`BROKEN_PIPE_GRACE`]) ends
+    /// like a shell pipeline's writer: 128 + SIGPIPE = 141.
+    pub fn code(&self) -> i32 {
+        if self.stdout_closed && !self.status.timed_out && self.status.signal.is_some() {
+            128 + SIGPIPE
+        } else {
+            exit::for_status(&self.status)
+        }
+    }
+}
+
+/// Ends the command after kiln's stdout closed, from a helper thread (so that the caller
+/// keeps reading the command's events meanwhile and no request waits behind unread output):
+/// sends SIGPIPE to its process group, then SIGKILL unless the returned sender is dropped
+/// (the command ended) within `grace` of the call.
+fn end_after_broken_pipe(
+    signaller: kiln::ExecSignaller,
+    grace: Duration,
+) -> Option<mpsc::Sender<()>> {
+    let (tx, rx) = mpsc::channel::<()>();
+    let start = Instant::now();
+    let spawned = thread::Builder::new()
+        .name("kiln-epipe".into())
+        .spawn(move || {
+            if let Err(e) = signaller.signal(SIGPIPE) {
+                // Not worth a word when the command has ended meanwhile.
+                if rx.try_recv() != Err(mpsc::TryRecvError::Disconnected) {
+                    eprintln!("kiln: sending SIGPIPE to the command: {e}");
+                }
+            }
+            let left = grace.saturating_sub(start.elapsed());
+            if rx.recv_timeout(left) == Err(mpsc::RecvTimeoutError::Timeout) {
+                if let Err(e) = signaller.signal(SIGKILL) {
+                    eprintln!("kiln: killing the command after its SIGPIPE: {e}");
+                }
+            }
+        });
+    match spawned {
+        Ok(_) => Some(tx),
+        Err(e) => {
+            eprintln!("kiln: warning: cannot signal the command after SIGPIPE: {e}");
+            None
+        }
+    }
+}
+
+/// Streams the command's output to our stdout/stderr as it arrives. When our stdout is
+/// closed (EPIPE) it stops writing output, sends SIGPIPE to the command's process group and
+/// kills the group if it has not ended [`BROKEN_PIPE_GRACE`] later (both from a helper
+/// thread); meanwhile it keeps reading (and dropping) the events up to the command's exit.
 fn run_streaming(
     sandbox: &Sandbox,
     argv: &[String],
     opts: ExecOptions,
-) -> Result<ExitStatus, SandboxError> {
+) -> Result<Streamed, SandboxError> {
     let mut stream = sandbox.stream_exec_with_options(argv, opts)?;
-    let _forwarder = stream.signaller()?.and_then(signals::forward_to);
+    let signaller = stream.signaller()?;
+    let _forwarder = signaller.clone().and_then(signals::forward_to);
+    // Dropped on return: cancels a pending kill.
+    let mut _ender: Option<mpsc::Sender<()>> = None;
     let stdout = io::stdout();
     let stderr = io::stderr();
-    let mut stdout_open = true;
+    let mut stdout_closed = false;
     while let Some(ev) = stream.next_event()? {
         match ev {
             ExecEvent::Started { .. } => {}
             ExecEvent::Stdout(d) => {
-                if stdout_open {
+                if !stdout_closed {
                     let mut o = stdout.lock();
                     if let Err(e) = o.write_all(&d).and_then(|()| o.flush()) {
-                        stdout_open = false;
-                        if e.kind() == io::ErrorKind::BrokenPipe {
-                            // Like a pipeline: the writer gets SIGPIPE.
-                            let _ = stream.signal(SIGPIPE);
-                        } else {
+                        if e.kind() != io::ErrorKind::BrokenPipe {
                             return Err(SandboxError::Io {
                                 vm: sandbox.name().to_owned(),
                                 op: "writing the command's stdout",
                                 source: e,
                             });
                         }
+                        // Like a pipeline: the writer gets SIGPIPE, and ends.
+                        stdout_closed = true;
+                        _ender = signaller
+                            .clone()
+                            .and_then(|s| end_after_broken_pipe(s, BROKEN_PIPE_GRACE));
                     }
                 }
             }
@@ -279,7 +356,12 @@ fn run_streaming(
                 // A closed stderr is not worth failing the run for.
                 let _ = e.write_all(&d).and_then(|()| e.flush());
             }
-            ExecEvent::Exit(s) => return Ok(s),
+            ExecEvent::Exit(status) => {
+                return Ok(Streamed {
+                    status,
+                    stdout_closed,
+                })
+            }
         }
     }
     Err(SandboxError::Protocol {
@@ -314,6 +396,39 @@ fn run_collect(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn status(code: Option<i32>, signal: Option<i32>, timed_out: bool) -> ExitStatus {
+        ExitStatus {
+            code,
+            signal,
+            timed_out,
+            truncated: false,
+        }
+    }
+
+    #[test]
+    fn a_closed_stdout_ends_like_a_pipeline_writer() {
+        let closed = |s| Streamed {
+            status: s,
+            stdout_closed: true,
+        };
+        // Died of the SIGPIPE, or killed after the grace period: 141 either way.
+        assert_eq!(closed(status(None, Some(SIGPIPE), false)).code(), 141);
+        assert_eq!(closed(status(None, Some(SIGKILL), false)).code(), 141);
+        // A command that exits by itself keeps its code; a timeout stays 124.
+        assert_eq!(closed(status(Some(0), None, false)).code(), 0);
+        assert_eq!(closed(status(Some(3), None, false)).code(), 3);
+        assert_eq!(
+            closed(status(None, Some(SIGKILL), true)).code(),
+            exit::TIMEOUT
+        );
+        // With stdout open, a SIGKILL is the command's own 137.
+        let open = Streamed {
+            status: status(None, Some(SIGKILL), false),
+            stdout_closed: false,
+        };
+        assert_eq!(open.code(), 137);
+    }
 
     #[test]
     fn boot_timeout_default_matches_the_library() {

@@ -94,6 +94,10 @@ fn show(prefix: &str, r: &ExecResult) {
 
 /// Runs `kiln snapshot`; returns the exit code.
 pub fn snapshot(args: SnapshotArgs) -> i32 {
+    if let Err(message) = super::check_command(&args.command) {
+        eprintln!("kiln: error: {message}");
+        return exit::USAGE;
+    }
     let config = args
         .machine
         .apply(SandboxConfig::new().boot_timeout(args.boot_timeout));
@@ -147,6 +151,10 @@ fn restore_and_run(
 
 /// Runs `kiln restore`; returns the exit code.
 pub fn restore(args: RestoreArgs) -> i32 {
+    if let Err(message) = super::check_command(&args.command) {
+        eprintln!("kiln: error: {message}");
+        return exit::USAGE;
+    }
     match restore_and_run(&args.dir, args.boot_timeout, &args.command) {
         Ok(r) => {
             show("", &r);
@@ -160,6 +168,10 @@ pub fn restore(args: RestoreArgs) -> i32 {
 pub fn fork(args: ForkArgs) -> i32 {
     if args.count == 0 || args.count > MAX_FORKS {
         eprintln!("kiln: error: -n {} is not in 1..={MAX_FORKS}", args.count);
+        return exit::USAGE;
+    }
+    if let Err(message) = super::check_command(&args.restore.command) {
+        eprintln!("kiln: error: {message}");
         return exit::USAGE;
     }
     let results: Vec<Result<ExecResult, SandboxError>> = std::thread::scope(|s| {

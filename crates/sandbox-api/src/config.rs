@@ -201,15 +201,46 @@ impl SandboxConfig {
 
     /// Checks every field and resolves the asset paths (defaults, existence).
     pub fn validate(&self) -> Result<ResolvedConfig, ConfigError> {
-        self.validate_with(&|what| match what {
-            Asset::Kernel => crate::assets::default_kernel(),
-            Asset::Initramfs => crate::assets::default_initramfs(),
-        })
+        self.validate_with(
+            &|what| match what {
+                Asset::Kernel => crate::assets::default_kernel(),
+                Asset::Initramfs => crate::assets::default_initramfs(),
+            },
+            &host_mem_total_kib,
+        )
+    }
+
+    /// Checks what [`Sandbox::restore`](crate::Sandbox::restore) uses of a configuration:
+    /// the name (when set) and the deadlines (vCPUs, memory and the guest come from the
+    /// snapshot, so they and the asset paths are not looked at).
+    pub fn validate_for_restore(&self) -> Result<(), ConfigError> {
+        self.check_deadlines()?;
+        if let Some(n) = &self.name {
+            check_name(n)?;
+        }
+        Ok(())
+    }
+
+    fn check_deadlines(&self) -> Result<(), ConfigError> {
+        for (field, d) in [
+            ("boot_timeout", self.boot_timeout),
+            ("request_timeout", self.request_timeout),
+            ("consumer_deadline", self.consumer_deadline),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::Invalid {
+                    field,
+                    reason: "must be greater than zero".into(),
+                });
+            }
+        }
+        Ok(())
     }
 
     fn validate_with(
         &self,
         defaults: &dyn Fn(Asset) -> Result<PathBuf, crate::assets::AssetsError>,
+        host_mem_kib: &dyn Fn() -> Option<u64>,
     ) -> Result<ResolvedConfig, ConfigError> {
         let invalid = |field, reason: String| ConfigError::Invalid { field, reason };
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
@@ -227,21 +258,22 @@ impl SandboxConfig {
                 ),
             ));
         }
-        if self.boot_timeout.is_zero() {
-            return Err(invalid("boot_timeout", "must be greater than zero".into()));
+        // More guest RAM than the host has cannot be backed: refuse it instead of letting the
+        // host swap or OOM-kill the VMM later. Unknown host memory is not checked.
+        if let Some(total_kib) = host_mem_kib() {
+            if u64::from(self.memory_mib) * 1024 > total_kib {
+                return Err(invalid(
+                    "memory_mib",
+                    format!(
+                        "{} MiB is more than this host's memory (MemTotal {} MiB in \
+                         /proc/meminfo)",
+                        self.memory_mib,
+                        total_kib / 1024
+                    ),
+                ));
+            }
         }
-        if self.request_timeout.is_zero() {
-            return Err(invalid(
-                "request_timeout",
-                "must be greater than zero".into(),
-            ));
-        }
-        if self.consumer_deadline.is_zero() {
-            return Err(invalid(
-                "consumer_deadline",
-                "must be greater than zero".into(),
-            ));
-        }
+        self.check_deadlines()?;
         if self.extra_cmdline.len() > MAX_EXTRA_CMDLINE {
             return Err(invalid(
                 "extra_cmdline",
@@ -262,24 +294,7 @@ impl SandboxConfig {
             ));
         }
         let name = match &self.name {
-            Some(n) => {
-                if n.is_empty() || n.len() > MAX_NAME {
-                    return Err(invalid(
-                        "name",
-                        format!("must be 1..={MAX_NAME} bytes, got {}", n.len()),
-                    ));
-                }
-                if let Some(c) = n
-                    .chars()
-                    .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
-                {
-                    return Err(invalid(
-                        "name",
-                        format!("contains {c:?}; use letters, digits, '-', '_' and '.'"),
-                    ));
-                }
-                n.clone()
-            }
+            Some(n) => check_name(n)?,
             None => default_name(),
         };
         if self.disks.len() > kiln_vmm::virtio::block::MAX_DISKS {
@@ -342,6 +357,58 @@ pub struct ResolvedConfig {
     pub disks: Vec<kiln_vmm::virtio::block::DiskConfig>,
 }
 
+/// Bytes of a kernel file read to recognise it: up to the bzImage header's `HdrS` magic.
+const KERNEL_PROBE_BYTES: usize = 0x206;
+
+impl ResolvedConfig {
+    /// Checks what the guest files contain, as far as is cheap: the kernel must be an ELF
+    /// vmlinux or a bzImage, the initramfs must not be empty. [`Sandbox::create`] calls it
+    /// after [`SandboxConfig::validate`] (which only checks that the files exist) and before
+    /// the host check, so a wrong file is reported as such and not as a boot failure.
+    ///
+    /// [`Sandbox::create`]: crate::Sandbox::create
+    pub fn check_asset_contents(&self) -> Result<(), ConfigError> {
+        check_kernel_image(&self.kernel)?;
+        let invalid = |reason: String| ConfigError::Invalid {
+            field: "initramfs",
+            reason,
+        };
+        let len = std::fs::metadata(&self.initramfs)
+            .map_err(|e| invalid(format!("{}: {e}", self.initramfs.display())))?
+            .len();
+        if len == 0 {
+            return Err(invalid(format!("{} is empty", self.initramfs.display())));
+        }
+        Ok(())
+    }
+}
+
+/// Refuses a kernel file that is empty or neither an ELF file nor a bzImage.
+fn check_kernel_image(path: &Path) -> Result<(), ConfigError> {
+    use std::io::Read;
+    let invalid = |reason: String| ConfigError::Invalid {
+        field: "kernel",
+        reason,
+    };
+    let io_err = |e: std::io::Error| invalid(format!("{}: {e}", path.display()));
+    let mut head = Vec::with_capacity(KERNEL_PROBE_BYTES);
+    std::fs::File::open(path)
+        .and_then(|f| f.take(KERNEL_PROBE_BYTES as u64).read_to_end(&mut head))
+        .map_err(io_err)?;
+    if head.is_empty() {
+        return Err(invalid(format!("{} is empty", path.display())));
+    }
+    let elf = head.starts_with(b"\x7fELF");
+    let bzimage = head.get(0x202..0x206) == Some(b"HdrS".as_slice());
+    if !(elf || bzimage) {
+        return Err(invalid(format!(
+            "{} is not a kernel image (neither an ELF vmlinux nor a bzImage)",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Which guest asset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Asset {
@@ -385,6 +452,12 @@ fn resolve_asset(
             source,
         })?,
     };
+    if path.is_dir() {
+        return Err(ConfigError::Invalid {
+            field: asset.what(),
+            reason: format!("{} is a directory, not a file", path.display()),
+        });
+    }
     if !path.is_file() {
         return Err(ConfigError::MissingAsset {
             what: asset.what(),
@@ -393,6 +466,45 @@ fn resolve_asset(
         });
     }
     Ok(path)
+}
+
+/// The host's `MemTotal` (KiB) from /proc/meminfo; `None` when it cannot be read.
+fn host_mem_total_kib() -> Option<u64> {
+    parse_mem_total(&std::fs::read_to_string("/proc/meminfo").ok()?)
+}
+
+/// The `MemTotal:` line of a /proc/meminfo text, in KiB.
+fn parse_mem_total(meminfo: &str) -> Option<u64> {
+    let rest = meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:"))?;
+    let mut words = rest.split_whitespace();
+    let kib: u64 = words.next()?.parse().ok()?;
+    match words.next() {
+        Some("kB") | None => Some(kib),
+        Some(_) => None,
+    }
+}
+
+/// A valid sandbox name: 1..=[`MAX_NAME`] bytes of `[A-Za-z0-9._-]`.
+fn check_name(n: &str) -> Result<String, ConfigError> {
+    let invalid = |reason: String| ConfigError::Invalid {
+        field: "name",
+        reason,
+    };
+    if n.is_empty() || n.len() > MAX_NAME {
+        return Err(invalid(format!(
+            "must be 1..={MAX_NAME} bytes, got {}",
+            n.len()
+        )));
+    }
+    if let Some(c) = n
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(invalid(format!(
+            "contains {c:?}; use letters, digits, '-', '_' and '.'"
+        )));
+    }
+    Ok(n.to_owned())
 }
 
 fn default_name() -> String {
@@ -562,8 +674,104 @@ mod tests {
         ));
         assert!(msg.contains("cargo xtask kernel"), "{msg}");
         assert!(msg.contains(&missing.display().to_string()), "{msg}");
-        let e = cfg.initramfs(dir.path()).validate().unwrap_err();
+        let e = cfg.initramfs(&missing).validate().unwrap_err();
         assert!(e.to_string().contains("cargo xtask build-guest"));
+    }
+
+    #[test]
+    fn guest_memory_beyond_the_host_is_refused() {
+        let (dir, _) = with_assets();
+        let base = dir.path().to_path_buf();
+        let lookup = move |a: Asset| -> Result<PathBuf, crate::assets::AssetsError> {
+            Ok(base.join(match a {
+                Asset::Kernel => "vmlinux",
+                Asset::Initramfs => "initramfs.cpio",
+            }))
+        };
+        // A 24 GiB host, as /proc/meminfo says it.
+        let meminfo = "MemTotal:       25165824 kB\nMemFree:         1000000 kB\n";
+        let host = || parse_mem_total(meminfo);
+        assert_eq!(host(), Some(24 << 20));
+        let e = SandboxConfig::new()
+            .memory_mib(65536)
+            .validate_with(&lookup, &host)
+            .unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("65536 MiB"), "{msg}");
+        assert!(msg.contains("MemTotal 24576 MiB"), "{msg}");
+        assert_eq!(field_of(e), "memory_mib");
+        // Up to all of it is accepted; unknown host memory is not checked.
+        let all = SandboxConfig::new().memory_mib(24576);
+        all.validate_with(&lookup, &host).unwrap();
+        SandboxConfig::new()
+            .memory_mib(65536)
+            .validate_with(&lookup, &|| None)
+            .unwrap();
+        assert_eq!(parse_mem_total("MemFree: 1 kB\n"), None);
+        assert_eq!(parse_mem_total("MemTotal: x kB\n"), None);
+    }
+
+    #[test]
+    fn restore_configurations_check_deadlines_and_name_only() {
+        // No assets anywhere: a restore does not need them.
+        let cfg = SandboxConfig::new().kernel("/nonexistent/k").memory_mib(1);
+        cfg.validate_for_restore().unwrap();
+        for (bad, field) in [
+            (
+                cfg.clone().consumer_deadline(Duration::ZERO),
+                "consumer_deadline",
+            ),
+            (
+                cfg.clone().request_timeout(Duration::ZERO),
+                "request_timeout",
+            ),
+            (cfg.clone().boot_timeout(Duration::ZERO), "boot_timeout"),
+            (cfg.clone().name("a b"), "name"),
+        ] {
+            assert_eq!(field_of(bad.validate_for_restore().unwrap_err()), field);
+        }
+    }
+
+    #[test]
+    fn a_directory_is_not_a_guest_file() {
+        let (dir, cfg) = with_assets();
+        for (e, field) in [
+            (cfg.clone().kernel(dir.path()).validate(), "kernel"),
+            (cfg.initramfs(dir.path()).validate(), "initramfs"),
+        ] {
+            let e = e.unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.contains("is a directory"), "{msg}");
+            assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
+            assert_eq!(field_of(e), field);
+        }
+    }
+
+    #[test]
+    fn asset_contents_are_checked() {
+        let (dir, cfg) = with_assets();
+        let k = dir.path().join("vmlinux");
+        let i = dir.path().join("initramfs.cpio");
+        let check = |c: &SandboxConfig| c.validate().unwrap().check_asset_contents();
+        // The stand-in "k" is no kernel.
+        let e = check(&cfg).unwrap_err();
+        assert!(e.to_string().contains("is not a kernel image"), "{e}");
+        assert_eq!(field_of(e), "kernel");
+        std::fs::write(&k, b"").unwrap();
+        let e = check(&cfg).unwrap_err();
+        assert!(e.to_string().contains("is empty"), "{e}");
+        assert_eq!(field_of(e), "kernel");
+        // An ELF header, and a bzImage's `HdrS` at 0x202, pass.
+        std::fs::write(&k, b"\x7fELF\x02\x01\x01").unwrap();
+        check(&cfg).unwrap();
+        let mut bz = vec![0u8; 0x300];
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        std::fs::write(&k, &bz).unwrap();
+        check(&cfg).unwrap();
+        std::fs::write(&i, b"").unwrap();
+        let e = check(&cfg).unwrap_err();
+        assert!(e.to_string().contains("is empty"), "{e}");
+        assert_eq!(field_of(e), "initramfs");
     }
 
     #[test]
@@ -576,13 +784,17 @@ mod tests {
                 Asset::Initramfs => "initramfs.cpio",
             }))
         };
-        let r = SandboxConfig::new().validate_with(&lookup).unwrap();
+        let r = SandboxConfig::new()
+            .validate_with(&lookup, &|| None)
+            .unwrap();
         assert_eq!(r.kernel, dir.path().join("vmlinux"));
         assert_eq!(r.initramfs, dir.path().join("initramfs.cpio"));
         let no_home = |_a: Asset| -> Result<PathBuf, crate::assets::AssetsError> {
             Err(crate::assets::AssetsError::NoAssetsDir)
         };
-        let e = SandboxConfig::new().validate_with(&no_home).unwrap_err();
+        let e = SandboxConfig::new()
+            .validate_with(&no_home, &|| None)
+            .unwrap_err();
         assert!(e.to_string().contains("KILN_KERNEL"), "{e}");
     }
 }

@@ -93,6 +93,8 @@ impl Sandbox {
     pub fn create(config: SandboxConfig) -> Result<Sandbox, SandboxError> {
         let t0 = Instant::now();
         let cfg = config.validate()?;
+        // Input first, then the host: a wrong file is reported as such on any host.
+        cfg.check_asset_contents()?;
         check_host(&cfg.name)?;
         boot(cfg, t0)
     }

@@ -53,6 +53,36 @@ fn seed(vm: &str) -> Result<Vec<u8>, SandboxError> {
     Ok(seed)
 }
 
+/// Checks that `dir` is a directory holding a snapshot's two files (their contents are checked
+/// by the restore itself).
+fn check_snapshot_files(dir: &Path) -> Result<(), SnapshotErrorKind> {
+    let io = |path: &Path, op, source| SnapshotErrorKind::Io {
+        path: path.to_owned(),
+        op,
+        source,
+    };
+    let meta = std::fs::metadata(dir).map_err(|e| io(dir, "opening the snapshot directory", e))?;
+    if !meta.is_dir() {
+        return Err(io(
+            dir,
+            "opening the snapshot directory",
+            std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"),
+        ));
+    }
+    let (state, memory) = kiln_vmm::snapshot::paths(dir);
+    for file in [state, memory] {
+        let meta = std::fs::metadata(&file).map_err(|e| io(&file, "opening", e))?;
+        if !meta.is_file() {
+            return Err(io(
+                &file,
+                "opening",
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Sandbox {
     /// Saves this sandbox's VM to `dir` (created if needed; a snapshot there is replaced).
     /// The VM is paused meanwhile and then continues. Requests in flight while it is paused
@@ -72,7 +102,14 @@ impl Sandbox {
     /// reseeded.
     pub fn restore(dir: &Path, config: SandboxConfig) -> Result<Sandbox, SandboxError> {
         let t0 = Instant::now();
+        config.validate_for_restore()?;
         let name = config.name.clone().unwrap_or_else(restored_name);
+        // Input first, then the host: a missing snapshot is reported as such on any host.
+        check_snapshot_files(dir).map_err(|kind| SandboxError::Snapshot {
+            vm: name.clone(),
+            op: "restoring the VM",
+            source: Box::new(kind),
+        })?;
         check_host(&name)?;
         let mut rc = RestoreConfig::new(name.clone());
         rc.serial_ring_bytes = SERIAL_RING_BYTES;
@@ -195,4 +232,54 @@ pub(crate) fn pooled_sandbox(
     tracing::debug!(vm = sandbox.name(), dir = %pristine.dir.display(), "sandbox pool: pristine snapshot taken");
     *guard = Some(pristine);
     Ok(sandbox)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ConfigError;
+
+    #[test]
+    fn a_missing_or_incomplete_snapshot_is_refused_before_the_host_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope");
+        // Whatever this host is (no KVM, kvm-pvm, hardware), the input is reported.
+        let e = Sandbox::restore(&missing, SandboxConfig::new()).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, SandboxError::Snapshot { .. }), "{msg}");
+        assert!(msg.contains(&missing.display().to_string()), "{msg}");
+        assert!(msg.contains("snapshot directory"), "{msg}");
+
+        // A directory without the memory file names that file.
+        let (state, memory) = kiln_vmm::snapshot::paths(dir.path());
+        std::fs::write(&state, b"x").unwrap();
+        let e = check_snapshot_files(dir.path()).unwrap_err();
+        assert!(e.to_string().contains(&memory.display().to_string()), "{e}");
+        // A file given as the directory.
+        let e = check_snapshot_files(&state).unwrap_err();
+        assert!(e.to_string().contains("not a directory"), "{e}");
+        std::fs::write(&memory, b"").unwrap();
+        check_snapshot_files(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn restore_validates_its_configuration_first() {
+        // A zero deadline is refused at once (not by failing requests early), before the
+        // snapshot is even looked at.
+        let e = Sandbox::restore(
+            Path::new("/nonexistent"),
+            SandboxConfig::new().consumer_deadline(Duration::ZERO),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                SandboxError::Config(ConfigError::Invalid {
+                    field: "consumer_deadline",
+                    ..
+                })
+            ),
+            "{e}"
+        );
+    }
 }
