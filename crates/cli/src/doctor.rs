@@ -1,6 +1,8 @@
 //! `kiln doctor`: what this host offers (KVM kind, /dev/kvm and its permissions), where the
-//! guest assets are and whether they exist, and what to run when something is missing. Exits 0
-//! when sandboxes can run here, else with the `kiln run` code of the first problem.
+//! guest assets are and whether they exist, the images in the image store (`<assets>/images`:
+//! name, format, size, problems), and what to run when something is missing. Exits 0 when
+//! sandboxes can run here, else with the `kiln run` code of the first problem (a damaged image
+//! is reported but does not change the exit status).
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -11,6 +13,7 @@ use kiln_vmm::host::{self, HostKind, NoKvmReason};
 use serde::Serialize;
 
 use super::exit;
+use super::image::{human_size, ListLine};
 
 /// `kiln doctor` arguments.
 #[derive(Debug, Args)]
@@ -29,6 +32,17 @@ struct AssetReport {
     fix: Option<String>,
 }
 
+/// The image store in the report.
+#[derive(Debug, Serialize)]
+struct ImagesReport {
+    /// `<assets>/images`.
+    dir: Option<PathBuf>,
+    /// Every named image; a damaged one carries its `problem`.
+    images: Vec<ListLine>,
+    /// Why the store could not be read.
+    error: Option<String>,
+}
+
 /// The whole report.
 #[derive(Debug, Serialize)]
 struct Report {
@@ -39,6 +53,7 @@ struct Report {
     assets_dir: Option<PathBuf>,
     kernel: AssetReport,
     initramfs: AssetReport,
+    images: ImagesReport,
     ready: bool,
     status: i32,
     advice: Vec<String>,
@@ -101,6 +116,7 @@ fn gather() -> Report {
         "cargo xtask kernel && cargo xtask build-guest",
     );
     let initramfs = asset(assets::default_initramfs().ok(), "cargo xtask build-guest");
+    let images = images();
     for a in [&kernel, &initramfs] {
         if let Some(fix) = &a.fix {
             advice.push(fix.clone());
@@ -117,9 +133,49 @@ fn gather() -> Report {
         assets_dir,
         kernel,
         initramfs,
+        images,
         ready: status == 0,
         status,
         advice,
+    }
+}
+
+/// The images in `<assets>/images`; a store that does not exist yet is empty (and is not
+/// created).
+fn images() -> ImagesReport {
+    let dir = match assets::images_dir() {
+        Ok(d) => d,
+        Err(e) => {
+            return ImagesReport {
+                dir: None,
+                images: Vec::new(),
+                error: Some(e.to_string()),
+            }
+        }
+    };
+    images_in(dir)
+}
+
+fn images_in(dir: PathBuf) -> ImagesReport {
+    if !dir.exists() {
+        return ImagesReport {
+            dir: Some(dir),
+            images: Vec::new(),
+            error: None,
+        };
+    }
+    let listed = kiln_image::ImageStore::open(&dir).and_then(|s| s.list());
+    match listed {
+        Ok(list) => ImagesReport {
+            images: list.iter().map(ListLine::from).collect(),
+            dir: Some(dir),
+            error: None,
+        },
+        Err(e) => ImagesReport {
+            dir: Some(dir),
+            images: Vec::new(),
+            error: Some(super::image::with_causes(&e)),
+        },
     }
 }
 
@@ -221,12 +277,42 @@ fn print_human(r: &Report) {
             if a.present { "present" } else { "MISSING" }
         );
     }
+    print_images(&r.images);
     if r.ready {
         println!("ready: `kiln run -- CMD` can boot sandboxes on this host");
     } else {
         println!("not ready (exit status {}):", r.status);
         for a in &r.advice {
             println!("  - {a}");
+        }
+    }
+}
+
+fn print_images(r: &ImagesReport) {
+    let dir = r
+        .dir
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "-".into());
+    if let Some(e) = &r.error {
+        println!("  images:     {dir} [PROBLEM: {e}]");
+        return;
+    }
+    if r.images.is_empty() {
+        println!("  images:     {dir} [none; `kiln image build` makes one]");
+        return;
+    }
+    println!("  images:     {dir} [{}]", r.images.len());
+    let width = r.images.iter().map(|i| i.name.len()).max().unwrap_or(0);
+    for i in &r.images {
+        match &i.problem {
+            Some(p) => println!("    {:<width$}  PROBLEM: {p}", i.name),
+            None => println!(
+                "    {:<width$}  {:<5}  {}",
+                i.name,
+                i.format.unwrap_or("-"),
+                i.size.map_or_else(|| "-".into(), human_size)
+            ),
         }
     }
 }
@@ -250,6 +336,28 @@ mod tests {
         assert_eq!(name_of(f, 104), "kvm");
         assert_eq!(name_of(f, 0), "root");
         assert_eq!(name_of(f, 7), "7");
+    }
+
+    #[test]
+    fn images_of_a_missing_store_are_none_and_it_is_not_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("images");
+        let r = images_in(store.clone());
+        assert!(r.images.is_empty() && r.error.is_none());
+        assert!(!store.exists());
+        // An empty store is listed as such; an index entry without its image is a problem.
+        kiln_image::ImageStore::open(&store).unwrap();
+        assert!(images_in(store.clone()).images.is_empty());
+        std::fs::write(
+            store.join("index.json"),
+            r#"{"schema":1,"names":{"gone":"oci-0123abcd-ext4"}}"#,
+        )
+        .unwrap();
+        let r = images_in(store);
+        assert_eq!(r.images.len(), 1);
+        assert_eq!(r.images[0].name, "gone");
+        assert!(r.images[0].problem.is_some(), "{r:?}");
+        assert!(r.images[0].format.is_none());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! kiln-cli: the `kiln` command line (binary `kiln`, src/main.rs) over the `kiln` library.
 //! This file parses the command line and dispatches; each user-facing subcommand lives in its
 //! own module: [`run`] (`kiln run`), [`doctor`] (`kiln doctor`), [`snapshot`] (`kiln snapshot`,
-//! `kiln restore`, `kiln fork`). Shared pieces: [`args`] (argument parsers and the
+//! `kiln restore`, `kiln fork`), [`image`] (`kiln image build|ls|rm|pull|import|verify`, the
+//! `kiln-image` store). Shared pieces: [`args`] (argument parsers and the
 //! [`args::MachineArgs`] every command that boots a guest takes), [`exit`] (the exit codes),
 //! [`signals`] (forwarding Ctrl-C to the guest command), [`logging`] (the tracing subscriber:
 //! `RUST_LOG`, `-v`).
@@ -12,6 +13,7 @@
 pub mod args;
 pub mod doctor;
 pub mod exit;
+pub mod image;
 pub mod logging;
 pub mod run;
 pub mod signals;
@@ -49,6 +51,9 @@ pub enum Command {
     Restore(snapshot::RestoreArgs),
     /// Restore N sandboxes from one snapshot at once and run a command in each.
     Fork(snapshot::ForkArgs),
+    /// Manage guest images: build from a recipe, pull, import, list, remove, verify.
+    #[command(after_help = image::HELP)]
+    Image(image::ImageArgs),
 }
 
 /// Parses the command line and runs the subcommand; returns the process exit code.
@@ -61,6 +66,7 @@ pub fn main() -> i32 {
         Command::Snapshot(args) => snapshot::snapshot(args),
         Command::Restore(args) => snapshot::restore(args),
         Command::Fork(args) => snapshot::fork(args),
+        Command::Image(args) => image::image(args),
     }
 }
 

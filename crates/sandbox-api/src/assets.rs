@@ -1,7 +1,8 @@
 //! Where Kiln keeps its guest assets (the contract in docs/ARCHITECTURE.md, "Assets"): the
 //! assets directory ([`assets_dir`]: `$KILN_ASSETS_DIR`, else `$XDG_CACHE_HOME/kiln`, else
 //! `$HOME/.cache/kiln`) and the current guest in it ([`default_kernel`],
-//! [`default_initramfs`], overridden by `$KILN_KERNEL` / `$KILN_INITRAMFS`).
+//! [`default_initramfs`], overridden by `$KILN_KERNEL` / `$KILN_INITRAMFS`), and the image
+//! store directory in it ([`images_dir`], `<assets>/images`, docs/IMAGES.md).
 //!
 //! The VMM only takes paths; this is the one place that knows where Kiln caches its assets.
 //! `kiln doctor`, `SandboxConfig`'s defaults, xtask and the tier-4 tests use it.
@@ -40,6 +41,16 @@ pub fn assets_dir_from(env: impl Fn(&str) -> Option<OsString>) -> Result<PathBuf
 /// `$KILN_ASSETS_DIR`, else `$XDG_CACHE_HOME/kiln`, else `$HOME/.cache/kiln` (empty = unset).
 pub fn assets_dir() -> Result<PathBuf, AssetsError> {
     assets_dir_from(|k| std::env::var_os(k))
+}
+
+/// Image store directory from an environment lookup (see [`images_dir`]).
+pub fn images_dir_from(env: impl Fn(&str) -> Option<OsString>) -> Result<PathBuf, AssetsError> {
+    Ok(assets_dir_from(env)?.join("images"))
+}
+
+/// `<assets>/images`: the `kiln-image` store (`kiln image ...`, docs/IMAGES.md).
+pub fn images_dir() -> Result<PathBuf, AssetsError> {
+    images_dir_from(|k| std::env::var_os(k))
 }
 
 /// Guest kernel path from an environment lookup (see [`default_kernel`]).
@@ -113,6 +124,18 @@ mod tests {
             assets_dir_from(none),
             Err(AssetsError::NoAssetsDir)
         ));
+    }
+
+    #[test]
+    fn images_dir_is_under_the_assets_dir() {
+        let a = env(&[("KILN_ASSETS_DIR", "/a"), ("HOME", "/h")]);
+        assert_eq!(images_dir_from(a).unwrap(), PathBuf::from("/a/images"));
+        let home = env(&[("HOME", "/h")]);
+        assert_eq!(
+            images_dir_from(home).unwrap(),
+            PathBuf::from("/h/.cache/kiln/images")
+        );
+        assert!(images_dir_from(env(&[])).is_err());
     }
 
     #[test]
