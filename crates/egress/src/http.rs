@@ -91,63 +91,52 @@ fn map_parse_err(e: httparse::Error) -> HttpError {
     }
 }
 
+/// The length of the head `parsed` from `buf`: `None` while incomplete; a head (or an
+/// incomplete one) over `MAX_HEAD` bytes is refused.
+fn head_len(parsed: httparse::Result<usize>, buf: &[u8]) -> Result<Option<usize>, HttpError> {
+    match parsed.map_err(map_parse_err)? {
+        httparse::Status::Partial if buf.len() > MAX_HEAD => Err(HttpError::TooLarge),
+        httparse::Status::Partial => Ok(None),
+        httparse::Status::Complete(n) if n > MAX_HEAD => Err(HttpError::TooLarge),
+        httparse::Status::Complete(n) => Ok(Some(n)),
+    }
+}
+
 /// Parses a request head from the start of `buf`: `Ok(None)` when incomplete, else the head and
 /// its length in bytes.
 pub fn parse_request_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HttpError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
-    match req.parse(buf).map_err(map_parse_err)? {
-        httparse::Status::Partial => {
-            if buf.len() > MAX_HEAD {
-                Err(HttpError::TooLarge)
-            } else {
-                Ok(None)
-            }
-        }
-        httparse::Status::Complete(n) => {
-            if n > MAX_HEAD {
-                return Err(HttpError::TooLarge);
-            }
-            Ok(Some((
-                RequestHead {
-                    method: req.method.unwrap_or_default().to_string(),
-                    target: req.path.unwrap_or_default().to_string(),
-                    minor: req.version.unwrap_or(1),
-                    headers: headers_of(req.headers),
-                },
-                n,
-            )))
-        }
-    }
+    let Some(n) = head_len(req.parse(buf), buf)? else {
+        return Ok(None);
+    };
+    Ok(Some((
+        RequestHead {
+            method: req.method.unwrap_or_default().to_string(),
+            target: req.path.unwrap_or_default().to_string(),
+            minor: req.version.unwrap_or(1),
+            headers: headers_of(req.headers),
+        },
+        n,
+    )))
 }
 
 /// Parses a response head from the start of `buf` (see [`parse_request_head`]).
 pub fn parse_response_head(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, HttpError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
-    match resp.parse(buf).map_err(map_parse_err)? {
-        httparse::Status::Partial => {
-            if buf.len() > MAX_HEAD {
-                Err(HttpError::TooLarge)
-            } else {
-                Ok(None)
-            }
-        }
-        httparse::Status::Complete(n) => {
-            if n > MAX_HEAD {
-                return Err(HttpError::TooLarge);
-            }
-            Ok(Some((
-                ResponseHead {
-                    status: resp.code.unwrap_or(0),
-                    reason: resp.reason.unwrap_or_default().to_string(),
-                    minor: resp.version.unwrap_or(1),
-                    headers: headers_of(resp.headers),
-                },
-                n,
-            )))
-        }
-    }
+    let Some(n) = head_len(resp.parse(buf), buf)? else {
+        return Ok(None);
+    };
+    Ok(Some((
+        ResponseHead {
+            status: resp.code.unwrap_or(0),
+            reason: resp.reason.unwrap_or_default().to_string(),
+            minor: resp.version.unwrap_or(1),
+            headers: headers_of(resp.headers),
+        },
+        n,
+    )))
 }
 
 /// The value of the first header `name` (case-insensitive).

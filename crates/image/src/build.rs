@@ -10,10 +10,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use sha2::{Digest, Sha256};
 
-use crate::meta::{ImageFormat, ImageMeta, ImageSource, META_SCHEMA};
+use crate::meta::{ImageFormat, ImageSource};
 use crate::progress::Event;
 use crate::recipe::Recipe;
-use crate::store::{hex, Image, ImageStore};
+use crate::store::{hex, Image, ImageStore, Made};
 use crate::tools;
 use crate::{ImageError, Result};
 
@@ -263,12 +263,8 @@ impl ImageStore {
         apt.update(opts.index_max_age)?;
         let versions = apt.resolve(&recipe.packages)?;
         let (key, recipe_sha) = build_key(recipe, opts.format, &versions)?;
-        if self.cached(&key).is_some() {
-            progress(Event::Done {
-                key: &key,
-                cached: true,
-            });
-            return self.tag(&name, &key);
+        if let Some(img) = self.reuse(&name, &key, progress) {
+            return img;
         }
 
         let staging = self.staging()?;
@@ -330,18 +326,9 @@ impl ImageStore {
         }
         progress(Event::Step(&format!("mkfs.{}", opts.format.as_str())));
         let content = crate::format::tree_size(&root)?;
-        crate::format::make_image(
-            opts.format,
-            &root,
-            &staging.out().join(opts.format.file_name()),
-        )?;
-        let meta = ImageMeta {
-            schema: META_SCHEMA,
-            key: key.clone(),
+        let made = Made {
+            key,
             format: opts.format,
-            file: String::new(),
-            size: 0,
-            sha256: String::new(),
             source: ImageSource::Build {
                 recipe: recipe.name.clone(),
                 recipe_sha256: format!("sha256:{recipe_sha}"),
@@ -350,15 +337,9 @@ impl ImageStore {
             },
             exec: recipe.exec.clone(),
             content_bytes: content.bytes,
-            created: now_secs(),
-            build_secs: started.elapsed().as_secs_f64(),
+            started,
         };
-        let img = self.commit(staging, meta, &name)?;
-        progress(Event::Done {
-            key: &key,
-            cached: false,
-        });
-        Ok(img)
+        self.store_made(staging, &name, made, progress)
     }
 
     /// Runs `cmd` with its output in `log`, passing `I:`/`E:` lines to `progress`; kills it

@@ -10,10 +10,10 @@ use std::time::Instant;
 
 use serde::Deserialize;
 
-use crate::meta::{ImageFormat, ImageMeta, ImageSource, META_SCHEMA};
+use crate::meta::{ImageFormat, ImageSource};
 use crate::oci::{self, Document, LayerFile, MAX_DOCUMENT};
 use crate::progress::Event;
-use crate::store::{Image, ImageStore, Staging};
+use crate::store::{digest_key, Image, ImageStore, Made, Staging};
 use crate::{ImageError, Result};
 
 /// Options of [`ImageStore::import`].
@@ -91,29 +91,12 @@ impl ImageStore {
             read_docker_archive(path, &staging)?
         };
         let prefix = if archive == "oci" { "oci" } else { "img" };
-        let key = format!(
-            "{prefix}-{}-{}",
-            &key_digest["sha256:".len()..][..32],
-            opts.format.as_str()
-        );
-        if self.cached(&key).is_some() {
-            progress(Event::Done {
-                key: &key,
-                cached: true,
-            });
-            return self.tag(name, &key);
+        let key = digest_key(prefix, &key_digest, opts.format);
+        if let Some(img) = self.reuse(name, &key, progress) {
+            return img;
         }
         let cfg = oci::parse_config(&config, &shown)?;
-        if cfg.diff_ids.len() != layers.len() {
-            return Err(ImageError::corrupt(
-                format!("image {shown}"),
-                format!(
-                    "{} layers but {} diff_ids in the config",
-                    layers.len(),
-                    cfg.diff_ids.len()
-                ),
-            ));
-        }
+        oci::check_layer_count(&cfg, layers.len(), &shown)?;
         let files: Vec<LayerFile> = layers
             .into_iter()
             .enumerate()
@@ -125,18 +108,9 @@ impl ImageStore {
             .collect();
         let stats = oci::apply_layers(&staging.rootfs(), &files, &shown, progress)?;
         progress(Event::Step(&format!("mkfs.{}", opts.format.as_str())));
-        crate::format::make_image(
-            opts.format,
-            &staging.rootfs(),
-            &staging.out().join(opts.format.file_name()),
-        )?;
-        let meta = ImageMeta {
-            schema: META_SCHEMA,
-            key: key.clone(),
+        let made = Made {
+            key,
             format: opts.format,
-            file: String::new(),
-            size: 0,
-            sha256: String::new(),
             source: ImageSource::Import {
                 path: shown,
                 archive,
@@ -144,15 +118,9 @@ impl ImageStore {
             },
             exec: cfg.exec,
             content_bytes: stats.bytes,
-            created: crate::build::now_secs(),
-            build_secs: started.elapsed().as_secs_f64(),
+            started,
         };
-        let img = self.commit(staging, meta, name)?;
-        progress(Event::Done {
-            key: &key,
-            cached: false,
-        });
-        Ok(img)
+        self.store_made(staging, name, made, progress)
     }
 
     /// Returns (manifest digest, "oci", config bytes, [(layer path, digest)]).

@@ -143,6 +143,21 @@ pub struct ImageConfig {
     pub diff_ids: Vec<String>,
 }
 
+/// Refuses a config of `image` whose diff_ids do not count its manifest's `layers`.
+pub fn check_layer_count(cfg: &ImageConfig, layers: usize, image: &str) -> Result<()> {
+    if cfg.diff_ids.len() != layers {
+        return Err(ImageError::corrupt(
+            format!("image {image}"),
+            format!(
+                "{} layers but {} diff_ids in the config",
+                layers,
+                cfg.diff_ids.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Parses a config and refuses anything but linux/amd64.
 pub fn parse_config(bytes: &[u8], reference: &str) -> Result<ImageConfig> {
     let c: ConfigFile = serde_json::from_slice(bytes)

@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use crate::meta::{ImageFormat, ImageSource};
 use crate::oci::{self, Document, LayerFile, MAX_DOCUMENT, MAX_LAYER};
 use crate::progress::Event;
-use crate::store::{hex, Image, ImageStore};
+use crate::store::{digest_key, hex, Image, ImageStore, Made};
 use crate::{ImageError, Result};
 
 /// Registry credentials.
@@ -266,17 +266,9 @@ impl ImageStore {
             (doc, digest)
         };
         oci::check_algorithm(&manifest_digest, "manifest digest")?;
-        let key = format!(
-            "oci-{}-{}",
-            &manifest_digest["sha256:".len()..][..32],
-            opts.format.as_str()
-        );
-        if self.cached(&key).is_some() {
-            progress(Event::Done {
-                key: &key,
-                cached: true,
-            });
-            return self.tag(name, &key);
+        let key = digest_key("oci", &manifest_digest, opts.format);
+        if let Some(img) = self.reuse(name, &key, progress) {
+            return img;
         }
 
         let config_desc = manifest
@@ -301,16 +293,7 @@ impl ImageStore {
         )?;
         let cfg = oci::parse_config(&config, reference)?;
         let layers = manifest.layers.clone().unwrap_or_default();
-        if cfg.diff_ids.len() != layers.len() {
-            return Err(ImageError::corrupt(
-                format!("image {reference}"),
-                format!(
-                    "{} layers but {} diff_ids in the config",
-                    layers.len(),
-                    cfg.diff_ids.len()
-                ),
-            ));
-        }
+        oci::check_layer_count(&cfg, layers.len(), reference)?;
 
         let staging = self.staging()?;
         let dl = staging.path().join("layers");
@@ -342,33 +325,18 @@ impl ImageStore {
         let stats = oci::apply_layers(&staging.rootfs(), &files, reference, progress)?;
         let _ = std::fs::remove_dir_all(&dl);
         progress(Event::Step(&format!("mkfs.{}", opts.format.as_str())));
-        crate::format::make_image(
-            opts.format,
-            &staging.rootfs(),
-            &staging.out().join(opts.format.file_name()),
-        )?;
-        let meta = crate::meta::ImageMeta {
-            schema: crate::meta::META_SCHEMA,
-            key: key.clone(),
+        let made = Made {
+            key,
             format: opts.format,
-            file: String::new(),
-            size: 0,
-            sha256: String::new(),
             source: ImageSource::Registry {
                 reference: r.whole(),
                 manifest_digest: manifest_digest.clone(),
             },
             exec: cfg.exec,
             content_bytes: stats.bytes,
-            created: crate::build::now_secs(),
-            build_secs: started.elapsed().as_secs_f64(),
+            started,
         };
-        let img = self.commit(staging, meta, name)?;
-        progress(Event::Done {
-            key: &key,
-            cached: false,
-        });
-        Ok(img)
+        self.store_made(staging, name, made, progress)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -10,13 +10,37 @@ use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::format;
-use crate::meta::{ImageMeta, META_SCHEMA};
+use crate::meta::{ExecDefaults, ImageFormat, ImageMeta, ImageSource, META_SCHEMA};
+use crate::progress::Event;
 use crate::{ImageError, Result};
+
+/// What a build, import or pull records of the root it staged (see `ImageStore::store_made`).
+pub(crate) struct Made {
+    pub key: String,
+    pub format: ImageFormat,
+    pub source: ImageSource,
+    pub exec: ExecDefaults,
+    /// Bytes of file content in the root filesystem.
+    pub content_bytes: u64,
+    /// When the build, import or pull began.
+    pub started: Instant,
+}
+
+/// The content key `<prefix>-<first 32 hex digits of digest>-<format>` of an image whose
+/// identity is `digest` (`sha256:<hex>`, algorithm already checked).
+pub(crate) fn digest_key(prefix: &str, digest: &str, format: ImageFormat) -> String {
+    format!(
+        "{prefix}-{}-{}",
+        &digest["sha256:".len()..][..32],
+        format.as_str()
+    )
+}
 
 /// An image in the store, resolved and checked.
 #[derive(Debug, Clone)]
@@ -352,6 +376,54 @@ impl ImageStore {
     /// The stored, intact image under `key`, if any.
     pub(crate) fn cached(&self, key: &str) -> Option<Image> {
         self.load(key, key).ok()
+    }
+
+    /// Reports and names the stored image under `key` if there is one; `None`: make it.
+    pub(crate) fn reuse(
+        &self,
+        name: &str,
+        key: &str,
+        progress: &mut dyn FnMut(Event<'_>),
+    ) -> Option<Result<Image>> {
+        self.cached(key)?;
+        progress(Event::Done { key, cached: true });
+        Some(self.tag(name, key))
+    }
+
+    /// Makes the image file of `made.format` from the staging root, stores it under
+    /// `made.key` as `name` (see `commit`) and reports it done.
+    pub(crate) fn store_made(
+        &self,
+        staging: Staging,
+        name: &str,
+        made: Made,
+        progress: &mut dyn FnMut(Event<'_>),
+    ) -> Result<Image> {
+        format::make_image(
+            made.format,
+            &staging.rootfs(),
+            &staging.out().join(made.format.file_name()),
+        )?;
+        let key = made.key.clone();
+        let meta = ImageMeta {
+            schema: META_SCHEMA,
+            key: made.key,
+            format: made.format,
+            file: String::new(),
+            size: 0,
+            sha256: String::new(),
+            source: made.source,
+            exec: made.exec,
+            content_bytes: made.content_bytes,
+            created: crate::build::now_secs(),
+            build_secs: made.started.elapsed().as_secs_f64(),
+        };
+        let img = self.commit(staging, meta, name)?;
+        progress(Event::Done {
+            key: &key,
+            cached: false,
+        });
+        Ok(img)
     }
 
     /// Finishes a staging directory whose `out/` holds the image file: hashes it, writes
