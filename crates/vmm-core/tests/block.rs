@@ -7,33 +7,15 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use kiln_vmm::snapshot::{self, RestoreConfig, SnapshotError, SnapshotErrorKind};
 use kiln_vmm::test_guest::{self, counter_values, Action};
 use kiln_vmm::virtio::block::{BlockError, DiskConfig};
-use kiln_vmm::{ExitReason, Vm, VmConfig, VmError, VmErrorKind};
+use kiln_vmm::{ExitReason, Vm, VmError, VmErrorKind};
 
-const T: Duration = Duration::from_secs(10);
-
-fn dir() -> &'static tempfile::TempDir {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| tempfile::tempdir().unwrap())
-}
-
-/// The leak checks count process-wide fds and threads: keep other tests out meanwhile.
-fn serial_lock() -> MutexGuard<'static, ()> {
-    static L: Mutex<()> = Mutex::new(());
-    L.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn cfg(name: &str, action: Action) -> VmConfig {
-    let mut c = VmConfig::new(name, test_guest::write_to(dir().path()).unwrap());
-    c.cmdline_extra = action.cmdline().into();
-    c.serial_ring_bytes = 1 << 20;
-    c
-}
+mod common;
+use common::{cfg, dir, serial_lock, T};
 
 /// A backing file of `len` bytes of `byte`.
 fn disk(name: &str, len: usize, byte: u8) -> PathBuf {

@@ -6,7 +6,6 @@
 
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use kiln_vmm::snapshot::{
@@ -14,27 +13,10 @@ use kiln_vmm::snapshot::{
 };
 use kiln_vmm::test_guest::{self, counter_values, Action};
 use kiln_vmm::vcpu::VcpuState;
-use kiln_vmm::{Vm, VmConfig};
+use kiln_vmm::Vm;
 
-const T: Duration = Duration::from_secs(10);
-
-fn dir() -> &'static tempfile::TempDir {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| tempfile::tempdir().unwrap())
-}
-
-/// The leak test counts process-wide fds and threads: keep other tests out meanwhile.
-fn serial_lock() -> MutexGuard<'static, ()> {
-    static L: Mutex<()> = Mutex::new(());
-    L.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn cfg(name: &str, action: Action) -> VmConfig {
-    let mut c = VmConfig::new(name, test_guest::write_to(dir().path()).unwrap());
-    c.cmdline_extra = action.cmdline().into();
-    c.serial_ring_bytes = 1 << 20;
-    c
-}
+mod common;
+use common::{cfg, dir, serial_lock, T};
 
 fn snap_dir(name: &str) -> PathBuf {
     let d = dir().path().join(name);
