@@ -118,6 +118,7 @@ mod tests {
             signal,
             timed_out,
             truncated: false,
+            ..Default::default()
         }
     }
 

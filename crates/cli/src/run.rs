@@ -170,6 +170,7 @@ pub fn run(args: RunArgs) -> i32 {
         stdin,
         timeout: args.timeout,
         output_cap: Some(args.output_cap),
+        ..ExecOptions::default()
     };
     // The collected JSON result keeps everything unless capped explicitly.
     if json && args.output_cap.is_none() {
@@ -403,6 +404,7 @@ mod tests {
             signal,
             timed_out,
             truncated: false,
+            ..Default::default()
         }
     }
 

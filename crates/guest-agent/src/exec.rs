@@ -501,6 +501,7 @@ fn spawn_failure(err: ExecError, background: bool, conn: &ConnWriter, id: u64) {
                     signal: None,
                     timed_out: false,
                     truncated: false,
+                    ..Default::default()
                 }),
             );
         }
@@ -945,5 +946,6 @@ fn pump(
         signal,
         timed_out,
         truncated,
+        ..Default::default()
     }
 }

@@ -1178,6 +1178,7 @@ impl ExecStream {
                 signal: None,
                 timed_out: false,
                 truncated: false,
+                ..Default::default()
             },
         };
         while let Some(ev) = self.next_event()? {
@@ -1475,6 +1476,7 @@ mod tests {
             signal: None,
             timed_out: false,
             truncated: false,
+            ..Default::default()
         })
     }
 

@@ -412,6 +412,7 @@ mod tests {
             signal: None,
             timed_out: false,
             truncated: false,
+            ..Default::default()
         };
         let p = String::new;
         let reqs = [

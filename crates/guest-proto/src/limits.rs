@@ -5,7 +5,7 @@
 //! allocating, and [`crate::Message::validate`] checks the per-field bounds.
 
 /// Protocol version announced by the agent in its `Hello`. A host refuses a different version.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// vsock port on the host (CID 2) that the agent connects to and speaks kiln-proto on.
 pub const AGENT_PORT: u32 = 1024;
@@ -43,6 +43,9 @@ pub const MAX_STRING: usize = 128 * 1024;
 
 /// Longest path (bytes), as Linux's `PATH_MAX`.
 pub const MAX_PATH: usize = 4096;
+
+/// Longest `ExecRequest::user` (a user name, `UID` or `UID:GID`).
+pub const MAX_USER: usize = 256;
 
 /// Longest error message or capability string (bytes).
 pub const MAX_MESSAGE: usize = 64 * 1024;

@@ -61,6 +61,22 @@ pub struct ExecRequest {
     /// Background exec: the request completes with `ExecStarted`; output is buffered until a
     /// `Wait` on the exec id.
     pub background: bool,
+    /// Run as this user: a name from the guest's `/etc/passwd`, or `UID` / `UID:GID`; `None` =
+    /// the agent's own user (root in the guest). A name also sets `HOME`, `USER` and `LOGNAME`
+    /// unless `env` sets them, and the supplementary groups from `/etc/group`.
+    pub user: Option<String>,
+    /// Resource limits of this exec's cgroup in the guest.
+    pub limits: ExecLimits,
+}
+
+/// Limits the agent applies to one exec (a cgroup v2 below the agent's own). `None` = the
+/// sandbox's default for that limit (see the agent docs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecLimits {
+    /// `memory.max` in bytes: past it the guest kernel's OOM killer kills within the exec.
+    pub memory_max: Option<u64>,
+    /// `pids.max`: fork/clone past it fails with EAGAIN inside the exec.
+    pub pids_max: Option<u64>,
 }
 
 impl ExecRequest {
@@ -74,6 +90,8 @@ impl ExecRequest {
             timeout_ms: None,
             output_cap: None,
             background: false,
+            user: None,
+            limits: ExecLimits::default(),
         }
     }
 }
@@ -140,7 +158,7 @@ pub enum Request {
 }
 
 /// How a process ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExitStatus {
     /// Exit code when the process exited normally.
     pub code: Option<i32>,
@@ -150,6 +168,11 @@ pub struct ExitStatus {
     pub timed_out: bool,
     /// Output was dropped because of the output cap (or the background buffer).
     pub truncated: bool,
+    /// The guest kernel's OOM killer killed a process of this exec (its cgroup's
+    /// `memory.events` counted an `oom_kill`).
+    pub oom_killed: bool,
+    /// A fork or clone in this exec failed at its `pids.max` (`pids.events` counted `max`).
+    pub pids_limit_hit: bool,
 }
 
 impl ExitStatus {
@@ -363,6 +386,9 @@ impl Request {
                 }
                 if let Some(c) = &e.cwd {
                     check_path("Exec.cwd", c)?;
+                }
+                if let Some(u) = &e.user {
+                    check("Exec.user", u.len(), MAX_USER)?;
                 }
                 if let Stdin::Bytes(b) = &e.stdin {
                     check("Exec.stdin", b.len(), MAX_CHUNK)?;

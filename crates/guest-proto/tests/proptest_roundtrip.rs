@@ -56,16 +56,28 @@ fn exec_req() -> impl Strategy<Value = ExecRequest> {
         prop::option::of(any::<u64>()),
         prop::option::of(any::<u64>()),
         any::<bool>(),
+        (
+            prop::option::of(s()),
+            prop::option::of(any::<u64>()),
+            prop::option::of(any::<u64>()),
+        ),
     )
         .prop_map(
-            |(argv, env, cwd, stdin, timeout_ms, output_cap, background)| ExecRequest {
-                argv,
-                env,
-                cwd,
-                stdin,
-                timeout_ms,
-                output_cap,
-                background,
+            |(argv, env, cwd, stdin, timeout_ms, output_cap, background, (user, mem, pids))| {
+                ExecRequest {
+                    argv,
+                    env,
+                    cwd,
+                    stdin,
+                    timeout_ms,
+                    output_cap,
+                    background,
+                    user,
+                    limits: ExecLimits {
+                        memory_max: mem,
+                        pids_max: pids,
+                    },
+                }
             },
         )
 }
@@ -126,13 +138,19 @@ fn exit_status() -> impl Strategy<Value = ExitStatus> {
         prop::option::of(any::<i32>()),
         any::<bool>(),
         any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
     )
-        .prop_map(|(code, signal, timed_out, truncated)| ExitStatus {
-            code,
-            signal,
-            timed_out,
-            truncated,
-        })
+        .prop_map(
+            |(code, signal, timed_out, truncated, oom_killed, pids_limit_hit)| ExitStatus {
+                code,
+                signal,
+                timed_out,
+                truncated,
+                oom_killed,
+                pids_limit_hit,
+            },
+        )
 }
 
 fn response() -> impl Strategy<Value = Response> {

@@ -706,6 +706,7 @@ impl ExecResult {
             signal: self.signal,
             timed_out: self.timed_out,
             truncated: self.truncated,
+            ..Default::default()
         }
     }
 

@@ -51,6 +51,13 @@ pub struct ExecOptions {
     /// Output cap: `None` = the default for the call, `Some(None)` = no cap,
     /// `Some(Some(n))` = at most `n` bytes of stdout + stderr.
     pub output_cap: Option<Option<u64>>,
+    /// Run as this guest user (a name from the guest's `/etc/passwd`, `UID` or `UID:GID`);
+    /// `None` = root (or the image's default user).
+    pub user: Option<String>,
+    /// `memory.max` of the exec's cgroup in the guest, in bytes.
+    pub memory_max: Option<u64>,
+    /// `pids.max` of the exec's cgroup in the guest.
+    pub pids_max: Option<u64>,
 }
 
 impl ExecOptions {
@@ -92,6 +99,24 @@ impl ExecOptions {
     /// Sets the output cap (`None` = unlimited).
     pub fn output_cap(mut self, cap: Option<u64>) -> Self {
         self.output_cap = Some(cap);
+        self
+    }
+
+    /// Runs the command as this guest user.
+    pub fn user(mut self, user: impl Into<String>) -> Self {
+        self.user = Some(user.into());
+        self
+    }
+
+    /// Caps the command's memory (its cgroup's `memory.max`, bytes).
+    pub fn memory_max(mut self, bytes: u64) -> Self {
+        self.memory_max = Some(bytes);
+        self
+    }
+
+    /// Caps the command's number of processes and threads (its cgroup's `pids.max`).
+    pub fn pids_max(mut self, n: u64) -> Self {
+        self.pids_max = Some(n);
         self
     }
 }
@@ -197,6 +222,7 @@ mod tests {
                 signal: Some(9),
                 timed_out: true,
                 truncated: false,
+                ..Default::default()
             },
             duration: Duration::ZERO,
         };

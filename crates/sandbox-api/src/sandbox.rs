@@ -14,8 +14,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use kiln_proto::{
-    Client, ClientConfig, ClientError, DirEntry, ExecRequest, FileStat, Hello, ProtoError, Stdin,
-    MAX_CHUNK, PROTOCOL_VERSION,
+    Client, ClientConfig, ClientError, DirEntry, ExecLimits, ExecRequest, FileStat, Hello,
+    ProtoError, Stdin, MAX_CHUNK, PROTOCOL_VERSION,
 };
 use kiln_vmm::host::{self, HostKind};
 use kiln_vmm::virtio::vsock::{VsockListener, VsockStream};
@@ -243,6 +243,11 @@ impl Sandbox {
                 .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1)),
             output_cap: opts.output_cap.flatten(),
             background: false,
+            user: opts.user,
+            limits: ExecLimits {
+                memory_max: opts.memory_max,
+                pids_max: opts.pids_max,
+            },
         };
         let mut inner_stream = self
             .inner
