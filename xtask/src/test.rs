@@ -576,81 +576,50 @@ fn run_in_harness(b: &Tier4Build, workdir: &Path, filter: Option<&str>) -> Resul
     let total = harness::env_secs("KILN_HARNESS_TIMEOUT").unwrap_or(HARNESS_TIMEOUT);
     let deadline = Instant::now() + total;
     let file = |k: usize, what: &str| test_file(&out_dir, k, what);
-    let mut pending: Vec<usize> = (0..tests.len()).collect();
+    let shards = tier4_shards().min(tests.len()).max(1);
+    if shards > 1 {
+        eprintln!(
+            "tier 4: {} tests in {shards} harness instances side by side (KILN_TIER4_SHARDS)",
+            tests.len()
+        );
+    }
+    let run = ShardRun {
+        b,
+        tests: &tests,
+        workdir,
+        out_dir: &out_dir,
+        deadline,
+        total,
+        idle_timeout,
+    };
+    // Test k goes to shard k % shards: neighbours in a file (often the slow ones) spread out.
+    let results: Vec<ShardResult> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..shards)
+            .map(|shard| {
+                let run = &run;
+                let mine: Vec<usize> = (shard..tests.len()).step_by(shards).collect();
+                scope.spawn(move || run.run(shard, mine))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| ShardResult {
+                    problems: vec!["a tier-4 shard runner panicked".into()],
+                    ..ShardResult::default()
+                })
+            })
+            .collect()
+    });
     let mut stalls = vec![0u32; tests.len()];
     let mut problems = Vec::new();
     let mut relaunches = Vec::new();
-    for launch in 1.. {
-        if pending.is_empty() {
-            break;
+    for r in results {
+        for (k, n) in r.stalls {
+            stalls[k] += n;
         }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left < Duration::from_secs(60) {
-            problems.push(format!(
-                "no time left for {} tests (tier-4 deadline {} s)",
-                pending.len(),
-                total.as_secs()
-            ));
-            break;
-        }
-        let script = out_dir.join(format!("run-{launch}.sh"));
-        fs::write(
-            &script,
-            harness_script(&b.executables, &tests, &pending, workdir, &out_dir),
-        )
-        .with_context(|| format!("writing {}", script.display()))?;
-        let opts = HarnessOptions {
-            command: vec!["bash".into(), script.display().to_string()],
-            timeout: Some(left),
-            env: tier4_env(b),
-            idle_timeout: Some(idle_timeout),
-        };
-        let result = harness::run(&opts);
-        pending.retain(|&k| !file(k, "rc").exists());
-        let err = match result {
-            Ok(_) if pending.is_empty() => break,
-            Ok(status) => {
-                problems.push(format!(
-                    "the harness command exited {status} before running {} tests",
-                    pending.len()
-                ));
-                break;
-            }
-            Err(e) => e,
-        };
-        let Some(&stalled) = pending.first() else {
-            problems.push(format!("the harness failed after the last test: {err:#}"));
-            break;
-        };
-        let what = describe_test(b, &tests[stalled]);
-        // The partial output of the stalled attempt stays next to the logs.
-        let kept = file(stalled, &format!("stall{}.log", stalls[stalled] + 1));
-        let _ = fs::rename(file(stalled, "log"), &kept);
-        stalls[stalled] += 1;
-        eprintln!(
-            "tier 4: the harness failed while {what} ran ({err:#}); partial output in {}",
-            kept.display()
-        );
-        if stalls[stalled] >= 2 {
-            problems.push(format!("{what} stalled the harness twice"));
-            pending.remove(0);
-        }
-        if pending.is_empty() {
-            break;
-        }
-        relaunches.push(what.clone());
-        if relaunches.len() > MAX_RELAUNCHES {
-            problems.push(format!(
-                "gave up after {} harness relaunches; {} tests not run",
-                MAX_RELAUNCHES,
-                pending.len()
-            ));
-            break;
-        }
-        eprintln!(
-            "tier 4: relaunching the harness for the {} tests not yet run",
-            pending.len()
-        );
+        problems.extend(r.problems);
+        relaunches.extend(r.relaunches);
     }
 
     let mut counts = Counts::default();
@@ -705,6 +674,136 @@ fn run_in_harness(b: &Tier4Build, workdir: &Path, filter: Option<&str>) -> Resul
         counts,
         error: (!problems.is_empty()).then(|| problems.join("; ")),
     })
+}
+
+/// `$KILN_TIER4_SHARDS`, else one harness instance per CPU up to two: each L1 is one TCG
+/// vCPU, so on a 2-core machine two instances halve tier 4's wall time.
+fn tier4_shards() -> usize {
+    std::env::var("KILN_TIER4_SHARDS")
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .min(2)
+        })
+        .clamp(1, 8)
+}
+
+/// What every shard of one tier-4 run shares.
+struct ShardRun<'a> {
+    b: &'a Tier4Build,
+    tests: &'a [Tier4Test],
+    workdir: &'a Path,
+    out_dir: &'a Path,
+    deadline: Instant,
+    total: Duration,
+    idle_timeout: Duration,
+}
+
+/// What one shard saw: stalls per test index, problems, the tests L1 stalled during.
+#[derive(Debug, Default)]
+struct ShardResult {
+    stalls: Vec<(usize, u32)>,
+    problems: Vec<String>,
+    relaunches: Vec<String>,
+}
+
+impl ShardRun<'_> {
+    /// Runs the tests `pending` (indices into `tests`) in harness instances one after the
+    /// other, relaunching L1 after a stall for the tests not yet run.
+    fn run(&self, shard: usize, mut pending: Vec<usize>) -> ShardResult {
+        let b = self.b;
+        let file = |k: usize, what: &str| test_file(self.out_dir, k, what);
+        let mut stalls = std::collections::BTreeMap::<usize, u32>::new();
+        let mut r = ShardResult::default();
+        for launch in 1.. {
+            if pending.is_empty() {
+                break;
+            }
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            if left < Duration::from_secs(60) {
+                r.problems.push(format!(
+                    "no time left for {} tests (tier-4 deadline {} s)",
+                    pending.len(),
+                    self.total.as_secs()
+                ));
+                break;
+            }
+            let script = self.out_dir.join(format!("run-{shard}-{launch}.sh"));
+            if let Err(e) = fs::write(
+                &script,
+                harness_script(
+                    &b.executables,
+                    self.tests,
+                    &pending,
+                    self.workdir,
+                    self.out_dir,
+                ),
+            ) {
+                r.problems
+                    .push(format!("writing {}: {e}", script.display()));
+                break;
+            }
+            let opts = HarnessOptions {
+                command: vec!["bash".into(), script.display().to_string()],
+                timeout: Some(left),
+                env: tier4_env(b),
+                idle_timeout: Some(self.idle_timeout),
+            };
+            let result = harness::run(&opts);
+            pending.retain(|&k| !file(k, "rc").exists());
+            let err = match result {
+                Ok(_) if pending.is_empty() => break,
+                Ok(status) => {
+                    r.problems.push(format!(
+                        "the harness command exited {status} before running {} tests",
+                        pending.len()
+                    ));
+                    break;
+                }
+                Err(e) => e,
+            };
+            let Some(&stalled) = pending.first() else {
+                r.problems
+                    .push(format!("the harness failed after the last test: {err:#}"));
+                break;
+            };
+            let what = describe_test(b, &self.tests[stalled]);
+            let n = stalls.entry(stalled).or_default();
+            // The partial output of the stalled attempt stays next to the logs.
+            let kept = file(stalled, &format!("stall{}.log", *n + 1));
+            let _ = fs::rename(file(stalled, "log"), &kept);
+            *n += 1;
+            eprintln!(
+                "tier 4: the harness failed while {what} ran ({err:#}); partial output in {}",
+                kept.display()
+            );
+            if *n >= 2 {
+                r.problems.push(format!("{what} stalled the harness twice"));
+                pending.remove(0);
+            }
+            if pending.is_empty() {
+                break;
+            }
+            r.relaunches.push(what.clone());
+            if r.relaunches.len() > MAX_RELAUNCHES {
+                r.problems.push(format!(
+                    "gave up after {} harness relaunches; {} tests not run",
+                    MAX_RELAUNCHES,
+                    pending.len()
+                ));
+                break;
+            }
+            eprintln!(
+                "tier 4: relaunching the harness for the {} tests not yet run",
+                pending.len()
+            );
+        }
+        r.stalls = stalls.into_iter().collect();
+        r
+    }
 }
 
 /// Where tier-4 test `k` leaves its output (`log`), exit code (`rc`) or a stalled attempt's
