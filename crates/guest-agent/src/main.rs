@@ -14,12 +14,14 @@
 //!
 //! The `KILN-AGENT-READY` line is printed in every mode once the agent can serve.
 
+mod cgroup;
 mod conn;
 mod exec;
 mod files;
 mod reaper;
 mod sys;
 mod transport;
+mod user;
 mod writer;
 
 use std::sync::Arc;
@@ -101,6 +103,14 @@ fn pid1_setup() {
 fn guest_main() -> ! {
     sys::ensure_std_fds();
     pid1_setup();
+    match cgroup::init_guest() {
+        Ok(c) => eprintln!(
+            "kiln-agent: exec limits: memory.max {} MiB, pids.max {}",
+            c.memory_max >> 20,
+            c.pids_max
+        ),
+        Err(e) => eprintln!("kiln-agent: execs run without limits: {e}"),
+    }
     let agent = loop {
         match start_agent(Mode::Guest) {
             Ok(a) => break a,
