@@ -19,7 +19,7 @@ pub mod run;
 pub mod signals;
 pub mod snapshot;
 
-pub use args::{check_command, parse_env, parse_secs, MachineArgs};
+pub use args::{check_command, parse_env, parse_secs, ImageRunArgs, MachineArgs};
 
 use clap::{Parser, Subcommand};
 
