@@ -105,6 +105,9 @@ pub struct SandboxConfig {
     /// Disks (virtio-blk) passed to the VM as they are, the guest's /dev/vda, /dev/vdb, ...
     /// in this order (at most [`kiln_vmm::virtio::block::MAX_DISKS`]).
     pub disks: Vec<kiln_vmm::virtio::block::DiskConfig>,
+    /// Network egress through the host proxy (docs/EGRESS.md); `None` = no egress at all.
+    /// Builders: [`SandboxConfig::egress`], [`SandboxConfig::secret`] (crate::egress).
+    pub egress: Option<crate::egress::EgressSettings>,
 }
 
 impl Default for SandboxConfig {
@@ -121,6 +124,7 @@ impl Default for SandboxConfig {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             consumer_deadline: DEFAULT_CONSUMER_DEADLINE,
             disks: Vec::new(),
+            egress: None,
         }
     }
 }
@@ -218,6 +222,9 @@ impl SandboxConfig {
         if let Some(n) = &self.name {
             check_name(n)?;
         }
+        if let Some(e) = &self.egress {
+            e.validate()?;
+        }
         Ok(())
     }
 
@@ -311,6 +318,9 @@ impl SandboxConfig {
             d.validate()
                 .map_err(|e| invalid("disks", format!("disk {i}: {e}")))?;
         }
+        if let Some(e) = &self.egress {
+            e.validate()?;
+        }
         let kernel = resolve_asset(self.kernel.as_deref(), Asset::Kernel, defaults)?;
         let initramfs = resolve_asset(self.initramfs.as_deref(), Asset::Initramfs, defaults)?;
         Ok(ResolvedConfig {
@@ -328,6 +338,7 @@ impl SandboxConfig {
             request_timeout: self.request_timeout,
             consumer_deadline: self.consumer_deadline,
             disks: self.disks.clone(),
+            egress: self.egress.clone(),
         })
     }
 }
@@ -355,6 +366,8 @@ pub struct ResolvedConfig {
     pub consumer_deadline: Duration,
     /// Disks for the VM.
     pub disks: Vec<kiln_vmm::virtio::block::DiskConfig>,
+    /// Egress settings (checked).
+    pub egress: Option<crate::egress::EgressSettings>,
 }
 
 /// Bytes of a kernel file read to recognise it: up to the bzImage header's `HdrS` magic.
