@@ -19,6 +19,7 @@
 
 mod cgroup;
 mod conn;
+mod egress;
 mod exec;
 mod files;
 mod reaper;
@@ -157,6 +158,10 @@ fn guest_main() -> ! {
         if let Err(e) = transport::start_vsock_echo() {
             eprintln!("kiln-agent: echo server: {e}");
         }
+    }
+    // The guest proxy port (forwarded to the host's egress proxy, docs/EGRESS.md).
+    if let Err(e) = egress::start() {
+        eprintln!("kiln-agent: {e}");
     }
     sys::console(READY);
     transport::vsock_client_loop(&agent)

@@ -10,6 +10,11 @@ pub const PROTOCOL_VERSION: u32 = 2;
 /// vsock port on the host (CID 2) that the agent connects to and speaks kiln-proto on.
 pub const AGENT_PORT: u32 = 1024;
 
+/// vsock port on the host (CID 2) of the sandbox's egress proxy: the agent forwards each TCP
+/// connection made to the guest's proxy port (127.0.0.1:3128) as one vsock connection here.
+/// The host listens on it only when the sandbox has an egress policy (docs/EGRESS.md).
+pub const EGRESS_PORT: u32 = 1025;
+
 /// vsock port in the guest of the byte echo server (only with `kiln.echo=1` on the cmdline).
 pub const ECHO_PORT: u32 = 5000;
 

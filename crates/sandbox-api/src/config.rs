@@ -121,6 +121,9 @@ pub struct SandboxConfig {
     /// A writable disk file holding the overlay's writes instead of RAM (formatted ext4 on the
     /// host when it has no ext4 file system). Its size is the scratch space.
     pub scratch_disk: Option<PathBuf>,
+    /// Network egress through the host proxy (docs/EGRESS.md); `None` = no egress at all.
+    /// Builders: [`SandboxConfig::egress`], [`SandboxConfig::secret`] (crate::egress).
+    pub egress: Option<crate::egress::EgressSettings>,
 }
 
 impl Default for SandboxConfig {
@@ -140,6 +143,7 @@ impl Default for SandboxConfig {
             image: None,
             overlay_size_mib: None,
             scratch_disk: None,
+            egress: None,
         }
     }
 }
@@ -312,6 +316,9 @@ impl SandboxConfig {
         if let Some(n) = &self.name {
             check_name(n)?;
         }
+        if let Some(e) = &self.egress {
+            e.validate()?;
+        }
         Ok(())
     }
 
@@ -405,6 +412,9 @@ impl SandboxConfig {
             d.validate()
                 .map_err(|e| invalid("disks", format!("disk {i}: {e}")))?;
         }
+        if let Some(e) = &self.egress {
+            e.validate()?;
+        }
         let kernel = resolve_asset(self.kernel.as_deref(), Asset::Kernel, defaults)?;
         let initramfs = resolve_asset(self.initramfs.as_deref(), Asset::Initramfs, defaults)?;
         Ok(ResolvedConfig {
@@ -423,6 +433,7 @@ impl SandboxConfig {
             consumer_deadline: self.consumer_deadline,
             disks: self.disks.clone(),
             exec_defaults: Default::default(),
+            egress: self.egress.clone(),
         })
     }
 }
@@ -452,6 +463,8 @@ pub struct ResolvedConfig {
     pub disks: Vec<kiln_vmm::virtio::block::DiskConfig>,
     /// The image's exec defaults (empty without an image).
     pub exec_defaults: crate::image::SandboxExecDefaults,
+    /// Egress settings (checked).
+    pub egress: Option<crate::egress::EgressSettings>,
 }
 
 /// Bytes of a kernel file read to recognise it: up to the bzImage header's `HdrS` magic.

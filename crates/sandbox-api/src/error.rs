@@ -190,6 +190,19 @@ pub enum SandboxError {
         #[source]
         source: Box<kiln_vmm::snapshot::SnapshotErrorKind>,
     },
+
+    /// The egress proxy could not start, or refused or failed a host request
+    /// ([`Sandbox::http_request`](crate::Sandbox::http_request)). (egress)
+    #[error("sandbox {vm}: {op}: {source}")]
+    Egress {
+        /// The sandbox.
+        vm: String,
+        /// The operation.
+        op: &'static str,
+        /// What the proxy reported (`Denied` names the rule).
+        #[source]
+        source: kiln_egress::EgressError,
+    },
 }
 
 impl SandboxError {

@@ -17,6 +17,7 @@
 
 pub mod assets;
 pub mod config;
+pub mod egress;
 pub mod error;
 pub mod exec;
 pub mod image;
@@ -24,6 +25,7 @@ pub mod pool;
 pub mod sandbox;
 
 pub use config::{ConfigError, ResolvedConfig, SandboxConfig};
+pub use egress::{EgressSettings, HttpRequest, HttpResponse, LogEntry, Policy};
 pub use error::SandboxError;
 pub use exec::{ExecEvent, ExecOptions, ExecResult, StdinSource, DEFAULT_OUTPUT_CAP};
 pub use image::{ResolvedImage, SandboxExecDefaults};

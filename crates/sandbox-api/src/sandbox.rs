@@ -71,6 +71,8 @@ struct Inner {
     timings: BootTimings,
     /// The image's exec defaults (crate::image); set once right after boot or restore.
     exec_defaults: std::sync::OnceLock<crate::image::SandboxExecDefaults>,
+    /// The sandbox's egress, set once after boot/restore when it has a policy (egress.rs).
+    egress: std::sync::OnceLock<crate::egress::Attached>,
     /// Dropping it ends the watchdog thread.
     _watchdog_stop: mpsc::Sender<()>,
 }
@@ -251,9 +253,13 @@ impl Sandbox {
             StdinSource::Reader(r) => (Stdin::Stream, Some(r)),
         };
         let program = argv[0].clone();
+        let env = match self.egress() {
+            Some(e) => e.exec_env(opts.env),
+            None => opts.env,
+        };
         let req = ExecRequest {
             argv,
-            env: opts.env,
+            env,
             cwd: opts.cwd,
             stdin,
             timeout_ms: opts
@@ -372,6 +378,27 @@ impl Sandbox {
             Err(_) if ended => Ok(()),
             Err(e) => Err(self.inner.error("shutdown", e)),
         }
+    }
+}
+
+/// Egress hooks (crate::egress).
+impl Sandbox {
+    /// The VM's vsock host endpoint (a clone; `None` once the VM is gone).
+    pub(crate) fn vsock_host(&self) -> Option<kiln_vmm::virtio::vsock::VsockHost> {
+        self.inner
+            .vm_guard()
+            .as_ref()
+            .and_then(|vm| vm.vsock().cloned())
+    }
+
+    /// Records the sandbox's egress (once).
+    pub(crate) fn set_egress(&self, e: crate::egress::Attached) {
+        let _ = self.inner.egress.set(e);
+    }
+
+    /// The sandbox's egress, when it has a policy.
+    pub(crate) fn egress(&self) -> Option<&crate::egress::Attached> {
+        self.inner.egress.get()
     }
 }
 
@@ -766,6 +793,7 @@ fn boot(cfg: ResolvedConfig, t0: Instant) -> Result<Sandbox, SandboxError> {
     };
     let sandbox = connect_agent(vm, listener, name, t0, vm_start, Deadlines::of(&cfg))?;
     sandbox.set_exec_defaults(exec_defaults);
+    crate::egress::attach(&sandbox, cfg.egress.as_ref())?;
     let ready = sandbox.inner.timings.ready;
     let agent = &sandbox.inner.hello.agent_version;
     tracing::debug!(vm = %sandbox.inner.name, ?vm_start, ?ready, %agent, "sandbox ready");
@@ -855,6 +883,7 @@ fn connect_agent(
         hello,
         timings: BootTimings { vm_start, ready },
         exec_defaults: std::sync::OnceLock::new(),
+        egress: std::sync::OnceLock::new(),
         _watchdog_stop: stop_tx,
     });
     let weak = Arc::downgrade(&inner);

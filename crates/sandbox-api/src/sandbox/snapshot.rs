@@ -165,6 +165,8 @@ impl Sandbox {
             .client
             .post_restore(now_ns, seed(&sandbox.inner.name)?)
             .map_err(|e| sandbox.inner.error("post-restore", e))?;
+        // Egress is host config: this restore call's settings, a fresh proxy and CA.
+        crate::egress::attach(&sandbox, config.egress.as_ref())?;
         tracing::debug!(vm = %sandbox.inner.name, ?vm_start, ?ready, "sandbox restored");
         Ok(sandbox)
     }
