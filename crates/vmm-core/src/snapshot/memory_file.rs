@@ -208,6 +208,19 @@ pub fn write(
     mem: &GuestMemoryMmap,
     snapshot_id: &[u8; 16],
 ) -> Result<(Vec<RegionSnapshot>, u64, WriteStats), MemFileError> {
+    write_with_hint(path, mem, snapshot_id, None)
+}
+
+/// [`write`], with `data_pages` (per region, sorted page runs) saying which pages not
+/// present in this process's page tables may hold data — for memory mapped from fork layers
+/// (crate::fork::MemLayers::data_runs), where the region's own file is not the whole story.
+/// `None`: the region's backing file's data extents (`SEEK_DATA`) say it.
+pub fn write_with_hint(
+    path: &Path,
+    mem: &GuestMemoryMmap,
+    snapshot_id: &[u8; 16],
+    data_pages: Option<&[Vec<(u64, u64)>]>,
+) -> Result<(Vec<RegionSnapshot>, u64, WriteStats), MemFileError> {
     let file = File::create(path).map_err(io_err(path, "create"))?;
     let mut regions = Vec::new();
     let mut off = DATA_OFFSET;
@@ -227,7 +240,7 @@ pub fn write(
 
     let mut stats = WriteStats::default();
     let mut pagemap = Pagemap::open();
-    for (r, snap) in mem.iter().zip(&regions) {
+    for (index, (r, snap)) in mem.iter().zip(&regions).enumerate() {
         let len = r.len() as usize;
         let base = r.as_ptr() as usize;
         // SAFETY: `base..base + len` is the live mapping of this region, owned by `mem` which
@@ -235,9 +248,12 @@ pub fn write(
         // (vCPUs parked, device locks held), so reading it as a shared byte slice is sound.
         let bytes = unsafe { std::slice::from_raw_parts(base as *const u8, len) };
         // Pages of the backing file that hold data (all of them if it cannot tell).
-        let file_data = r
-            .file_offset()
-            .map(|fo| file_data_pages(fo.file(), fo.start(), len as u64));
+        let file_data = match data_pages {
+            Some(hint) => Some(hint.get(index).cloned()),
+            None => r
+                .file_offset()
+                .map(|fo| file_data_pages(fo.file(), fo.start(), len as u64)),
+        };
         // `i` only grows: walk the runs with a cursor.
         let mut cursor = 0usize;
         let mut in_file = |i: usize| match &file_data {
