@@ -9,6 +9,7 @@ pub mod boot;
 pub mod bus;
 pub mod cpuid;
 pub mod event_loop;
+pub mod fork;
 pub mod host;
 pub mod memory;
 pub mod mptable;

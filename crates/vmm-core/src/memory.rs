@@ -3,11 +3,22 @@
 //!
 //! RAM starts at 0. Everything from [`MMIO_START`] up to 4 GiB is a hole for device MMIO
 //! (virtio-mmio slots, IOAPIC, LAPIC); RAM that does not fit below the hole continues at 4 GiB.
-//! The backing is anonymous `MAP_PRIVATE | MAP_NORESERVE` memory: nothing is zeroed or touched
-//! up front, pages appear when the guest (or the loader) first uses them. Guest RAM is
-//! `MADV_DONTDUMP`: a core dump of the embedding process never carries guest memory.
+//! The backing is one memfd (sparse shmem, `MFD_ALLOW_SEALING`) holding every region back to
+//! back, mapped `MAP_SHARED | MAP_NORESERVE`: nothing is zeroed or touched up front, pages
+//! appear when the guest (or the loader) first uses them. The memfd is what makes a live fork
+//! cheap: at a fork its pages become the frozen base the parent and the children map
+//! `MAP_PRIVATE` (crate::fork, docs/SNAPSHOT.md "Live fork"). Guest RAM is `MADV_DONTDUMP`:
+//! a core dump of the embedding process never carries guest memory.
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::sync::Arc;
+
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
+};
 
 /// Start of the MMIO hole below 4 GiB (virtio-mmio devices live here, 4 KiB apiece).
 pub const MMIO_START: u64 = 0xd000_0000;
@@ -60,9 +71,18 @@ pub enum MemoryError {
     Map {
         /// Requested size.
         mib: u64,
+        /// Cause (vm-memory's error).
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Creating or sizing the memfd behind guest RAM failed.
+    #[error("cannot create the {mib} MiB memfd behind guest memory: {source}")]
+    Memfd {
+        /// Requested size.
+        mib: u64,
         /// Cause.
         #[source]
-        source: vm_memory::mmap::FromRangesError,
+        source: std::io::Error,
     },
     /// madvise(MADV_DONTDUMP) on the guest RAM failed.
     #[error("cannot exclude guest memory from core dumps: {source}")]
@@ -91,13 +111,51 @@ pub fn low_ram_end(mem_mib: u64) -> u64 {
     (mem_mib << 20).min(MMIO_START)
 }
 
-/// Maps `mem_mib` MiB of guest RAM (lazily populated, excluded from core dumps).
+/// A new sparse memfd of `len` bytes that can be sealed (guest RAM, fork layers).
+pub fn new_memfd(name: &str, len: u64) -> Result<File, std::io::Error> {
+    let cname = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
+    // SAFETY: `cname` is a valid NUL-terminated string; memfd_create only reads it.
+    let fd =
+        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(len)?;
+    Ok(file)
+}
+
+/// Maps `mem_mib` MiB of guest RAM from a new memfd, `MAP_SHARED` (lazily populated,
+/// excluded from core dumps). Region i sits at file offset = the lengths of regions < i.
 pub fn create_guest_memory(mem_mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
-    let mem =
-        GuestMemoryMmap::from_ranges(&ram_ranges(mem_mib)).map_err(|source| MemoryError::Map {
+    let map_err = |source: Box<dyn std::error::Error + Send + Sync>| MemoryError::Map {
+        mib: mem_mib,
+        source,
+    };
+    let file = Arc::new(
+        new_memfd("kiln-guest-ram", mem_mib << 20).map_err(|source| MemoryError::Memfd {
             mib: mem_mib,
             source,
-        })?;
+        })?,
+    );
+    let mut regions = Vec::new();
+    let mut off = 0u64;
+    for (addr, len) in ram_ranges(mem_mib) {
+        let region = MmapRegion::build(
+            Some(FileOffset::from_arc(file.clone(), off)),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_NORESERVE,
+        )
+        .map_err(|e| map_err(Box::new(e)))?;
+        regions.push(
+            GuestRegionMmap::new(region, addr)
+                .ok_or_else(|| map_err("region wraps the address space".into()))?,
+        );
+        off += len as u64;
+    }
+    let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| map_err(Box::new(e)))?;
     exclude_from_core_dumps(&mem).map_err(|source| MemoryError::DontDump { source })?;
     Ok(mem)
 }

@@ -33,6 +33,9 @@ pub use crate::vcpu::ExitReason;
 /// `Vm::snapshot` / `Vm::restore` (snapshot module's entry points; vm/snapshot.rs).
 mod snapshot;
 pub use snapshot::PreparedRestore;
+/// `Vm::fork_source` / `Vm::fork` and [`ForkSource`] (live fork; vm/fork.rs).
+mod fork;
+pub use fork::{ForkInfo, ForkSource};
 
 /// Most vCPUs a VM may have.
 pub const MAX_VCPUS: u8 = 8;
@@ -524,6 +527,9 @@ pub struct Vm {
     started: Instant,
     /// The UART (snapshots read and restore its registers).
     serial: Arc<Mutex<SerialDevice>>,
+    /// The frozen layers guest RAM is mapped from (`None`: fresh RAM, one memfd mapped
+    /// shared). Set by restores, forks and children (crate::fork).
+    layers: Mutex<Option<crate::fork::MemLayers>>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -573,20 +579,29 @@ impl Vm {
             .as_cstring()
             .map(|c| c.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let launched = Vm::launch(name, machine, vm_fd, mem, cfg.vcpus, cmdline_str, |_| {
-            Ok::<(), VmErrorKind>(())
-        });
+        let launched = Vm::launch(
+            name,
+            machine,
+            vm_fd,
+            mem,
+            None,
+            cfg.vcpus,
+            cmdline_str,
+            |_| Ok::<(), VmErrorKind>(()),
+        );
         launched.map(|(vm, ())| vm)
     }
 
     /// Wraps a built machine whose guest is ready to run (kernel loaded, or state restored) in
     /// a `Vm`, starts its device thread, calls `before_start` and starts one thread per vCPU.
     /// On error the partly started `Vm` is dropped, which stops it.
+    #[allow(clippy::too_many_arguments)]
     fn launch<T, E: From<VmErrorKind>>(
         name: String,
         machine: Machine,
         vm_fd: VmFd,
         mem: GuestMemoryMmap,
+        layers: Option<crate::fork::MemLayers>,
         vcpus: u8,
         cmdline: String,
         before_start: impl FnOnce(&Vm) -> Result<T, E>,
@@ -620,6 +635,7 @@ impl Vm {
             cmdline,
             started: Instant::now(),
             serial,
+            layers: Mutex::new(layers),
         };
         if subscribers > 0 {
             vm.event_loop = Some(

@@ -2,10 +2,12 @@
 //! are all zero are never written, so they stay holes (`SEEK_HOLE` finds them, `du` does not
 //! count them) and the file's allocated size is only the pages the guest touched.
 //!
-//! Writing skips pages without reading them where it can: for anonymous guest memory,
-//! `/proc/self/pagemap` tells which pages were ever faulted in (present or swapped); the
-//! others are zero by construction. Pages that are present are checked for zero before they
-//! are written, and runs of non-zero pages go out in one `pwrite`.
+//! Writing skips pages without reading them where it can: `/proc/self/pagemap` tells which
+//! pages of the mapping were ever faulted in (present or swapped), and for memory mapped from
+//! a file (the memfd behind fresh guest RAM, a fork layer, a restored VM's memory file)
+//! `SEEK_DATA` / `SEEK_HOLE` tell which pages of the file hold data; a page that is neither is
+//! zero by construction. The others are checked for zero before they are written, and runs
+//! of non-zero pages go out in one `pwrite`.
 //!
 //! Restoring maps each region `MAP_PRIVATE` over the file: nothing is read up front, the
 //! guest faults pages in from the page cache on first touch, and its writes go to private
@@ -164,6 +166,40 @@ impl Pagemap {
     }
 }
 
+/// The page ranges `[first, end)` (relative to `start`) of `file` in `[start, start + len)`
+/// that hold data, by `SEEK_DATA` / `SEEK_HOLE`; `None` if the file system cannot tell (then
+/// every page may hold data).
+pub(crate) fn file_data_pages(file: &File, start: u64, len: u64) -> Option<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    let end = start + len;
+    let mut out = Vec::new();
+    let mut pos = start;
+    while pos < end {
+        let off = i64::try_from(pos).ok()?;
+        // SAFETY: lseek on a descriptor we own; it only moves the file position, which no
+        // reader of guest memory uses (all I/O is positional or through mappings).
+        let data = unsafe { libc::lseek(fd, off, libc::SEEK_DATA) };
+        if data < 0 {
+            // ENXIO: no data at or after `pos`.
+            return (io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO)).then_some(out);
+        }
+        let data = data as u64;
+        if data >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as i64, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return None;
+        }
+        let hole = (hole as u64).min(end);
+        out.push(((data - start) / PAGE, (hole - start).div_ceil(PAGE)));
+        pos = hole;
+    }
+    Some(out)
+}
+
 /// Writes guest memory `mem` to a new file at `path` (replacing it). The guest must not run
 /// and no device may write guest memory meanwhile. Returns the region table, the file
 /// length and counters.
@@ -171,6 +207,19 @@ pub fn write(
     path: &Path,
     mem: &GuestMemoryMmap,
     snapshot_id: &[u8; 16],
+) -> Result<(Vec<RegionSnapshot>, u64, WriteStats), MemFileError> {
+    write_with_hint(path, mem, snapshot_id, None)
+}
+
+/// [`write`], with `data_pages` (per region, sorted page runs) saying which pages not
+/// present in this process's page tables may hold data — for memory mapped from fork layers
+/// (crate::fork::MemLayers::data_runs), where the region's own file is not the whole story.
+/// `None`: the region's backing file's data extents (`SEEK_DATA`) say it.
+pub fn write_with_hint(
+    path: &Path,
+    mem: &GuestMemoryMmap,
+    snapshot_id: &[u8; 16],
+    data_pages: Option<&[Vec<(u64, u64)>]>,
 ) -> Result<(Vec<RegionSnapshot>, u64, WriteStats), MemFileError> {
     let file = File::create(path).map_err(io_err(path, "create"))?;
     let mut regions = Vec::new();
@@ -191,20 +240,39 @@ pub fn write(
 
     let mut stats = WriteStats::default();
     let mut pagemap = Pagemap::open();
-    for (r, snap) in mem.iter().zip(&regions) {
+    for (index, (r, snap)) in mem.iter().zip(&regions).enumerate() {
         let len = r.len() as usize;
         let base = r.as_ptr() as usize;
         // SAFETY: `base..base + len` is the live mapping of this region, owned by `mem` which
         // outlives this borrow. The caller guarantees nothing writes guest memory meanwhile
         // (vCPUs parked, device locks held), so reading it as a shared byte slice is sound.
         let bytes = unsafe { std::slice::from_raw_parts(base as *const u8, len) };
-        let anonymous = r.file_offset().is_none();
+        // Pages of the backing file that hold data (all of them if it cannot tell).
+        let file_data = match data_pages {
+            Some(hint) => Some(hint.get(index).cloned()),
+            None => r
+                .file_offset()
+                .map(|fo| file_data_pages(fo.file(), fo.start(), len as u64)),
+        };
+        // `i` only grows: walk the runs with a cursor.
+        let mut cursor = 0usize;
+        let mut in_file = |i: usize| match &file_data {
+            None => false,
+            Some(None) => true,
+            Some(Some(runs)) => {
+                let i = i as u64;
+                while runs.get(cursor).is_some_and(|&(_, b)| b <= i) {
+                    cursor += 1;
+                }
+                runs.get(cursor).is_some_and(|&(a, _)| a <= i)
+            }
+        };
         let pages = len / PAGE as usize;
         stats.guest_bytes += len as u64;
         let mut run: Option<usize> = None;
         for i in 0..=pages {
             let data = i < pages && {
-                let may = !anonymous || pagemap.maybe_data(base, i, pages);
+                let may = pagemap.maybe_data(base, i, pages) || in_file(i);
                 may && {
                     stats.pages_checked += 1;
                     !is_zero(&bytes[i * PAGE as usize..(i + 1) * PAGE as usize])
@@ -378,8 +446,9 @@ mod tests {
     }
 
     #[test]
-    fn file_backed_memory_is_written_in_full() {
-        // A restored VM's memory is file-backed: pagemap cannot vouch for unread pages.
+    fn file_backed_memory_is_written_from_the_file_data_and_the_private_pages() {
+        // A restored VM's memory is file-backed: pagemap cannot vouch for unread pages, the
+        // file's data extents (SEEK_DATA) do.
         let dir = tempfile::tempdir().unwrap();
         let (p1, p2) = (dir.path().join("m1"), dir.path().join("m2"));
         let mem = crate::memory::create_guest_memory(4).unwrap();
@@ -390,7 +459,8 @@ mod tests {
         let (_, len2, stats) = write(&p2, &restored, &[2; 16]).unwrap();
         assert_eq!(len2, len);
         assert_eq!(stats.written_bytes, 2 * PAGE);
-        assert_eq!(stats.pages_checked, 4 << 8);
+        // Only the file's data pages and the page the guest wrote were read.
+        assert!(stats.pages_checked < 16, "{stats:?}");
         let again = map(&p2, &[2; 16], &regions, len2).unwrap();
         assert_eq!(again.read_obj::<u8>(GuestAddress(0x3000)).unwrap(), 0x55);
         assert_eq!(again.read_obj::<u8>(GuestAddress(0x9000)).unwrap(), 0x66);

@@ -130,6 +130,18 @@ pub enum SnapshotErrorKind {
         #[source]
         source: Box<crate::virtio::block::BlockError>,
     },
+    /// A live fork was asked of a VM with a read-write disk (children would share and
+    /// corrupt it; give them read-only disks).
+    #[error("cannot fork: disk {index} ({path}) is read-write; only read-only disks are shared with children")]
+    ReadWriteDisk {
+        /// Position of the disk.
+        index: usize,
+        /// Its backing file.
+        path: PathBuf,
+    },
+    /// Freezing or mapping a live fork's memory layers failed.
+    #[error(transparent)]
+    ForkMemory(crate::fork::ForkMemError),
     /// A device's saved state does not fit the device being restored.
     #[error("restore device {device}: {what}")]
     Device {

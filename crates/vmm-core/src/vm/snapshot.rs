@@ -13,7 +13,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use kvm_ioctls::Kvm;
@@ -22,7 +22,9 @@ use super::{
     build_machine, create_vm_fd, kvm, register_memory, Machine, Vm, VmConfig, VmError, VmErrorKind,
 };
 use crate::snapshot::kvm_state::{self, VmKvmState};
-use crate::snapshot::state::{MmioSnapshot, VcpuSnapshot, VmSnapshot, VsockSnapshot};
+use crate::snapshot::state::{
+    MmioSnapshot, RegionSnapshot, VcpuSnapshot, VmSnapshot, VsockSnapshot,
+};
 use crate::snapshot::{
     self, format, memory_file, RestoreConfig, SnapshotError, SnapshotErrorKind, SnapshotInfo,
     VCPU_TIMEOUT,
@@ -94,6 +96,47 @@ impl Vm {
         dir: &Path,
         origin: &format::Origin,
     ) -> Result<SnapshotInfo, SnapshotErrorKind> {
+        let (mut snap, held) = self.capture_paused()?;
+        let Some(mem) = self.memory.as_ref() else {
+            return Err(SnapshotErrorKind::NotSnapshottable {
+                what: "it is being torn down".into(),
+            });
+        };
+        let lens: Vec<u64> = snap.regions.iter().map(|r| r.len).collect();
+        let hint = lock(&self.layers).as_ref().map(|l| l.data_runs(&lens));
+        let id = snapshot::new_snapshot_id();
+        let (state_path, mem_path) = snapshot::paths(dir);
+        let tmp_mem = tmp_name(&mem_path);
+        let written = memory_file::write_with_hint(&tmp_mem, mem, &id, hint.as_deref());
+        drop(held);
+        let (regions, memory_file_len, stats) = match written {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp_mem);
+                return Err(e.into());
+            }
+        };
+        std::fs::rename(&tmp_mem, &mem_path).map_err(io_err(&mem_path, "rename"))?;
+        snap.snapshot_id = id;
+        snap.regions = regions;
+        snap.memory_file_len = memory_file_len;
+        write_state(&snap, &state_path, origin, stats).map(|(state_bytes, stats)| SnapshotInfo {
+            dir: dir.to_owned(),
+            state_bytes,
+            guest_bytes: stats.guest_bytes,
+            written_bytes: stats.written_bytes,
+            paused_for: Default::default(),
+        })
+    }
+
+    /// Reads the whole state of the paused VM but its memory: vCPUs (on their threads),
+    /// serial, vsock and disk transports and devices, irqchips, PIT, clock. The returned
+    /// guard keeps the devices locked (so nothing touches guest memory or the rings) until
+    /// it is dropped. The snapshot id, region file offsets and memory file length are left
+    /// for the caller (region offsets are those of one memory file laid out back to back).
+    pub(super) fn capture_paused(
+        &self,
+    ) -> Result<(VmSnapshot, HeldDevices<'_>), SnapshotErrorKind> {
         let not = |what: &str| SnapshotErrorKind::NotSnapshottable {
             what: what.to_owned(),
         };
@@ -113,7 +156,7 @@ impl Vm {
         // Devices: serial, then the vsock transport and device, held until memory is written
         // so the device thread cannot touch guest memory or the rings meanwhile.
         let serial = lock(&self.serial).snapshot_state();
-        let mut held = None;
+        let mut held = HeldDevices(Vec::new());
         let vsock = match &self.devices.vsock {
             None => None,
             Some(v) => {
@@ -136,7 +179,7 @@ impl Vm {
                 let Some((st, d)) = found else {
                     return Err(not("the vsock device kept moving its queues"));
                 };
-                held = Some((t, d));
+                held.0.push(Box::new((t, d)));
                 Some(VsockSnapshot {
                     guest_cid: v.host.guest_cid(),
                     mmio_base: v.slot.base,
@@ -147,7 +190,6 @@ impl Vm {
         };
         // Disks: each transport and device likewise, held until memory is written; the
         // backing file's identity is read with the device locked (no write in flight).
-        let mut held_blocks = Vec::with_capacity(self.devices.blocks.disks.len());
         let mut blocks = Vec::with_capacity(self.devices.blocks.disks.len());
         for (index, b) in self.devices.blocks.disks.iter().enumerate() {
             let t = lock(&b.transport);
@@ -169,35 +211,30 @@ impl Vm {
                 gsi: b.slot.gsi,
                 transport: st,
             });
-            held_blocks.push((t, d));
+            held.0.push(Box::new((t, d)));
         }
         let vm_state = kvm_state::save_vm(vm_fd).map_err(|source| SnapshotErrorKind::KvmState {
             what: "VM state".into(),
             source,
         })?;
-
-        let id = snapshot::new_snapshot_id();
-        let (state_path, mem_path) = snapshot::paths(dir);
-        let tmp_mem = tmp_name(&mem_path);
-        let written = memory_file::write(&tmp_mem, mem, &id);
-        drop(held);
-        drop(held_blocks);
-        let (regions, memory_file_len, stats) = match written {
-            Ok(w) => w,
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp_mem);
-                return Err(e.into());
-            }
-        };
-        std::fs::rename(&tmp_mem, &mem_path).map_err(io_err(&mem_path, "rename"))?;
-
+        let mut regions = Vec::new();
+        let mut off = memory_file::DATA_OFFSET;
+        for r in vm_memory::GuestMemoryBackend::iter(mem) {
+            use vm_memory::{Address, GuestMemoryRegion};
+            regions.push(RegionSnapshot {
+                guest_addr: r.start_addr().raw_value(),
+                len: r.len(),
+                file_offset: off,
+            });
+            off += r.len();
+        }
         let snap = VmSnapshot {
-            snapshot_id: id,
+            snapshot_id: [0; 16],
             vm_name: self.name.clone(),
             mem_mib: ram_mib(&regions),
             cmdline: self.cmdline.clone(),
             regions,
-            memory_file_len,
+            memory_file_len: off,
             vcpus,
             pic_master: vm_state.pic_master,
             pic_slave: vm_state.pic_slave,
@@ -208,23 +245,7 @@ impl Vm {
             vsock,
             blocks,
         };
-        snap.validate()
-            .map_err(|what| SnapshotErrorKind::NotSnapshottable {
-                what: format!("its state does not pass validation: {what}"),
-            })?;
-        let bytes =
-            format::encode(&snap, origin).map_err(|source| SnapshotErrorKind::StateFile {
-                path: state_path.clone(),
-                source,
-            })?;
-        snapshot::write_atomic(&state_path, &bytes)?;
-        Ok(SnapshotInfo {
-            dir: dir.to_owned(),
-            state_bytes: bytes.len() as u64,
-            guest_bytes: stats.guest_bytes,
-            written_bytes: stats.written_bytes,
-            paused_for: Default::default(),
-        })
+        Ok((snap, held))
     }
 
     /// Saves every (paused) vCPU on its own thread.
@@ -302,6 +323,16 @@ impl Vm {
         Self::prepare_from(snap, &mem_path, cfg)
     }
 
+    /// [`Vm::prepare_from`] with the guest memory coming from `source` (a memory file or a
+    /// live fork's frozen layers).
+    pub(super) fn prepare_source(
+        snap: Arc<VmSnapshot>,
+        source: MemSource<'_>,
+        cfg: RestoreConfig,
+    ) -> Result<PreparedRestore, SnapshotErrorKind> {
+        Self::prepare_kind(snap, source, cfg)
+    }
+
     /// [`Vm::prepare_restore`] from an already loaded (and validated) state.
     pub fn prepare_from(
         snap: VmSnapshot,
@@ -309,13 +340,14 @@ impl Vm {
         cfg: RestoreConfig,
     ) -> Result<PreparedRestore, SnapshotError> {
         let name = cfg.name.clone();
-        Self::prepare_kind(snap, mem_path, cfg).map_err(|kind| SnapshotError::new(name, kind))
+        Self::prepare_kind(Arc::new(snap), MemSource::File(mem_path), cfg)
+            .map_err(|kind| SnapshotError::new(name, kind))
     }
 
     /// [`Vm::prepare_from`]; the caller adds the VM's name to an error.
     fn prepare_kind(
-        snap: VmSnapshot,
-        mem_path: &Path,
+        snap: Arc<VmSnapshot>,
+        source: MemSource<'_>,
         cfg: RestoreConfig,
     ) -> Result<PreparedRestore, SnapshotErrorKind> {
         let name = cfg.name.clone();
@@ -345,12 +377,27 @@ impl Vm {
             Err(e) => return Err(e.into()),
         }
         // Map (and check) the memory file before creating any KVM object.
-        let mem = memory_file::map(
-            mem_path,
-            &snap.snapshot_id,
-            &snap.regions,
-            snap.memory_file_len,
-        )?;
+        let (mem, layers) = match source {
+            MemSource::File(mem_path) => {
+                let mem = memory_file::map(
+                    mem_path,
+                    &snap.snapshot_id,
+                    &snap.regions,
+                    snap.memory_file_len,
+                )?;
+                let layers = crate::fork::MemLayers::from_private_file_mapping(&mem);
+                (mem, layers)
+            }
+            MemSource::Layers(l) => {
+                let table: Vec<(vm_memory::GuestAddress, usize)> = snap
+                    .regions
+                    .iter()
+                    .map(|r| (vm_memory::GuestAddress(r.guest_addr), r.len as usize))
+                    .collect();
+                let mem = l.map(&table).map_err(SnapshotErrorKind::ForkMemory)?;
+                (mem, Some(l.clone()))
+            }
+        };
 
         let (kvm, vm_fd) = create_vm_fd()?;
         register_memory(&vm_fd, &mem)?;
@@ -396,6 +443,7 @@ impl Vm {
             machine,
             vm_fd,
             mem,
+            layers,
             snap,
             name,
             vcpus: vcfg.vcpus,
@@ -410,9 +458,18 @@ pub struct PreparedRestore {
     machine: Machine,
     vm_fd: kvm_ioctls::VmFd,
     mem: vm_memory::GuestMemoryMmap,
-    snap: VmSnapshot,
+    layers: Option<crate::fork::MemLayers>,
+    snap: Arc<VmSnapshot>,
     name: String,
     vcpus: u8,
+}
+
+/// Where a restore's guest memory comes from.
+pub(super) enum MemSource<'a> {
+    /// A snapshot directory's memory file.
+    File(&'a Path),
+    /// A live fork's frozen layers.
+    Layers(&'a crate::fork::MemLayers),
 }
 
 impl std::fmt::Debug for PreparedRestore {
@@ -454,6 +511,7 @@ impl PreparedRestore {
         let PreparedRestore {
             vm_fd,
             mem,
+            layers,
             snap,
             name,
             vcpus,
@@ -502,8 +560,45 @@ impl PreparedRestore {
                 })?;
         }
 
-        Vm::launch(name, machine, vm_fd, mem, vcpus, snap.cmdline, before_start)
+        let cmdline = snap.cmdline.clone();
+        Vm::launch(
+            name,
+            machine,
+            vm_fd,
+            mem,
+            layers,
+            vcpus,
+            cmdline,
+            before_start,
+        )
     }
+}
+
+/// Device locks held while guest memory is read or frozen (dropping it unlocks them).
+pub(super) struct HeldDevices<'a>(Vec<Box<dyn Held + 'a>>);
+
+/// Anything kept only to be dropped later (device guards).
+pub(super) trait Held {}
+impl<T> Held for T {}
+
+/// Validates `snap`, encodes it and writes it to `state_path` (temp + rename). Returns the
+/// state file's size and `stats`.
+pub(super) fn write_state(
+    snap: &VmSnapshot,
+    state_path: &Path,
+    origin: &format::Origin,
+    stats: memory_file::WriteStats,
+) -> Result<(u64, memory_file::WriteStats), SnapshotErrorKind> {
+    snap.validate()
+        .map_err(|what| SnapshotErrorKind::NotSnapshottable {
+            what: format!("its state does not pass validation: {what}"),
+        })?;
+    let bytes = format::encode(snap, origin).map_err(|source| SnapshotErrorKind::StateFile {
+        path: state_path.to_owned(),
+        source,
+    })?;
+    snapshot::write_atomic(state_path, &bytes)?;
+    Ok((bytes.len() as u64, stats))
 }
 
 /// Saves `t`'s registers once its device is at rest: the device lock is taken after reading
@@ -529,7 +624,7 @@ fn quiesced<'a, D: VirtioDevice>(
 }
 
 /// `path` with a temporary suffix in the same directory (for write + rename).
-fn tmp_name(path: &Path) -> PathBuf {
+pub(super) fn tmp_name(path: &Path) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(format!(".tmp.{}", std::process::id()));
     PathBuf::from(s)
