@@ -58,13 +58,26 @@ fn commands_run_as_a_named_or_numeric_user() {
     .unwrap();
     sb.write_file("/etc/group", b"root:x:0:\nkiln:x:1000:\nstaff:x:50:kiln\n")
         .unwrap();
-    sb.mkdir("/home/kiln").unwrap();
+    run(&sb, "mkdir -p /home/kiln", ExecOptions::new());
     let out = run(
         &sb,
-        r#"id -u; id -g; id -G; echo "$HOME|$USER|$LOGNAME""#,
+        r#"id -u; id -g; echo "$HOME|$USER|$LOGNAME"; id -G"#,
         ExecOptions::new().user("kiln"),
     );
-    assert_eq!(out, "1000\n1000\n1000 50\n/home/kiln|kiln|kiln\n");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines[..3],
+        ["1000", "1000", "/home/kiln|kiln|kiln"],
+        "{out}"
+    );
+    let mut groups: Vec<&str> = lines[3].split_whitespace().collect();
+    groups.sort_unstable();
+    groups.dedup();
+    assert_eq!(
+        groups,
+        ["1000", "50"],
+        "primary and supplementary groups: {out}"
+    );
     let out = run(&sb, "id -u; id -g", ExecOptions::new().user("1000:1000"));
     assert_eq!(out, "1000\n1000\n");
     // As that user, root's files are out of reach.
