@@ -288,9 +288,13 @@ impl ExecCgroup {
         // The leader was reaped; its last exiting threads may need a moment to leave, and
         // after a kill every process of the exec (up to 2 s).
         let tries = if self.killed.get() { 400 } else { 20 };
-        for _ in 0..tries {
+        for i in 0..tries {
             if std::fs::remove_dir(&self.path).is_ok() {
                 return outcome;
+            }
+            if self.killed.get() && i % 20 == 19 {
+                // Again: a process still forking when the first kill came.
+                let _ = std::fs::write(self.path.join("cgroup.kill"), "1");
             }
             if !self.killed.get() && event_count(&read("cgroup.events"), "populated") > 0 {
                 break;
