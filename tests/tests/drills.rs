@@ -108,20 +108,24 @@ fn drill_storms_kill_the_command_not_the_sandbox_or_its_neighbour() {
     {
         let victim = sandbox("drill-victim-storms", 256, 1);
 
-        // A fork bomb with the default pids.max: the exec's cgroup stops it (pids.max, or
-        // memory.max when the processes' memory runs out first); the timeout ends it.
+        // A fork bomb: the exec's cgroup stops it at pids.max; the timeout ends it. (A
+        // pids.max of 128: under the harness's software emulation a bomb does not reach the
+        // default, about 1,600 at 256 MiB, within 20 s — the first run saw no failed fork.)
         let t = Instant::now();
         let r = victim
             .exec_with_options(
                 &["sh", "-c", "f() { f | f & }; f; sleep 600"],
-                ExecOptions::new().timeout(Duration::from_secs(20)),
+                ExecOptions::new()
+                    .pids_max(128)
+                    .timeout(Duration::from_secs(20)),
             )
             .unwrap();
         eprintln!("fork bomb: {r:?} after {:?}", t.elapsed());
         assert!(
-            r.status.pids_limit_hit || r.status.oom_killed,
-            "the fork bomb hit a limit: {r:?}"
+            r.status.pids_limit_hit,
+            "the fork bomb hit its limit: {r:?}"
         );
+        assert!(r.timed_out(), "{r:?}");
         victim.ping_timeout(PING_DEADLINE).unwrap();
 
         // A memory hog beyond guest RAM: OOM-killed inside its cgroup, the agent lives.

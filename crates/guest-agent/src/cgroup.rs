@@ -9,8 +9,8 @@
 //! - [`EXEC_PARENT`] holds every exec: its `memory.max` is the guest's RAM minus the agent's
 //!   reserve ([`reserve_for`]), its `pids.max` the kernel's `threads-max` minus a reserve, so
 //!   all execs together can never take the agent's memory or task slots; with the `cpu`
-//!   controller all execs together weigh as much as one agent thread, so the agent keeps
-//!   answering pings under a CPU storm;
+//!   controller all execs together weigh as one nice-0 task against each (nice -10) agent
+//!   thread, so the agent keeps answering pings under a CPU storm;
 //! - `EXEC_PARENT/exec-<n>` is one exec: `memory.max` / `pids.max` from the request (else the
 //!   defaults: the parent's caps, `pids.max` at most [`DEFAULT_PIDS_MAX`]), and
 //!   `memory.oom.group` 1 (an OOM kill takes the whole exec). The child moves itself into it
