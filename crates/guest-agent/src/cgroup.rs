@@ -9,8 +9,8 @@
 //! - [`EXEC_PARENT`] holds every exec: its `memory.max` is the guest's RAM minus the agent's
 //!   reserve ([`reserve_for`]), its `pids.max` the kernel's `threads-max` minus a reserve, so
 //!   all execs together can never take the agent's memory or task slots; with the `cpu`
-//!   controller all execs together weigh as much as one agent thread, so the agent keeps
-//!   answering pings under a CPU storm;
+//!   controller all execs together weigh as one nice-0 task against each (nice -10) agent
+//!   thread, so the agent keeps answering pings under a CPU storm;
 //! - `EXEC_PARENT/exec-<n>` is one exec: `memory.max` / `pids.max` from the request (else the
 //!   defaults: the parent's caps, `pids.max` at most [`DEFAULT_PIDS_MAX`]), and
 //!   `memory.oom.group` 1 (an OOM kill takes the whole exec). The child moves itself into it
@@ -166,14 +166,24 @@ pub fn init_guest() -> Result<&'static Cgroups, CgroupError> {
             });
         }
     }
-    let enable: String = want.iter().map(|c| format!("+{c} ")).collect();
-    write(&root.join("cgroup.subtree_control"), enable.trim_end())?;
+    // One controller per write: `cpu` is optional (the kernel may refuse it, e.g. with
+    // realtime tasks about), memory and pids are not.
+    let enable = |dir: &Path| -> Result<(), CgroupError> {
+        for c in &want {
+            let r = write(&dir.join("cgroup.subtree_control"), &format!("+{c}"));
+            if *c != "cpu" {
+                r?;
+            }
+        }
+        Ok(())
+    };
+    enable(root)?;
     match std::fs::create_dir(&parent) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(io("creating", &parent)(e)),
     }
-    write(&parent.join("cgroup.subtree_control"), enable.trim_end())?;
+    enable(&parent)?;
     write(&parent.join("memory.max"), &memory_max.to_string())?;
     // Without swap a hog would otherwise only shift to it; ignore kernels without swap.
     let _ = std::fs::write(parent.join("memory.swap.max"), "0");
@@ -191,6 +201,8 @@ pub fn init_guest() -> Result<&'static Cgroups, CgroupError> {
 #[derive(Debug)]
 pub struct ExecCgroup {
     path: PathBuf,
+    /// [`ExecCgroup::kill`] was called: its processes are on their way out.
+    killed: std::cell::Cell<bool>,
     /// `<path>/cgroup.procs`, for the child to write "0" into before `execve`.
     procs: CString,
 }
@@ -216,6 +228,7 @@ impl Cgroups {
                 },
             )?,
             path,
+            killed: std::cell::Cell::new(false),
         };
         let set = || -> Result<(), CgroupError> {
             if let Some(m) = limits.memory_max {
@@ -258,6 +271,7 @@ impl ExecCgroup {
     /// Kill every process in the cgroup (`cgroup.kill`), e.g. on the exec's timeout; also
     /// reaches processes that left the exec's process group.
     pub fn kill(&self) {
+        self.killed.set(true);
         let _ = std::fs::write(self.path.join("cgroup.kill"), "1");
     }
 
@@ -271,12 +285,18 @@ impl ExecCgroup {
                 || event_count(&mem, "oom_group_kill") > 0,
             pids_limit_hit: event_count(&read("pids.events"), "max") > 0,
         };
-        // The leader was reaped; its last exiting threads may need a moment to leave.
-        for _ in 0..20 {
+        // The leader was reaped; its last exiting threads may need a moment to leave, and
+        // after a kill every process of the exec (up to 2 s).
+        let tries = if self.killed.get() { 400 } else { 20 };
+        for i in 0..tries {
             if std::fs::remove_dir(&self.path).is_ok() {
                 return outcome;
             }
-            if event_count(&read("cgroup.events"), "populated") > 0 {
+            if self.killed.get() && i % 20 == 19 {
+                // Again: a process still forking when the first kill came.
+                let _ = std::fs::write(self.path.join("cgroup.kill"), "1");
+            }
+            if !self.killed.get() && event_count(&read("cgroup.events"), "populated") > 0 {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(5));

@@ -1,7 +1,9 @@
 //! The exec engine: spawns commands (own session/process group, clean environment, cwd,
 //! stdin from bytes or a stream), pumps stdout/stderr as chunks with an output cap, enforces
 //! timeouts by SIGKILLing the whole group, and keeps the agent-wide table of running execs
-//! used by `Signal`, `Wait` and `StdinData`.
+//! used by `Signal`, `Wait` and `StdinData`. In the guest each exec runs in its own cgroup
+//! (crate::cgroup: limits, OOM and pids-limit reporting); any exec may run as another user
+//! (crate::user), switched to in the child before `execve`.
 //!
 //! Spawning is a hand-written fork + execve (not `std::process::Command`) because the
 //! [`Reaper`] owns every `waitpid`: std would wait for a child whose exec failed itself.
@@ -411,7 +413,8 @@ fn fork_exec(
 
     let (pid, status_rx) = reaper.spawn_registered(|| {
         // SAFETY: fork in a multi-threaded process: the child only calls async-signal-safe
-        // functions (setsid, dup2, sigaction, sigprocmask, chdir, execve, write, _exit) on
+        // functions (setsid, dup2, sigaction, sigprocmask, open, write, close,
+        // setpriority, raw setgroups/setresgid/setresuid, chdir, execve, _exit) on
         // data prepared before the fork, and never returns into Rust code.
         let pid = unsafe { libc::fork() };
         if pid < 0 {
