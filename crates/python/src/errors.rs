@@ -170,7 +170,8 @@ fn guest_class(kind: ErrorKind) -> ErrorClass {
 
 fn config_class(e: &ConfigError) -> ErrorClass {
     match e {
-        ConfigError::Invalid { .. } => ErrorClass::ConfigError,
+        // An unknown or damaged root-filesystem image: the configuration names it.
+        ConfigError::Invalid { .. } | ConfigError::Image(_) => ErrorClass::ConfigError,
         ConfigError::MissingAsset { .. } | ConfigError::AssetsDir { .. } => {
             ErrorClass::MissingAssetError
         }
