@@ -75,9 +75,17 @@ fn get_line(url: &str, host: &str) -> String {
 fn allowed_host_reached_with_wget_and_denials_name_their_rule() {
     kiln_tests::require_tier4();
     let w = World::new();
+    // Loopback named per origin port only: `rebind.test` (a name rule) on another loopback
+    // port must meet the built-in loopback denial.
+    let other = egress_common::start_http_origin();
     let mut policy = w.policy();
+    policy.allow.retain(|r| r.to_string() != "127.0.0.1");
     policy = policy
-        .allow(&format!("rebind.test:{}", w.http))
+        .allow(&format!("127.0.0.1:{}", w.http))
+        .unwrap()
+        .allow(&format!("127.0.0.1:{}", w.https))
+        .unwrap()
+        .allow(&format!("rebind.test:{other}"))
         .unwrap()
         .allow("*:9")
         .unwrap();
@@ -128,7 +136,7 @@ fn allowed_host_reached_with_wget_and_denials_name_their_rule() {
             "builtin: link-local",
         ),
         (
-            format!("http://rebind.test:{}/", w.http),
+            format!("http://rebind.test:{other}/"),
             "rebind.test",
             "builtin: loopback",
         ),
@@ -451,4 +459,43 @@ fn a_flooding_sandbox_leaves_another_unaffected() {
         20,
         "{log_b:?}"
     );
+}
+
+#[test]
+fn kiln_run_allow_host_flags() {
+    kiln_tests::require_tier4();
+    let port = egress_common::start_http_origin();
+    let allow = format!("127.0.0.1:{port}");
+    // The origin by its loopback address, named by the rule; a denied one by a deny rule.
+    let script = format!(
+        "(printf 'GET http://127.0.0.1:{port}/hello HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n'; sleep 4) \
+         | nc 127.0.0.1 3128; echo; \
+         (printf 'GET http://127.0.0.2:{port}/hello HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n'; sleep 4) \
+         | nc 127.0.0.1 3128"
+    );
+    let o = sandbox_common::run_kiln(
+        &[
+            "run",
+            "--boot-timeout",
+            "180",
+            "--allow-host",
+            &allow,
+            "--deny-host",
+            "127.0.0.2",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+        &[],
+        None,
+    );
+    let d = sandbox_common::describe(&o);
+    assert_eq!(o.status.code(), Some(0), "{d}");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("HTTP/1.1 200") && out.contains("hello"), "{d}");
+    assert!(out.contains("`deny 127.0.0.2`"), "{d}");
+    // A bad rule is a usage error before anything boots.
+    let o = sandbox_common::run_kiln(&["run", "--allow-host", "a b", "--", "true"], &[], None);
+    assert_eq!(o.status.code(), Some(2), "{}", sandbox_common::describe(&o));
 }
