@@ -156,6 +156,151 @@ pub fn parse_env(s: &str) -> Result<(String, String), String> {
     Ok((k.to_owned(), v.to_owned()))
 }
 
+// --- egress (docs/EGRESS.md) ---
+
+/// Network egress of the sandbox through the host proxy: `--allow-host`, `--deny-host`,
+/// `--secret`, `--egress-policy`. None given: no egress at all.
+#[derive(Debug, Clone, Default, Args)]
+pub struct EgressArgs {
+    /// Allow connections to HOST[:PORT] (a name, `*.suffix`, an IP address or a CIDR;
+    /// repeatable). Loopback and private addresses need a rule that names them.
+    #[arg(long = "allow-host", value_name = "HOST[:PORT]", value_parser = parse_host_rule)]
+    pub allow_host: Vec<kiln::egress::Rule>,
+    /// Deny connections to HOST[:PORT] (checked before the allow rules; repeatable).
+    #[arg(long = "deny-host", value_name = "HOST[:PORT]", value_parser = parse_host_rule)]
+    pub deny_host: Vec<kiln::egress::Rule>,
+    /// A secret the guest sees only as a placeholder in env var NAME; the proxy sends the
+    /// value of the host variable VAR to HOSTs only (repeatable).
+    #[arg(long = "secret", value_name = "NAME@HOST[,HOST..]=env:VAR", value_parser = parse_secret)]
+    pub secret: Vec<kiln::egress::SecretSpec>,
+    /// Egress policy file (TOML: `allow`, `deny`, `[limits]`); the flags' rules are added.
+    #[arg(long = "egress-policy", value_name = "FILE")]
+    pub egress_policy: Option<PathBuf>,
+}
+
+/// Parses `--allow-host` / `--deny-host`.
+pub fn parse_host_rule(s: &str) -> Result<kiln::egress::Rule, String> {
+    kiln::egress::Rule::parse(s).map_err(|e| e.to_string())
+}
+
+/// Parses `--secret NAME@HOST[,HOST..]=env:VAR` (the variable is read when the sandbox is
+/// configured, by [`EgressArgs::apply`]).
+pub fn parse_secret(s: &str) -> Result<kiln::egress::SecretSpec, String> {
+    kiln::egress::SecretSpec::parse(s).map_err(|e| e.to_string())
+}
+
+impl EgressArgs {
+    /// Whether any egress flag was given.
+    pub fn is_set(&self) -> bool {
+        !(self.allow_host.is_empty()
+            && self.deny_host.is_empty()
+            && self.secret.is_empty()
+            && self.egress_policy.is_none())
+    }
+
+    /// `config` with this egress (unchanged when no flag was given); `lookup` reads the host
+    /// variables of `--secret`. Errors name the flag.
+    pub fn apply(
+        self,
+        config: SandboxConfig,
+        lookup: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<SandboxConfig, String> {
+        if !self.is_set() {
+            return Ok(config);
+        }
+        let mut policy = match &self.egress_policy {
+            Some(path) => kiln::egress::Policy::load(path).map_err(|e| e.to_string())?,
+            None => kiln::egress::Policy::default(),
+        };
+        policy.allow.extend(self.allow_host);
+        policy.deny.extend(self.deny_host);
+        let mut config = config.egress(policy);
+        for spec in self.secret {
+            let value = lookup(&spec.env).ok_or_else(|| {
+                format!(
+                    "--secret {}: the host variable {} is not set",
+                    spec.name, spec.env
+                )
+            })?;
+            config = config.secret(&spec.name, &value, &spec.hosts);
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod egress_tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        egress: EgressArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<EgressArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("kiln").chain(args.iter().copied())).map(|c| c.egress)
+    }
+
+    #[test]
+    fn no_flag_no_egress() {
+        let e = parse(&[]).unwrap();
+        assert!(!e.is_set());
+        let c = e.apply(SandboxConfig::new(), &|_| None).unwrap();
+        assert!(c.egress.is_none());
+    }
+
+    #[test]
+    fn rules_secrets_and_policy_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.toml");
+        std::fs::write(
+            &file,
+            "allow = [\"pypi.org:443\"]\n[limits]\nmax_connections = 8\n",
+        )
+        .unwrap();
+        let e = parse(&[
+            "--allow-host",
+            "*.pythonhosted.org",
+            "--deny-host",
+            "10.0.0.0/8",
+            "--secret",
+            "TOKEN@api.example.com=env:HOST_TOKEN",
+            "--egress-policy",
+            file.to_str().unwrap(),
+        ])
+        .unwrap();
+        let c = e
+            .apply(SandboxConfig::new(), &|v| {
+                (v == "HOST_TOKEN").then(|| "the-value".to_string())
+            })
+            .unwrap();
+        let eg = c.egress.unwrap();
+        let allow: Vec<String> = eg.policy.allow.iter().map(|r| r.to_string()).collect();
+        assert_eq!(allow, ["pypi.org:443", "*.pythonhosted.org"]);
+        assert_eq!(eg.policy.deny.len(), 1);
+        assert_eq!(eg.policy.limits.max_connections, 8);
+        assert_eq!(eg.secrets.len(), 1);
+        assert_eq!(eg.secrets[0].name, "TOKEN");
+        assert_eq!(eg.secrets[0].value, "the-value");
+        assert_eq!(eg.secrets[0].hosts, ["api.example.com"]);
+    }
+
+    #[test]
+    fn bad_values_are_refused_naming_the_problem() {
+        assert!(parse(&["--allow-host", "exa mple.com"]).is_err());
+        assert!(parse(&["--secret", "TOKEN=api.example.com"]).is_err());
+        let e = parse(&["--secret", "TOKEN@api.example.com=env:UNSET_VAR"]).unwrap();
+        let err = e.apply(SandboxConfig::new(), &|_| None).unwrap_err();
+        assert!(err.contains("UNSET_VAR"), "{err}");
+        let e = parse(&["--egress-policy", "/nonexistent/policy.toml"]).unwrap();
+        assert!(e.apply(SandboxConfig::new(), &|_| None).is_err());
+    }
+}
+
+// --- end egress ---
+
 #[cfg(test)]
 mod tests {
     use super::*;

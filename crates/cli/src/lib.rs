@@ -19,6 +19,7 @@ pub mod run;
 pub mod signals;
 pub mod snapshot;
 
+pub use args::EgressArgs;
 pub use args::{check_command, parse_env, parse_secs, ImageRunArgs, MachineArgs};
 
 use clap::{Parser, Subcommand};

@@ -67,6 +67,9 @@ pub struct RunArgs {
     /// Name of the sandbox (in logs and errors).
     #[arg(long)]
     pub name: Option<String>,
+    /// Network egress through the host proxy (docs/EGRESS.md).
+    #[command(flatten)]
+    pub egress: Box<super::EgressArgs>,
     /// The command and its arguments (after `--`).
     #[arg(
         trailing_var_arg = true,
@@ -161,6 +164,11 @@ pub fn run(args: RunArgs) -> i32 {
     config.name = args.name;
     config.quiet_kernel = !args.kernel_log;
     let config_memory_mib = config.memory_mib;
+    // Flags first (no work), then the image (may pull).
+    let config = match args.egress.apply(config, &|var| std::env::var(var).ok()) {
+        Ok(c) => c,
+        Err(message) => return fail(exit::USAGE, message),
+    };
     let config = match args.image.apply(config) {
         Ok(c) => c,
         Err((status, message)) => return fail(status, message),

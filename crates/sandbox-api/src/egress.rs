@@ -316,9 +316,8 @@ pub(crate) fn attach(
             op: "listening for egress connections",
             source,
         })?;
-    if !settings.secrets.is_empty() {
-        write_guest_files(sandbox, &proxy)?;
-    }
+    // Always: the exec environment's trust variables point at these files.
+    write_guest_files(sandbox, &proxy)?;
     let stop = Arc::new(AtomicBool::new(false));
     let (p2, s2) = (proxy.clone(), Arc::clone(&stop));
     thread::Builder::new()
