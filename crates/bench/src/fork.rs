@@ -197,6 +197,36 @@ fn run(args: &ForkArgs) -> Result<ForkSamples, String> {
         drop(kids);
     }
     drop(src);
+
+    // The same with the children's VMs built ahead of time (ForkShell): only mapping the
+    // layers, loading the state and starting the threads is on the fork's path.
+    let shells = (0..args.children)
+        .map(|i| parent.fork_shell(RestoreConfig::new(format!("s{i}"))))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let src = parent.fork_source().map_err(|e| e.to_string())?;
+    let mut kids = Vec::with_capacity(args.children);
+    for s in shells {
+        let t = Instant::now();
+        let (k, ()) = src.spawn_shell(s, |_| Ok(())).map_err(|e| e.to_string())?;
+        out.per_child_shell_ms.push(ms(t.elapsed()));
+        kids.push(k);
+    }
+    drop(kids);
+    for r in 0..args.thousand_repeats.min(1) {
+        let shells = (0..1000)
+            .map(|i| parent.fork_shell(RestoreConfig::new(format!("t{r}-{i}"))))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        let src = parent.fork_source().map_err(|e| e.to_string())?;
+        let mut kids = Vec::with_capacity(1000);
+        let t = Instant::now();
+        for s in shells {
+            kids.push(src.spawn_shell(s, |_| Ok(())).map_err(|e| e.to_string())?.0);
+        }
+        out.children_1000_shell_ms.push(ms(t.elapsed()));
+        drop(kids);
+    }
     parent.stop();
 
     // Pause window of a 1 GiB guest with 512 MiB touched.

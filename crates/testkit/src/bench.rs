@@ -203,6 +203,10 @@ pub struct ForkSamples {
     pub stop_ms: Vec<f64>,
     /// One source -> 1,000 children started, total ms, each repeat.
     pub children_1000_ms: Vec<f64>,
+    /// `ForkSource::spawn_shell` per child, the shells built ahead of time (untimed), ms.
+    pub per_child_shell_ms: Vec<f64>,
+    /// One source -> 1,000 children started in shells built ahead of time, total ms.
+    pub children_1000_shell_ms: Vec<f64>,
     /// Parent pause window of the first fork of a 1 GiB guest with 512 MiB touched, ms.
     pub pause_first_ms: Vec<f64>,
     /// Parent pause window of a second fork after touching 512 MiB again (stacking: the

@@ -5,6 +5,8 @@
 //! - `fork.per_child` (ms): `ForkSource::spawn` of one child (vCPUs started) from a running
 //!   128 MiB parent's fork source;
 //! - `fork.children_1000` (ms): one source -> 1,000 children started, total;
+//! - `fork.shell.per_child`, `fork.shell.children_1000` (ms): the same with the children's
+//!   VMs built ahead of time (`Vm::fork_shell`, untimed), only `ForkSource::spawn_shell` timed;
 //! - `fork.pause.first_1gib_512mib` (ms): the parent's pause window (`ForkInfo::paused_for`)
 //!   of the first fork of a 1 GiB guest with 512 MiB written (state capture + memfd freeze
 //!   + remap; nothing copied);
@@ -47,9 +49,11 @@ pub fn run(format: Format) -> Result<()> {
     let out = command_json::<ForkSamples>(Command::new(&kiln).args(["fork", "--dir"]).arg(&dir))
         .context("kiln-bench fork")?;
 
-    let ms_rows: [(&str, &[f64]); 6] = [
+    let ms_rows: [(&str, &[f64]); 8] = [
         ("fork.per_child", &out.per_child_ms),
         ("fork.children_1000", &out.children_1000_ms),
+        ("fork.shell.per_child", &out.per_child_shell_ms),
+        ("fork.shell.children_1000", &out.children_1000_shell_ms),
         ("fork.pause.first_1gib_512mib", &out.pause_first_ms),
         ("fork.pause.stacked_1gib_512mib", &out.pause_stacked_ms),
         ("fork.flatten_copy_512mib", &out.flatten_copy_ms),
