@@ -10,6 +10,8 @@
 //!   restore timing of a bare kernel (`cargo xtask bench snapshot`);
 //! - [`exec`] (`kiln-bench exec`): exec and ping round trips in a warm sandbox, and the same on
 //!   the QEMU microvm peer with vhost-vsock ([`exec`]'s `qemu` module) (`cargo xtask bench exec`);
+//! - [`fork`] (`kiln-bench fork`): live fork of a running VM, per child, 1,000 children, the
+//!   parent's pause window and memory per idle child (`cargo xtask bench fork`);
 //! - [`pool`] (`kiln-bench pool`): acquire + exec `true` + release with a warm `SandboxPool`
 //!   (`cargo xtask bench pool`).
 //!
@@ -17,6 +19,7 @@
 
 mod boot;
 mod exec;
+mod fork;
 mod pool;
 mod vm_snapshot;
 
@@ -52,6 +55,9 @@ enum Command {
     /// Warm a sandbox pool and measure acquire + exec `true` + release (min/median/p99) (for
     /// `cargo xtask bench pool`).
     Pool(pool::PoolBenchArgs),
+    /// Live fork of a running VM: per-child spawn time, 1,000 children, pause window,
+    /// memory per idle child, as JSON samples (for `cargo xtask bench fork`).
+    Fork(fork::ForkArgs),
 }
 
 fn main() {
@@ -62,6 +68,7 @@ fn main() {
         Command::VmSnapshot(args) => vm_snapshot::vm_snapshot(&args),
         Command::Exec(args) => exec::bench_exec(&args),
         Command::Pool(args) => pool::pool_bench(&args),
+        Command::Fork(args) => fork::fork(&args),
     };
     std::process::exit(code);
 }

@@ -7,6 +7,9 @@
 //! - `kiln fork --dir DIR -n N -- CMD...`: restore N sandboxes from DIR at once and run CMD in
 //!   each; prints each fork's output prefixed with `[fork i]`; exits 0 when all succeeded,
 //!   else with the first failing status.
+//! - `kiln fork --live -n N [--setup SHELL-CMD] -- CMD...`: boot a sandbox, run the optional
+//!   setup (`sh -c`), fork it live N times (`Sandbox::fork_live`: memory shared
+//!   copy-on-write, no snapshot file) and run CMD in each child, output and status as above.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -42,7 +45,7 @@ pub struct SnapshotArgs {
     pub command: Vec<String>,
 }
 
-/// `kiln restore` arguments (and the restore half of `kiln fork`'s).
+/// `kiln restore` arguments.
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
     /// Snapshot directory.
@@ -58,15 +61,33 @@ pub struct RestoreArgs {
     pub command: Vec<String>,
 }
 
-/// `kiln fork` arguments: a restore, done `--count` times at once.
+/// `kiln fork` arguments: a restore done `--count` times at once, or (`--live`) a live fork
+/// of a freshly booted sandbox into `--count` children.
 #[derive(Debug, Args)]
 pub struct ForkArgs {
     /// Number of forks.
     #[arg(short = 'n', long, default_value_t = 2)]
     pub count: usize,
-    /// What each fork restores and runs.
+    /// Snapshot directory to restore the forks from (not with --live).
+    #[arg(long, required_unless_present = "live", conflicts_with = "live")]
+    pub dir: Option<PathBuf>,
+    /// Boot a sandbox and fork it live (memory shared copy-on-write, no snapshot file).
+    #[arg(long)]
+    pub live: bool,
+    /// With --live: a shell command (`sh -c`) run in the sandbox before it is forked.
+    #[arg(long, requires = "live", value_name = "SHELL-CMD")]
+    pub setup: Option<String>,
+    /// With --live: the guest machine.
     #[command(flatten)]
-    pub restore: RestoreArgs,
+    pub machine: MachineArgs,
+    /// Deadline for each fork's agent (and with --live the first boot).
+    #[arg(long, value_name = "SECS", value_parser = super::parse_secs,
+          default_value = DEFAULT_BOOT_TIMEOUT_SECS)]
+    pub boot_timeout: Duration,
+    /// The command and its arguments (after `--`).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true,
+          num_args = 1.., value_name = "CMD")]
+    pub command: Vec<String>,
 }
 
 fn fail(e: &SandboxError) -> i32 {
@@ -170,16 +191,20 @@ pub fn fork(args: ForkArgs) -> i32 {
         eprintln!("kiln: error: -n {} is not in 1..={MAX_FORKS}", args.count);
         return exit::USAGE;
     }
-    if let Err(message) = super::check_command(&args.restore.command) {
+    if let Err(message) = super::check_command(&args.command) {
         eprintln!("kiln: error: {message}");
         return exit::USAGE;
     }
+    if args.live {
+        return fork_live(&args);
+    }
+    let Some(dir) = args.dir.as_deref() else {
+        eprintln!("kiln: error: --dir is required without --live");
+        return exit::USAGE;
+    };
     let results: Vec<Result<ExecResult, SandboxError>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..args.count)
-            .map(|_| {
-                let r = &args.restore;
-                s.spawn(|| restore_and_run(&r.dir, r.boot_timeout, &r.command))
-            })
+            .map(|_| s.spawn(|| restore_and_run(dir, args.boot_timeout, &args.command)))
             .collect();
         handles
             .into_iter()
@@ -194,6 +219,11 @@ pub fn fork(args: ForkArgs) -> i32 {
             })
             .collect()
     });
+    report_forks(&results)
+}
+
+/// Prints each fork's output prefixed `[fork i]`; the first failing status, else 0.
+fn report_forks(results: &[Result<ExecResult, SandboxError>]) -> i32 {
     let mut code = 0;
     for (i, r) in results.iter().enumerate() {
         let c = match r {
@@ -208,4 +238,60 @@ pub fn fork(args: ForkArgs) -> i32 {
         }
     }
     code
+}
+
+/// `kiln fork --live`: boot, optional setup, live fork, CMD in every child (in parallel).
+fn fork_live(args: &ForkArgs) -> i32 {
+    let config = args
+        .machine
+        .clone()
+        .apply(SandboxConfig::new().boot_timeout(args.boot_timeout));
+    let parent = match Sandbox::create(config) {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    if let Some(setup) = &args.setup {
+        let cmd = ["sh".to_owned(), "-c".to_owned(), setup.clone()];
+        match parent.exec(&cmd) {
+            Ok(r) => {
+                show("", &r);
+                let code = exit::for_status(&r.status);
+                if code != 0 {
+                    eprintln!("kiln: the setup command failed (status {code}); no fork");
+                    return code;
+                }
+            }
+            Err(e) => return fail(&e),
+        }
+    }
+    let t0 = Instant::now();
+    let children = match parent.fork_live_with(args.count, restore_config(args.boot_timeout)) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    eprintln!(
+        "kiln: {} forked live into {} children in {:.1} ms",
+        parent.name(),
+        children.len(),
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+    let results: Vec<Result<ExecResult, SandboxError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = children
+            .iter()
+            .map(|c| s.spawn(|| c.exec(&args.command)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(SandboxError::InvalidArgument {
+                        vm: "fork".into(),
+                        op: "fork",
+                        message: "a fork thread panicked".into(),
+                    })
+                })
+            })
+            .collect()
+    });
+    report_forks(&results)
 }

@@ -194,6 +194,38 @@ pub struct VmForksSamples {
     pub fds_per_fork: f64,
 }
 
+/// What `kiln-bench fork` prints (live fork of a running VM).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ForkSamples {
+    /// `ForkSource::spawn` per child (vCPUs started), ms.
+    pub per_child_ms: Vec<f64>,
+    /// Each child's spawn -> `Vm::stop` returned, ms (teardown).
+    pub stop_ms: Vec<f64>,
+    /// One source -> 1,000 children started, total ms, each repeat.
+    pub children_1000_ms: Vec<f64>,
+    /// `ForkSource::spawn_shell` per child, the shells built ahead of time (untimed), ms.
+    pub per_child_shell_ms: Vec<f64>,
+    /// One source -> 1,000 children started in shells built ahead of time, total ms.
+    pub children_1000_shell_ms: Vec<f64>,
+    /// Parent pause window of the first fork of a 1 GiB guest with 512 MiB touched, ms.
+    pub pause_first_ms: Vec<f64>,
+    /// Parent pause window of a second fork after touching 512 MiB again (stacking: the
+    /// pages written since the first fork are copied into a layer), ms.
+    pub pause_stacked_ms: Vec<f64>,
+    /// Bytes copied by the stacked fork.
+    pub stacked_copied_bytes: u64,
+    /// A full copy of the same touched memory into a new memfd (what flattening costs), ms.
+    pub flatten_copy_ms: Vec<f64>,
+    /// Idle children held for the memory metric.
+    pub idle_children: usize,
+    /// RssAnon + RssShmem growth of the process per idle child, KiB.
+    pub rss_kib_per_child: f64,
+    /// Pss growth per idle child, KiB.
+    pub pss_kib_per_child: f64,
+    /// Private pages the children wrote (their copy-on-write pages), KiB per child.
+    pub touched_kib_per_child: f64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

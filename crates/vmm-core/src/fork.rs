@@ -181,6 +181,26 @@ impl MemLayers {
     }
 }
 
+impl MemLayers {
+    /// Maps these layers copy-on-write over `mem`'s regions in place (`MAP_FIXED`, same host
+    /// addresses: the KVM memory slots registered over `mem` stay valid), as [`MemLayers::map`]
+    /// does for a new mapping. `mem` must have the regions the layers were made for and no
+    /// running guest.
+    pub fn map_over(&self, mem: &GuestMemoryMmap) -> Result<(), ForkMemError> {
+        let layout = |what: String| ForkMemError::Layout { what };
+        for (r, region) in mem.iter().enumerate() {
+            let (ptr, len) = (region.as_ptr() as usize, region.len() as usize);
+            for (i, l) in self.layers.iter().enumerate() {
+                if i == 0 && l.runs.get(r).is_some_and(Option::is_some) {
+                    return Err(layout("the base layer must cover its regions".into()));
+                }
+                remap_runs(ptr, len, l, r)?;
+            }
+        }
+        crate::memory::exclude_from_core_dumps(mem).map_err(os("madvise DONTDUMP"))
+    }
+}
+
 /// A layer supplying every page of every region of `mem` from the file its regions are
 /// mapped from (they must all be mapped from one file).
 fn whole_layer(mem: &GuestMemoryMmap) -> Option<Layer> {

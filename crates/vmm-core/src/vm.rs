@@ -35,7 +35,7 @@ mod snapshot;
 pub use snapshot::PreparedRestore;
 /// `Vm::fork_source` / `Vm::fork` and [`ForkSource`] (live fork; vm/fork.rs).
 mod fork;
-pub use fork::{ForkInfo, ForkSource};
+pub use fork::{ForkInfo, ForkShell, ForkSource};
 
 /// Most vCPUs a VM may have.
 pub const MAX_VCPUS: u8 = 8;

@@ -320,3 +320,38 @@ fn children_with_vsock_get_a_transport_reset_and_take_new_connections() {
         wait_counter(k, 2);
     }
 }
+
+#[test]
+fn children_start_in_shells_built_ahead_of_time() {
+    let _l = serial_lock();
+    let mut c = cfg("shellp", Action::Count);
+    c.vsock_cid = Some(3);
+    let parent = Vm::start(c).unwrap();
+    wait_counter(&parent, 2);
+    let shells: Vec<_> = (0..3)
+        .map(|i| {
+            parent
+                .fork_shell(RestoreConfig::new(format!("shell{i}")))
+                .unwrap()
+        })
+        .collect();
+    write(&parent, MARK, 0x4242);
+    parent.pause(T).unwrap();
+    let at = last_counter(&parent);
+    let src = parent.fork_source().unwrap();
+    parent.resume();
+    write(&parent, MARK, 0x4343);
+    for s in shells {
+        let (k, ()) = src.spawn_shell(s, |_| Ok(())).unwrap();
+        assert_eq!(read(&k, MARK), 0x4242);
+        let v = wait_counter(&k, at + 2);
+        assert!(
+            v[0] == at + 1 || v[0] == at + 2,
+            "fork at {at}, child {v:?}"
+        );
+        write(&k, MARK, 1);
+        assert_eq!(read(&parent, MARK), 0x4343);
+    }
+    // An unused shell frees everything when dropped.
+    drop(parent.fork_shell(RestoreConfig::new("unused")).unwrap());
+}

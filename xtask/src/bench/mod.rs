@@ -12,6 +12,7 @@
 #![allow(dead_code)]
 
 mod exec;
+mod fork;
 mod launch;
 mod pool;
 mod snapshot;
@@ -42,6 +43,9 @@ pub enum BenchName {
     Snapshot,
     /// virtio-vsock connect latency and echo throughput with a Linux guest.
     Vsock,
+    /// Live fork of a running VM (bare-metal guest): per child, 1,000 children, pause
+    /// window, memory per idle child.
+    Fork,
 }
 
 /// `cargo xtask bench` arguments.
@@ -182,6 +186,7 @@ pub fn cmd_bench(args: &BenchArgs) -> Result<()> {
         BenchName::Pool => pool::run(format),
         BenchName::Snapshot => snapshot::run(format),
         BenchName::Vsock => vsock::run(format),
+        BenchName::Fork => fork::run(format),
     }
 }
 

@@ -1,4 +1,6 @@
-//! Sandbox snapshots: [`Sandbox::snapshot`], [`Sandbox::restore`], [`Sandbox::fork`].
+//! Sandbox snapshots: [`Sandbox::snapshot`], [`Sandbox::restore`], [`Sandbox::fork`] (through
+//! a snapshot directory) and [`Sandbox::fork_live`] (live: memory shared copy-on-write, state
+//! captured in memory, kiln_vmm::ForkSource).
 //! A child of `sandbox` so a restored sandbox is assembled exactly like a booted one.
 //!
 //! Restore: `Vm::restore_with` rebuilds the VM from the snapshot and, before its vCPUs start,
@@ -126,22 +128,95 @@ impl Sandbox {
                 source,
             })?;
         check_host(&name)?;
-        let mut rc = RestoreConfig::new(name.clone());
-        rc.serial_ring_bytes = SERIAL_RING_BYTES;
-        rc.vsock_cid = Some(GUEST_CID);
-        let (vm, listener) = Vm::restore_with(dir, rc, |vm| {
-            vm.vsock()
-                .ok_or_else(|| SnapshotErrorKind::Device {
-                    device: "virtio-vsock",
-                    what: "the snapshot has no vsock device".into(),
-                })?
-                .listen(kiln_proto::AGENT_PORT)
-                .map_err(SnapshotErrorKind::device_restore::<
-                    kiln_vmm::virtio::vsock::VsockError,
-                >("virtio-vsock"))
-        })
-        .map_err(|e| snap_err(&name, "restoring the VM", e))?;
-        let vm_start = t0.elapsed();
+        let (vm, listener) = Vm::restore_with(dir, restore_config(&name), listen_agent)
+            .map_err(|e| snap_err(&name, "restoring the VM", e))?;
+        finish_restore(vm, listener, name, t0, &config)
+    }
+
+    /// `n` new sandboxes forked live from this one as it is now: its VM is paused for the
+    /// capture of its vCPU and device state (in memory, no file) and the freezing of its
+    /// guest memory into a copy-on-write base (no copy), then resumed; each child maps that
+    /// memory `MAP_PRIVATE`, gets a vsock TRANSPORT_RESET, its agent reconnects, and it gets
+    /// `PostRestore` (clock and RNG refreshed) as after a restore. Writes in a child are
+    /// invisible to the others and to this sandbox. Deadlines are `config`'s; names are
+    /// `<this name>-fork<i>`. Refused (typed `SnapshotErrorKind::ReadWriteDisk`) if the VM has
+    /// a read-write disk. [`Sandbox::fork_with`] is the snapshot-directory fork.
+    pub fn fork_live_with(
+        &self,
+        n: usize,
+        config: SandboxConfig,
+    ) -> Result<Vec<Sandbox>, SandboxError> {
+        if n == 0 || n > MAX_FORKS {
+            return Err(SandboxError::InvalidArgument {
+                vm: self.inner.name.clone(),
+                op: "fork",
+                message: format!("fork count {n} is not in 1..={MAX_FORKS}"),
+            });
+        }
+        config.validate_for_restore()?;
+        let source = {
+            let guard = self.inner.vm_guard();
+            let Some(vm) = guard.as_ref() else {
+                return Err(self.inner.died("fork", "the VM has stopped".into()));
+            };
+            vm.fork_source()
+                .map_err(|e| snap_err(&self.inner.name, "forking the VM", e))?
+        };
+        // All VMs first (their agents reconnect in parallel), then each agent's handshake.
+        let mut started = Vec::with_capacity(n);
+        for i in 0..n {
+            let t0 = Instant::now();
+            let name = format!("{}-fork{i}", self.inner.name);
+            let (vm, listener) = source
+                .spawn_with(restore_config(&name), listen_agent)
+                .map_err(|e| snap_err(&name, "starting a forked VM", e))?;
+            started.push((vm, listener, name, t0));
+        }
+        let mut forks = Vec::with_capacity(n);
+        for (vm, listener, name, t0) in started {
+            forks.push(finish_restore(vm, listener, name, t0, &config)?);
+        }
+        Ok(forks)
+    }
+
+    /// [`Sandbox::fork_live_with`] with the default deadlines.
+    pub fn fork_live(&self, n: usize) -> Result<Vec<Sandbox>, SandboxError> {
+        self.fork_live_with(n, SandboxConfig::default())
+    }
+}
+
+/// How a restored or forked sandbox's VM is set up.
+fn restore_config(name: &str) -> RestoreConfig {
+    let mut rc = RestoreConfig::new(name.to_owned());
+    rc.serial_ring_bytes = SERIAL_RING_BYTES;
+    rc.vsock_cid = Some(GUEST_CID);
+    rc
+}
+
+/// Listens on the agent port of a restored or forked VM before its vCPUs start.
+fn listen_agent(vm: &Vm) -> Result<kiln_vmm::virtio::vsock::VsockListener, SnapshotErrorKind> {
+    vm.vsock()
+        .ok_or_else(|| SnapshotErrorKind::Device {
+            device: "virtio-vsock",
+            what: "the snapshot has no vsock device".into(),
+        })?
+        .listen(kiln_proto::AGENT_PORT)
+        .map_err(SnapshotErrorKind::device_restore::<
+            kiln_vmm::virtio::vsock::VsockError,
+        >("virtio-vsock"))
+}
+
+/// Accepts the reconnecting agent of a restored or forked VM, checks its `Hello` and sends
+/// `PostRestore` (wall clock + fresh RNG seed).
+fn finish_restore(
+    vm: Vm,
+    listener: kiln_vmm::virtio::vsock::VsockListener,
+    name: String,
+    t0: Instant,
+    config: &SandboxConfig,
+) -> Result<Sandbox, SandboxError> {
+    let vm_start = t0.elapsed();
+    {
         let sandbox = connect_agent(
             vm,
             listener,
@@ -170,7 +245,9 @@ impl Sandbox {
         tracing::debug!(vm = %sandbox.inner.name, ?vm_start, ?ready, "sandbox restored");
         Ok(sandbox)
     }
+}
 
+impl Sandbox {
     /// `n` new sandboxes, each a copy of this one as it is now (snapshot + `n` restores).
     /// They share the snapshot's memory copy-on-write; a change in one is invisible to the
     /// others and to this sandbox, which keeps running. Deadlines are `config`'s; names are

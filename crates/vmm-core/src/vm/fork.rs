@@ -13,14 +13,15 @@ use std::time::{Duration, Instant};
 
 use kiln_sync::lock;
 
-use super::snapshot::{tmp_name, write_state, MemSource};
-use super::Vm;
+use super::snapshot::{check_layout, tmp_name, write_state, MemSource};
+use super::{build_machine, create_vm_fd, register_memory, Machine, Vm, VmConfig, VmError};
 use crate::fork::{self, FreezeStats, MemLayers};
 use crate::snapshot::state::VmSnapshot;
 use crate::snapshot::{
     self, memory_file, RestoreConfig, SnapshotError, SnapshotErrorKind, SnapshotInfo, VCPU_TIMEOUT,
 };
 use crate::vcpu::VcpuState;
+use crate::vm::VmErrorKind;
 
 /// Most children one [`Vm::fork`] call starts.
 pub const MAX_FORK_CHILDREN: usize = 4096;
@@ -137,7 +138,129 @@ impl Vm {
     }
 }
 
+/// A child VM built ahead of time ([`Vm::fork_shell`]) with the parent's machine shape —
+/// KVM VM, memory slots over placeholder memory, irqchip, PIT, devices, vCPUs — so that
+/// [`ForkSource::spawn_shell`] only maps the frozen memory over the placeholder, loads the
+/// state and starts the threads: none of the kernel registrations that can each wait for an
+/// SRCU grace period is left on the fork's path. Dropping it frees everything.
+pub struct ForkShell {
+    // Drop order: devices and vCPU fds, then the VM fd, then the memory they use.
+    machine: Machine,
+    vm_fd: kvm_ioctls::VmFd,
+    mem: vm_memory::GuestMemoryMmap,
+    name: String,
+    vcpus: u8,
+}
+
+impl std::fmt::Debug for ForkShell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ForkShell")
+            .field("name", &self.name)
+            .field("vcpus", &self.vcpus)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vm {
+    /// Builds a [`ForkShell`] shaped like this VM (vCPUs, memory size, vsock, read-only disks)
+    /// for a later [`ForkSource::spawn_shell`] of one of its fork sources.
+    pub fn fork_shell(&self, cfg: RestoreConfig) -> Result<ForkShell, SnapshotError> {
+        let name = cfg.name.clone();
+        self.fork_shell_kind(cfg)
+            .map_err(|kind| SnapshotError::new(name, kind))
+    }
+
+    fn fork_shell_kind(&self, cfg: RestoreConfig) -> Result<ForkShell, SnapshotErrorKind> {
+        let Some(mem) = self.memory.as_ref() else {
+            return Err(SnapshotErrorKind::NotSnapshottable {
+                what: "it is being torn down".into(),
+            });
+        };
+        let total: u64 = vm_memory::GuestMemoryBackend::iter(mem)
+            .map(vm_memory::GuestMemoryRegion::len)
+            .sum();
+        let mut vcfg = VmConfig::new(cfg.name.clone(), std::path::PathBuf::new());
+        vcfg.vcpus = self.shared.vcpus.len() as u8;
+        vcfg.mem_mib = total >> 20;
+        vcfg.serial_ring_bytes = cfg.serial_ring_bytes;
+        vcfg.serial_log = cfg.serial_log;
+        vcfg.seccomp = cfg.seccomp;
+        vcfg.vsock_cid = self.vsock().map(|v| v.guest_cid());
+        vcfg.disks = self
+            .devices
+            .blocks
+            .disks
+            .iter()
+            .map(|d| crate::virtio::mmio::lock(&d.device).config().clone())
+            .collect();
+        match vcfg.validate().map_err(VmError::into_kind) {
+            Ok(()) | Err(VmErrorKind::FileMissing { what: "kernel", .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        // Placeholder RAM (anonymous, never touched): the fork maps its layers over it.
+        let placeholder =
+            vm_memory::GuestMemoryMmap::from_ranges(&crate::memory::ram_ranges(vcfg.mem_mib))
+                .map_err(|e| {
+                    VmErrorKind::Memory(crate::memory::MemoryError::Map {
+                        mib: vcfg.mem_mib,
+                        source: Box::new(e),
+                    })
+                })?;
+        let (kvm, vm_fd) = create_vm_fd()?;
+        register_memory(&vm_fd, &placeholder)?;
+        let machine = build_machine(&vcfg, kvm, &vm_fd, &placeholder)?;
+        Ok(ForkShell {
+            machine,
+            vm_fd,
+            mem: placeholder,
+            name: cfg.name,
+            vcpus: vcfg.vcpus,
+        })
+    }
+}
+
 impl ForkSource {
+    /// Starts a child in `shell` (built by [`Vm::fork_shell`] of the same VM): checks the
+    /// device layout and disks, maps the frozen layers over the shell's memory in place,
+    /// loads the state and starts the threads, as [`spawn_with`](Self::spawn_with) does.
+    pub fn spawn_shell<T>(
+        &self,
+        shell: ForkShell,
+        before_start: impl FnOnce(&Vm) -> Result<T, SnapshotErrorKind>,
+    ) -> Result<(Vm, T), SnapshotError> {
+        let name = shell.name.clone();
+        let prepared = (|| {
+            let ForkShell {
+                machine,
+                vm_fd,
+                mem,
+                name,
+                vcpus,
+            } = shell;
+            if usize::from(vcpus) != self.snap.vcpus.len() {
+                return Err(SnapshotErrorKind::Device {
+                    device: "vCPU",
+                    what: format!("shell has {vcpus}, the fork {}", self.snap.vcpus.len()),
+                });
+            }
+            check_layout(&self.snap, &machine)?;
+            self.layers
+                .map_over(&mem)
+                .map_err(SnapshotErrorKind::ForkMemory)?;
+            Ok(super::snapshot::PreparedRestore::from_parts(
+                machine,
+                vm_fd,
+                mem,
+                Some(self.layers.clone()),
+                self.snap.clone(),
+                name,
+                vcpus,
+            ))
+        })()
+        .map_err(|kind| SnapshotError::new(&name, kind))?;
+        prepared.start_with(before_start)
+    }
+
     /// What taking it did (pause window, bytes copied, layer depth).
     pub fn info(&self) -> ForkInfo {
         self.info

@@ -403,42 +403,7 @@ impl Vm {
         register_memory(&vm_fd, &mem)?;
         let machine = build_machine(&vcfg, kvm, &vm_fd, &mem)?;
 
-        // The device layout must be the one the guest knows.
-        if let (Some(saved), Some(v)) = (&snap.vsock, &machine.devices.vsock) {
-            if saved.mmio_base != v.slot.base || saved.gsi != v.slot.gsi {
-                return Err(device_err(
-                    "virtio-vsock",
-                    format!(
-                        "saved at {:#x} GSI {}, rebuilt at {:#x} GSI {}",
-                        saved.mmio_base, saved.gsi, v.slot.base, v.slot.gsi
-                    ),
-                ));
-            }
-        }
-        // Disks: same windows, and backing files unchanged since the snapshot (checked on the
-        // descriptors just opened).
-        for (index, (saved, b)) in snap
-            .blocks
-            .iter()
-            .zip(&machine.devices.blocks.disks)
-            .enumerate()
-        {
-            if saved.mmio_base != b.slot.base || saved.gsi != b.slot.gsi {
-                return Err(device_err(
-                    "virtio-blk",
-                    format!(
-                        "disk {index} saved at {:#x} GSI {}, rebuilt at {:#x} GSI {}",
-                        saved.mmio_base, saved.gsi, b.slot.base, b.slot.gsi
-                    ),
-                ));
-            }
-            lock(&b.device)
-                .check_identity(&saved.backing)
-                .map_err(|source| SnapshotErrorKind::Disk {
-                    index,
-                    source: Box::new(source),
-                })?;
-        }
+        check_layout(&snap, &machine)?;
         Ok(PreparedRestore {
             machine,
             vm_fd,
@@ -482,6 +447,27 @@ impl std::fmt::Debug for PreparedRestore {
 }
 
 impl PreparedRestore {
+    /// Assembles a prepared restore from its parts (a fork shell being started).
+    pub(super) fn from_parts(
+        machine: Machine,
+        vm_fd: kvm_ioctls::VmFd,
+        mem: vm_memory::GuestMemoryMmap,
+        layers: Option<crate::fork::MemLayers>,
+        snap: Arc<VmSnapshot>,
+        name: String,
+        vcpus: u8,
+    ) -> Self {
+        PreparedRestore {
+            machine,
+            vm_fd,
+            mem,
+            layers,
+            snap,
+            name,
+            vcpus,
+        }
+    }
+
     /// The VM's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -599,6 +585,61 @@ pub(super) fn write_state(
     })?;
     snapshot::write_atomic(state_path, &bytes)?;
     Ok((bytes.len() as u64, stats))
+}
+
+/// Checks that a machine built for `snap` has the device layout its guest knows (vsock and
+/// disk windows and GSIs) and that the disks' backing files are unchanged (checked on the
+/// descriptors just opened).
+pub(super) fn check_layout(snap: &VmSnapshot, machine: &Machine) -> Result<(), SnapshotErrorKind> {
+    let device_err =
+        |device: &'static str, what: String| SnapshotErrorKind::Device { device, what };
+    // The device layout must be the one the guest knows.
+    if let (Some(saved), Some(v)) = (&snap.vsock, &machine.devices.vsock) {
+        if saved.mmio_base != v.slot.base || saved.gsi != v.slot.gsi {
+            return Err(device_err(
+                "virtio-vsock",
+                format!(
+                    "saved at {:#x} GSI {}, rebuilt at {:#x} GSI {}",
+                    saved.mmio_base, saved.gsi, v.slot.base, v.slot.gsi
+                ),
+            ));
+        }
+    }
+    // Disks: same windows, and backing files unchanged since the snapshot (checked on the
+    // descriptors just opened).
+    for (index, (saved, b)) in snap
+        .blocks
+        .iter()
+        .zip(&machine.devices.blocks.disks)
+        .enumerate()
+    {
+        if saved.mmio_base != b.slot.base || saved.gsi != b.slot.gsi {
+            return Err(device_err(
+                "virtio-blk",
+                format!(
+                    "disk {index} saved at {:#x} GSI {}, rebuilt at {:#x} GSI {}",
+                    saved.mmio_base, saved.gsi, b.slot.base, b.slot.gsi
+                ),
+            ));
+        }
+        lock(&b.device)
+            .check_identity(&saved.backing)
+            .map_err(|source| SnapshotErrorKind::Disk {
+                index,
+                source: Box::new(source),
+            })?;
+    }
+    if snap.blocks.len() != machine.devices.blocks.disks.len() {
+        return Err(device_err(
+            "virtio-blk",
+            format!(
+                "{} disks saved, {} built",
+                snap.blocks.len(),
+                machine.devices.blocks.disks.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Saves `t`'s registers once its device is at rest: the device lock is taken after reading
