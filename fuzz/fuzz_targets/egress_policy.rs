@@ -45,8 +45,17 @@ fuzz_target!(|data: &[u8]| {
         IpAddr::V6(Ipv6Addr::from(b))
     }));
     let port = data.first().map_or(443, |&b| (u16::from(b) << 8) | 1);
-    for h in hosts.iter().chain(addrs.iter().map(|a| Host::Ip(*a)).collect::<Vec<_>>().iter()) {
-        let denied_by_rule = policy.deny.iter().any(|r| r.port.is_none_or(|p| p == port) && r.host.matches(h));
+    for h in hosts.iter().chain(
+        addrs
+            .iter()
+            .map(|a| Host::Ip(*a))
+            .collect::<Vec<_>>()
+            .iter(),
+    ) {
+        let denied_by_rule = policy
+            .deny
+            .iter()
+            .any(|r| r.port.is_none_or(|p| p == port) && r.host.matches(h));
         let verdict = policy.check_target(h, port);
         if denied_by_rule {
             assert!(verdict.is_err());

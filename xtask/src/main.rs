@@ -1,13 +1,15 @@
-//! Kiln's developer flows: `cargo xtask <kernel|build-guest|harness|run|test|bench>`.
+//! Kiln's developer flows: `cargo xtask <kernel|build-guest|harness|run|test|bench|fuzz|soak>`.
 //!
 //! This file only parses the command line and dispatches; each flow lives in its own module.
 
 mod bench;
 mod build_guest;
+mod fuzz;
 mod harness;
 mod kernel;
 mod python;
 mod run;
+mod soak;
 mod test;
 mod util;
 
@@ -34,6 +36,10 @@ enum Cmd {
     Test(test::TestArgs),
     /// Run a benchmark.
     Bench(bench::BenchArgs),
+    /// Build and run the cargo-fuzz targets in fuzz/ (stable toolchain, RUSTC_BOOTSTRAP=1).
+    Fuzz(fuzz::FuzzArgs),
+    /// Run the tier-2 leak soak (create/READY/destroy and restore cycles) and print its samples.
+    Soak(soak::SoakArgs),
     /// Build the `kiln` Python wheel into a venv under the target dir (and `--bench` it).
     Python(python::PythonArgs),
 }
@@ -48,6 +54,8 @@ fn main() {
         Cmd::Test(args) => test::cmd_test(&args).map(|()| 0),
         Cmd::Bench(args) => bench::cmd_bench(&args).map(|()| 0),
         Cmd::Python(args) => python::cmd_python(&args),
+        Cmd::Fuzz(args) => fuzz::cmd_fuzz(&args),
+        Cmd::Soak(args) => soak::cmd_soak(&args),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -344,7 +344,25 @@ fn tier1(meta: &Metadata) -> Outcome {
             outcomes.push(cargo_test(&strings(&["-p", name, "--doc"])));
         }
     }
+    outcomes.push(fuzz_smoke());
     merge(outcomes)
+}
+
+/// Tier 1's fuzz step: every cargo-fuzz target for a short fixed time (`crate::fuzz`); each
+/// target counts as one test, failed if it crashed, hung or could not run.
+fn fuzz_smoke() -> Outcome {
+    eprintln!(
+        "tier 1: fuzz smoke run, {} targets x {}s",
+        crate::fuzz::TARGETS.len(),
+        crate::fuzz::SMOKE_SECONDS
+    );
+    match crate::fuzz::smoke() {
+        Ok((passed, failed, errors)) => Outcome::Ran {
+            counts: Counts { passed, failed },
+            error: (!errors.is_empty()).then(|| format!("fuzz: {}", errors.join("; "))),
+        },
+        Err(e) => Outcome::CouldNotRun(format!("fuzz smoke run: {e:#}")),
+    }
 }
 
 fn integration_tests(meta: &Metadata, package: &str) -> Outcome {

@@ -15,8 +15,10 @@ pub mod block;
 pub mod mmio;
 pub mod vsock;
 
-#[cfg(test)]
-pub(crate) mod testutil;
+/// The tier-1 mock guest; public only with the `fuzzing` feature (the fuzz/ targets).
+#[cfg(any(test, feature = "fuzzing"))]
+#[allow(missing_debug_implementations, clippy::new_without_default)]
+pub mod testutil;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
