@@ -14,6 +14,18 @@ use std::time::{Duration, Instant};
 /// Deadline of one pytest run (the runner gives each tier-4 test 5 minutes).
 const PYTEST_TIMEOUT: Duration = Duration::from_secs(270);
 
+/// The server's configuration: the `base` template (python image, user `user`) with room
+/// for slow nested boots.
+const CONFIG: &str = r#"
+max_sandboxes = 4
+[templates.base]
+image = "python"
+user = "user"
+home = "/home/user"
+memory_mib = 256
+boot_timeout_secs = 180
+"#;
+
 /// `target/<profile>` of this test executable.
 fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
@@ -46,6 +58,7 @@ struct Server {
     child: Child,
     url: String,
     log: mpsc::Receiver<String>,
+    _dir: tempfile::TempDir,
 }
 
 impl Server {
@@ -58,8 +71,13 @@ impl Server {
         );
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
+        // Two 256 MiB guests fit in the harness's L1 beside everything else.
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("temp dir: {e}"));
+        let config = dir.path().join("serve.toml");
+        std::fs::write(&config, CONFIG).unwrap_or_else(|e| panic!("writing the config: {e}"));
         let mut child = Command::new(&kiln)
-            .args(["serve", "--listen", &listen])
+            .args(["serve", "--listen", &listen, "--config"])
+            .arg(&config)
             .env("RUST_LOG", "kiln_server=info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -67,7 +85,9 @@ impl Server {
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", kiln.display()));
         let (tx, rx) = mpsc::channel();
-        let stderr = child.stderr.take().expect("piped stderr");
+        let Some(stderr) = child.stderr.take() else {
+            panic!("kiln serve has no piped stderr")
+        };
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if tx.send(line).is_err() {
@@ -91,6 +111,7 @@ impl Server {
             child,
             url: format!("http://{listen}"),
             log: rx,
+            _dir: dir,
         }
     }
 
