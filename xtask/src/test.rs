@@ -405,6 +405,9 @@ fn build_tier4() -> Result<Tier4Build> {
     let k = kernel::ensure().context("building the guest kernel")?;
     let g = build_guest::ensure().context("building the guest initramfs")?;
     let kiln = crate::run::build_kiln_cli()?;
+    // tests/tests/sandbox_image.rs boots the python image (built once, cached in the assets
+    // directory outside the clone).
+    crate::run::ensure_image(&kiln, "python").context("building the python image")?;
     // tests/tests/python_sdk.rs runs pytest in this venv.
     crate::python::ensure().context("building the kiln Python package")?;
     // tests/tests/serve_e2b.rs runs the e2b SDK from this venv.
@@ -460,6 +463,13 @@ fn tier4_env(b: &Tier4Build) -> Vec<(String, String)> {
     vec![
         ("KILN_KERNEL".into(), b.kernel.display().to_string()),
         ("KILN_INITRAMFS".into(), b.initramfs.display().to_string()),
+        // The image store (<assets>/images) the image tests boot from.
+        (
+            "KILN_ASSETS_DIR".into(),
+            crate::util::assets_dir()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default(),
+        ),
         ("RUST_BACKTRACE".into(), "1".into()),
     ]
 }

@@ -46,6 +46,36 @@ impl MachineArgs {
     }
 }
 
+/// `kiln run`'s root-filesystem image: `--image NAME|REF|PATH`, `--overlay-size MIB`.
+#[derive(Debug, Clone, Args)]
+pub struct ImageRunArgs {
+    /// Boot this image as the root file system: a name in the image store (`kiln image ls`),
+    /// an OCI reference (`localhost:5000/app:1`, pulled first when not stored), or an image
+    /// file's path. Without CMD, the image's entrypoint + cmd run.
+    #[arg(long, value_name = "NAME|REF|PATH")]
+    pub image: Option<String>,
+    /// Size of the overlay's tmpfs (the image's writable layer, in guest RAM) in MiB
+    /// (default: half the guest memory).
+    #[arg(long, value_name = "MIB", requires = "image")]
+    pub overlay_size: Option<u32>,
+}
+
+impl ImageRunArgs {
+    /// `config` with the image (pulled into the store first when it is an OCI reference
+    /// that is not there). Errors: kiln's exit code and the message.
+    pub fn apply(self, mut config: SandboxConfig) -> Result<SandboxConfig, (i32, String)> {
+        let Some(image) = self.image else {
+            return Ok(config);
+        };
+        if !kiln::image::is_path(&image) {
+            super::image::ensure_stored(&image)?;
+        }
+        config.image = Some(image);
+        config.overlay_size_mib = self.overlay_size;
+        Ok(config)
+    }
+}
+
 /// Refuses a command whose program (the first argument after `--`) is an empty string, before
 /// anything boots (`kiln run -- ""`). Later arguments may be empty (`sh -c ""`).
 pub fn check_command(command: &[String]) -> Result<(), String> {

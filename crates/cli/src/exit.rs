@@ -45,6 +45,10 @@ Exit status of `kiln run`:
 pub fn for_error(e: &SandboxError) -> i32 {
     match e {
         SandboxError::Config(ConfigError::Invalid { .. }) => USAGE,
+        // An unknown or damaged image: `kiln image`'s codes (10 unknown, 11 corrupt, ...).
+        SandboxError::Config(ConfigError::Image(e)) => e
+            .store_kind()
+            .map_or(USAGE, kiln_image::ErrorKind::exit_code),
         SandboxError::Config(ConfigError::MissingAsset { .. } | ConfigError::AssetsDir { .. }) => {
             ASSETS
         }

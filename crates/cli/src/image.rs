@@ -262,6 +262,32 @@ pub fn image(args: ImageArgs) -> i32 {
     }
 }
 
+/// For `kiln run --image NAME|REF`: nothing when `name` is in the store; an OCI reference
+/// that is not (it has a registry host, `HOST[:PORT]/REPO[:TAG]`) is pulled first, with
+/// progress on stderr and anonymous or `$KILN_REGISTRY_USERNAME`/`_PASSWORD` auth. Errors:
+/// the exit code of `kiln image` and the message.
+pub fn ensure_stored(name: &str) -> Result<(), (i32, String)> {
+    let fail = |f: Failure| (f.code, format!("image {name}: {}", f.message));
+    let store = open_store().map_err(fail)?;
+    match store.resolve(name) {
+        Ok(_) => return Ok(()),
+        Err(e) if e.kind() == kiln_image::ErrorKind::UnknownImage && name.contains('/') => {}
+        Err(e) => return Err(fail(e.into())),
+    }
+    let auth = auth(None, |k| std::env::var(k).ok(), &mut std::io::empty()).map_err(fail)?;
+    let opts = PullOptions {
+        auth,
+        insecure: false,
+        format: ImageFormat::default(),
+        name: None,
+    };
+    eprintln!("kiln: {name} is not in the image store: pulling it");
+    let mut progress = Progress::new(false);
+    let img = store.pull(name, &opts, &mut |e| progress.event(e));
+    progress.finish();
+    img.map(|_| ()).map_err(|e| fail(e.into()))
+}
+
 fn dispatch(command: ImageCommand) -> Result<(), Failure> {
     match command {
         ImageCommand::Build(a) => build(&a),

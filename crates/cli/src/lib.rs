@@ -20,7 +20,7 @@ pub mod serve;
 pub mod signals;
 pub mod snapshot;
 
-pub use args::{check_command, parse_env, parse_secs, MachineArgs};
+pub use args::{check_command, parse_env, parse_secs, ImageRunArgs, MachineArgs};
 
 use clap::{Parser, Subcommand};
 

@@ -27,6 +27,9 @@ pub struct RunArgs {
     /// The guest machine.
     #[command(flatten)]
     pub machine: MachineArgs,
+    /// The root-filesystem image (`--image`, `--overlay-size`).
+    #[command(flatten)]
+    pub image: super::ImageRunArgs,
     /// Kill the command (and all its children) after SECS seconds; exit status 124.
     #[arg(long, value_name = "SECS", value_parser = super::parse_secs)]
     pub timeout: Option<Duration>,
@@ -65,7 +68,7 @@ pub struct RunArgs {
     #[arg(
         trailing_var_arg = true,
         allow_hyphen_values = true,
-        required = true,
+        required_unless_present = "image",
         num_args = 1..,
         value_name = "CMD"
     )]
@@ -152,6 +155,10 @@ pub fn run(args: RunArgs) -> i32 {
     );
     config.name = args.name;
     config.quiet_kernel = !args.kernel_log;
+    let config = match args.image.apply(config) {
+        Ok(c) => c,
+        Err((status, message)) => return fail(status, message),
+    };
 
     let sandbox = match Sandbox::create(config) {
         Ok(s) => s,
@@ -163,6 +170,17 @@ pub fn run(args: RunArgs) -> i32 {
         }
     };
     let boot = t0.elapsed();
+    // `kiln run --image X` without CMD: the image's entrypoint + cmd.
+    let mut command = args.command;
+    if command.is_empty() {
+        command = sandbox.exec_defaults().command;
+        if command.is_empty() {
+            return fail(
+                exit::USAGE,
+                "no CMD given and the image has no entrypoint or cmd".into(),
+            );
+        }
+    }
 
     let mut opts = ExecOptions {
         env: args.env,
@@ -181,12 +199,12 @@ pub fn run(args: RunArgs) -> i32 {
     let mut out = Vec::new();
     let mut err = Vec::new();
     let result = if json {
-        run_collect(&sandbox, &args.command, opts, &mut out, &mut err).map(|status| Streamed {
+        run_collect(&sandbox, &command, opts, &mut out, &mut err).map(|status| Streamed {
             status,
             stdout_closed: false,
         })
     } else {
-        run_streaming(&sandbox, &args.command, opts)
+        run_streaming(&sandbox, &command, opts)
     };
     let exec = t_exec.elapsed();
     let name = sandbox.name().to_owned();

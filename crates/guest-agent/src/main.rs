@@ -12,12 +12,16 @@
 //! - `--pid1-setup` before a unix mode: when running as PID 1 (e.g. `unshare -pf`), do PID 1's
 //!   setup first, then serve on the unix socket (tier-3 test of the PID 1 duties).
 //!
+//! - In the guest, with `kiln.root=/dev/vdX` on the kernel command line, the agent first
+//!   switches to the image's root under an overlay (module `root`, docs/IMAGES.md).
+//!
 //! The `KILN-AGENT-READY` line is printed in every mode once the agent can serve.
 
 mod conn;
 mod exec;
 mod files;
 mod reaper;
+mod root;
 mod sys;
 mod transport;
 mod writer;
@@ -98,9 +102,38 @@ fn pid1_setup() {
     std::env::set_var("PATH", exec::DEFAULT_PATH);
 }
 
+/// The root switch of an image sandbox (`kiln.root=` on the command line; module `root`).
+/// A failure the host did not ask to fall back from ends the VM before the readiness line.
+fn switch_root() {
+    match root::switch_from_cmdline() {
+        Ok(None) => {}
+        Ok(Some(s)) => eprintln!(
+            "{} {} ({:?}) is / with an overlay on {:?} ({} ms)",
+            root::PREFIX,
+            s.spec.device.display(),
+            s.spec.fstype,
+            s.spec.upper,
+            s.took.as_millis()
+        ),
+        Err((e, true)) => {
+            eprintln!("{} {e}; falling back to the initramfs root", root::PREFIX);
+        }
+        Err((e, false)) => {
+            eprintln!(
+                "{} {e}; the guest cannot start (no fallback asked)",
+                root::PREFIX
+            );
+            sys::shutdown(Mode::Guest);
+        }
+    }
+}
+
 fn guest_main() -> ! {
     sys::ensure_std_fds();
     pid1_setup();
+    if std::process::id() == 1 {
+        switch_root();
+    }
     let agent = loop {
         match start_agent(Mode::Guest) {
             Ok(a) => break a,

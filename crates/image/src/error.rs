@@ -104,6 +104,7 @@ pub enum ImageError {
     MissingTool { tool: String, package: String },
     #[error("{step} failed: {reason}")]
     BuildFailed { step: String, reason: String },
+    #[cfg(feature = "registry")]
     #[error("registry error for {reference}")]
     Registry {
         reference: String,
@@ -145,6 +146,7 @@ impl ImageError {
             ImageError::InvalidInput { .. } => ErrorKind::InvalidInput,
             ImageError::MissingTool { .. } => ErrorKind::MissingTool,
             ImageError::BuildFailed { .. } => ErrorKind::BuildFailed,
+            #[cfg(feature = "registry")]
             ImageError::Registry { .. } => ErrorKind::RegistryUnreachable,
             ImageError::Io { .. } => ErrorKind::Io,
         }

@@ -7,7 +7,8 @@
 //!
 //! - [`ImageStore::build`]: a [`Recipe`] (Debian packages, mmdebstrap), keyed by the recipe
 //!   and the resolved package versions;
-//! - [`ImageStore::pull`]: an OCI / Docker registry v2 (oci-client), keyed by manifest digest;
+//! - `ImageStore::pull` (feature `registry`, on by default): an OCI / Docker registry v2
+//!   (oci-client), keyed by manifest digest;
 //! - [`ImageStore::import`]: an OCI layout directory or a docker-archive tar.
 //!
 //! [`ImageStore::list`], [`ImageStore::remove`] and [`ImageStore::resolve`] manage them.
@@ -23,6 +24,7 @@ pub mod import;
 pub mod meta;
 pub mod oci;
 pub mod progress;
+#[cfg(feature = "registry")]
 pub mod pull;
 pub mod recipe;
 pub mod store;
@@ -33,6 +35,7 @@ pub use error::{ErrorKind, ImageError, Result};
 pub use import::ImportOptions;
 pub use meta::{ExecDefaults, ImageFormat, ImageMeta, ImageSource};
 pub use progress::Event;
+#[cfg(feature = "registry")]
 pub use pull::{Auth, PullOptions};
 pub use recipe::Recipe;
 pub use store::{Image, ImageStore, ListEntry};

@@ -53,6 +53,9 @@ pub enum ConfigError {
         /// What to run to build it.
         hint: &'static str,
     },
+    /// The root-filesystem image cannot be used (unknown, corrupt, bad scratch disk...).
+    #[error(transparent)]
+    Image(#[from] crate::image::ImageError),
     /// The default asset location cannot be computed (no `$HOME`...).
     #[error("guest {what}: {source} (set {env} or KILN_ASSETS_DIR)")]
     AssetsDir {
@@ -105,6 +108,19 @@ pub struct SandboxConfig {
     /// Disks (virtio-blk) passed to the VM as they are, the guest's /dev/vda, /dev/vdb, ...
     /// in this order (at most [`kiln_vmm::virtio::block::MAX_DISKS`]).
     pub disks: Vec<kiln_vmm::virtio::block::DiskConfig>,
+
+    // --- root-filesystem image (crate::image, docs/IMAGES.md) ---
+    /// Boot this image as the root file system: a name in the image store
+    /// ([`crate::assets::images_dir`]) or an image file's path (starts with `/` or `.`, or
+    /// ends in `.img`/`.ext4`/`.erofs`). It becomes the read-only /dev/vda (the [`disks`](Self::disks)
+    /// follow it) under an overlay; its exec defaults apply to every exec.
+    pub image: Option<String>,
+    /// Size (MiB) of the tmpfs in guest RAM holding the overlay's writes; `None` = the
+    /// kernel's default (half the guest RAM). Ignored with a [`scratch_disk`](Self::scratch_disk).
+    pub overlay_size_mib: Option<u32>,
+    /// A writable disk file holding the overlay's writes instead of RAM (formatted ext4 on the
+    /// host when it has no ext4 file system). Its size is the scratch space.
+    pub scratch_disk: Option<PathBuf>,
 }
 
 impl Default for SandboxConfig {
@@ -121,6 +137,9 @@ impl Default for SandboxConfig {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             consumer_deadline: DEFAULT_CONSUMER_DEADLINE,
             disks: Vec::new(),
+            image: None,
+            overlay_size_mib: None,
+            scratch_disk: None,
         }
     }
 }
@@ -180,6 +199,24 @@ impl SandboxConfig {
         self
     }
 
+    /// Boots the image `name_or_path` as the root file system (see [`SandboxConfig::image`]).
+    pub fn image(mut self, name_or_path: impl Into<String>) -> Self {
+        self.image = Some(name_or_path.into());
+        self
+    }
+
+    /// Sets the overlay tmpfs size in MiB (see [`SandboxConfig::overlay_size_mib`]).
+    pub fn overlay_size_mib(mut self, mib: u32) -> Self {
+        self.overlay_size_mib = Some(mib);
+        self
+    }
+
+    /// Keeps the overlay's writes on the disk file `path` (see [`SandboxConfig::scratch_disk`]).
+    pub fn scratch_disk(mut self, path: impl Into<PathBuf>) -> Self {
+        self.scratch_disk = Some(path.into());
+        self
+    }
+
     /// Sets whether the guest kernel boots `quiet` (see [`SandboxConfig::quiet_kernel`]).
     pub fn quiet_kernel(mut self, quiet: bool) -> Self {
         self.quiet_kernel = quiet;
@@ -199,15 +236,72 @@ impl SandboxConfig {
         self
     }
 
-    /// Checks every field and resolves the asset paths (defaults, existence).
+    /// Checks every field and resolves the asset paths (defaults, existence) and the image.
     pub fn validate(&self) -> Result<ResolvedConfig, ConfigError> {
-        self.validate_with(
+        let mut r = self.validate_with(
             &|what| match what {
                 Asset::Kernel => crate::assets::default_kernel(),
                 Asset::Initramfs => crate::assets::default_initramfs(),
             },
             &host_mem_total_kib,
-        )
+        )?;
+        if let Some(name) = &self.image {
+            let img = crate::image::resolve(name)?;
+            self.apply_image(&mut r, img)?;
+        }
+        Ok(r)
+    }
+
+    /// Puts a resolved image into `r`: its disk first (then the scratch disk, then
+    /// [`disks`](Self::disks)), the root-switch command line, the exec defaults.
+    fn apply_image(
+        &self,
+        r: &mut ResolvedConfig,
+        img: crate::image::ResolvedImage,
+    ) -> Result<(), ConfigError> {
+        let invalid = |field, reason: String| ConfigError::Invalid { field, reason };
+        if self.overlay_size_mib == Some(0) {
+            return Err(invalid(
+                "overlay_size_mib",
+                "must be greater than zero".into(),
+            ));
+        }
+        if let Some(mib) = self.overlay_size_mib {
+            if mib > self.memory_mib {
+                return Err(invalid(
+                    "overlay_size_mib",
+                    format!(
+                        "{mib} MiB is more than the guest memory ({} MiB)",
+                        self.memory_mib
+                    ),
+                ));
+            }
+        }
+        if let Some(s) = &self.scratch_disk {
+            crate::image::prepare_scratch(s)?;
+        }
+        let (mut disks, cmdline) =
+            crate::image::boot_parts(&img, self.overlay_size_mib, self.scratch_disk.as_deref());
+        disks.append(&mut r.disks);
+        if disks.len() > kiln_vmm::virtio::block::MAX_DISKS {
+            return Err(invalid(
+                "disks",
+                format!(
+                    "{} disks with the image's exceed the limit of {}",
+                    disks.len(),
+                    kiln_vmm::virtio::block::MAX_DISKS
+                ),
+            ));
+        }
+        r.disks = disks;
+        r.extra_cmdline = if r.extra_cmdline.is_empty() {
+            cmdline
+        } else {
+            // The caller's words come last: a `kiln.overlay=` of theirs wins.
+            format!("{cmdline} {}", r.extra_cmdline)
+        };
+        r.exec_defaults = img.exec;
+        Ok(())
     }
 
     /// Checks what [`Sandbox::restore`](crate::Sandbox::restore) uses of a configuration:
@@ -328,6 +422,7 @@ impl SandboxConfig {
             request_timeout: self.request_timeout,
             consumer_deadline: self.consumer_deadline,
             disks: self.disks.clone(),
+            exec_defaults: Default::default(),
         })
     }
 }
@@ -353,8 +448,10 @@ pub struct ResolvedConfig {
     pub request_timeout: Duration,
     /// Unread-output deadline.
     pub consumer_deadline: Duration,
-    /// Disks for the VM.
+    /// Disks for the VM (with an image: the image's first, then a scratch disk).
     pub disks: Vec<kiln_vmm::virtio::block::DiskConfig>,
+    /// The image's exec defaults (empty without an image).
+    pub exec_defaults: crate::image::SandboxExecDefaults,
 }
 
 /// Bytes of a kernel file read to recognise it: up to the bzImage header's `HdrS` magic.

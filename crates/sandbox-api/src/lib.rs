@@ -9,7 +9,7 @@
 //!
 //! Modules: [`config`] (configuration and validation), [`assets`] (where the guest kernel and
 //! initramfs live by default), [`error`] (the error model), [`exec`] (exec options, results
-//! and events), [`sandbox`] (the sandbox itself), [`pool`] ([`SandboxPool`], a prewarm pool of
+//! and events), [`image`] (booting a root-filesystem image), [`sandbox`] (the sandbox itself), [`pool`] ([`SandboxPool`], a prewarm pool of
 //! sandboxes).
 //!
 //! This crate is the library alone: the `kiln` command line is `kiln-cli` (crates/cli), the
@@ -19,12 +19,14 @@ pub mod assets;
 pub mod config;
 pub mod error;
 pub mod exec;
+pub mod image;
 pub mod pool;
 pub mod sandbox;
 
 pub use config::{ConfigError, ResolvedConfig, SandboxConfig};
 pub use error::SandboxError;
 pub use exec::{ExecEvent, ExecOptions, ExecResult, StdinSource, DEFAULT_OUTPUT_CAP};
+pub use image::{ResolvedImage, SandboxExecDefaults};
 pub use kiln_pool::{PoolConfig, PoolStats};
 pub use kiln_proto::{DirEntry, ErrorKind, ExitStatus, FileKind, FileStat, Hello};
 pub use kiln_vmm::snapshot::SnapshotInfo;

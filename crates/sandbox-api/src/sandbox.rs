@@ -69,6 +69,8 @@ struct Inner {
     conn: VsockStream,
     hello: Hello,
     timings: BootTimings,
+    /// The image's exec defaults (crate::image); set once right after boot or restore.
+    exec_defaults: std::sync::OnceLock<crate::image::SandboxExecDefaults>,
     /// Dropping it ends the watchdog thread.
     _watchdog_stop: mpsc::Sender<()>,
 }
@@ -146,6 +148,18 @@ impl Sandbox {
     /// that is not found ends with exit code 127 and the agent's message on stderr.
     pub fn exec<S: AsRef<str>>(&self, argv: &[S]) -> Result<ExecResult, SandboxError> {
         self.exec_with_options(argv, ExecOptions::default())
+    }
+
+    /// The exec defaults of the sandbox's image (empty without one): applied under every
+    /// exec's [`ExecOptions`]; `command` is the image's entrypoint + cmd.
+    pub fn exec_defaults(&self) -> crate::image::SandboxExecDefaults {
+        self.inner.exec_defaults.get().cloned().unwrap_or_default()
+    }
+
+    pub(crate) fn set_exec_defaults(&self, d: crate::image::SandboxExecDefaults) {
+        if !d.is_empty() {
+            let _ = self.inner.exec_defaults.set(d);
+        }
     }
 
     /// Alias of [`exec`](Self::exec) (the seed's vocabulary).
@@ -226,6 +240,10 @@ impl Sandbox {
                 message: "empty command".into(),
             });
         }
+        let opts = match self.inner.exec_defaults.get() {
+            Some(d) => d.apply(opts),
+            None => opts,
+        };
         let (stdin, feed): (Stdin, Option<Box<dyn Read + Send>>) = match opts.stdin {
             StdinSource::Null => (Stdin::Null, None),
             StdinSource::Bytes(b) if b.len() <= MAX_CHUNK => (Stdin::Bytes(b), None),
@@ -713,6 +731,7 @@ fn vm_config(cfg: &ResolvedConfig) -> VmConfig {
 
 fn boot(cfg: ResolvedConfig, t0: Instant) -> Result<Sandbox, SandboxError> {
     let name = cfg.name.clone();
+    let exec_defaults = cfg.exec_defaults.clone();
     // The VM is named after the sandbox: keep only what failed.
     let vm = Vm::start(vm_config(&cfg)).map_err(|e| SandboxError::Vm {
         vm: name.clone(),
@@ -746,6 +765,7 @@ fn boot(cfg: ResolvedConfig, t0: Instant) -> Result<Sandbox, SandboxError> {
         }
     };
     let sandbox = connect_agent(vm, listener, name, t0, vm_start, Deadlines::of(&cfg))?;
+    sandbox.set_exec_defaults(exec_defaults);
     let ready = sandbox.inner.timings.ready;
     let agent = &sandbox.inner.hello.agent_version;
     tracing::debug!(vm = %sandbox.inner.name, ?vm_start, ?ready, %agent, "sandbox ready");
@@ -834,6 +854,7 @@ fn connect_agent(
         conn,
         hello,
         timings: BootTimings { vm_start, ready },
+        exec_defaults: std::sync::OnceLock::new(),
         _watchdog_stop: stop_tx,
     });
     let weak = Arc::downgrade(&inner);

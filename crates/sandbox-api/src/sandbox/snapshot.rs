@@ -92,8 +92,17 @@ impl Sandbox {
         let Some(vm) = guard.as_ref() else {
             return Err(self.inner.died("snapshot", "the VM has stopped".into()));
         };
-        vm.snapshot(dir)
-            .map_err(|e| snap_err(&self.inner.name, "snapshot", e))
+        let info = vm
+            .snapshot(dir)
+            .map_err(|e| snap_err(&self.inner.name, "snapshot", e))?;
+        self.exec_defaults()
+            .save(dir)
+            .map_err(|source| SandboxError::Io {
+                vm: self.inner.name.clone(),
+                op: "writing the image's exec defaults into the snapshot",
+                source,
+            })?;
+        Ok(info)
     }
 
     /// Builds a new sandbox from the snapshot in `dir`. From `config` only the name and the
@@ -110,6 +119,12 @@ impl Sandbox {
             op: "restoring the VM",
             source: Box::new(kind),
         })?;
+        let exec_defaults =
+            crate::image::SandboxExecDefaults::load(dir).map_err(|source| SandboxError::Io {
+                vm: name.clone(),
+                op: "reading the snapshot's exec defaults",
+                source,
+            })?;
         check_host(&name)?;
         let mut rc = RestoreConfig::new(name.clone());
         rc.serial_ring_bytes = SERIAL_RING_BYTES;
@@ -139,6 +154,7 @@ impl Sandbox {
                 consumer: config.consumer_deadline,
             },
         )?;
+        sandbox.set_exec_defaults(exec_defaults.unwrap_or_default());
         let ready = sandbox.inner.timings.ready;
         let now_ns = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
