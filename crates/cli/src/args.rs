@@ -76,6 +76,38 @@ impl ImageRunArgs {
     }
 }
 
+/// Who a command runs as and its guest-side limits: `--user`, `--memory-max`, `--pids-max`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct LimitArgs {
+    /// Run the command as this guest user: a name from the guest's /etc/passwd, UID or
+    /// UID:GID (default: root).
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+    /// The command's memory limit in MiB (its cgroup's memory.max in the guest; past it the
+    /// guest's OOM killer ends the command). Default: the guest's RAM minus the agent's reserve.
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..=1 << 40))]
+    pub memory_max: Option<u64>,
+    /// Most processes and threads the command may have at once (its cgroup's pids.max).
+    #[arg(long, value_name = "N")]
+    pub pids_max: Option<u64>,
+}
+
+impl LimitArgs {
+    /// `opts` with these settings (flags not given keep `opts`' values).
+    pub fn apply(&self, mut opts: kiln::ExecOptions) -> kiln::ExecOptions {
+        if let Some(u) = &self.user {
+            opts = opts.user(u.clone());
+        }
+        if let Some(m) = self.memory_max {
+            opts = opts.memory_max(m.saturating_mul(1024 * 1024));
+        }
+        if let Some(p) = self.pids_max {
+            opts = opts.pids_max(p);
+        }
+        opts
+    }
+}
+
 /// Refuses a command whose program (the first argument after `--`) is an empty string, before
 /// anything boots (`kiln run -- ""`). Later arguments may be empty (`sh -c ""`).
 pub fn check_command(command: &[String]) -> Result<(), String> {
@@ -155,6 +187,20 @@ mod tests {
         assert!(check_command(&v(&["", "x"])).is_err());
         check_command(&v(&["sh", "-c", ""])).unwrap();
         check_command(&[]).unwrap();
+    }
+
+    #[test]
+    fn limit_args_set_the_exec_options() {
+        let l = LimitArgs {
+            user: Some("1000:1000".into()),
+            memory_max: Some(64),
+            pids_max: Some(100),
+        };
+        let o = l.apply(kiln::ExecOptions::new());
+        assert_eq!(o.user.as_deref(), Some("1000:1000"));
+        assert_eq!((o.memory_max, o.pids_max), (Some(64 << 20), Some(100)));
+        let o = LimitArgs::default().apply(kiln::ExecOptions::new());
+        assert_eq!((o.user, o.memory_max, o.pids_max), (None, None, None));
     }
 
     #[test]

@@ -30,6 +30,9 @@ pub struct RunArgs {
     /// The root-filesystem image (`--image`, `--overlay-size`).
     #[command(flatten)]
     pub image: super::ImageRunArgs,
+    /// The command's user and guest-side limits.
+    #[command(flatten)]
+    pub limits: super::args::LimitArgs,
     /// Kill the command (and all its children) after SECS seconds; exit status 124.
     #[arg(long, value_name = "SECS", value_parser = super::parse_secs)]
     pub timeout: Option<Duration>,
@@ -98,6 +101,8 @@ struct JsonResult<'a> {
     signal: Option<i32>,
     timed_out: bool,
     truncated: bool,
+    oom_killed: bool,
+    pids_limit_hit: bool,
     status: i32,
     timings: Timings,
     stdout: String,
@@ -159,6 +164,7 @@ pub fn run(args: RunArgs) -> i32 {
         Ok(c) => c,
         Err((status, message)) => return fail(status, message),
     };
+    let config_memory_mib = config.memory_mib;
 
     let sandbox = match Sandbox::create(config) {
         Ok(s) => s,
@@ -194,6 +200,8 @@ pub fn run(args: RunArgs) -> i32 {
     if json && args.output_cap.is_none() {
         opts.output_cap = Some(None);
     }
+    let opts = args.limits.apply(opts);
+    let guest_mib = config_memory_mib;
 
     let t_exec = Instant::now();
     let mut out = Vec::new();
@@ -233,6 +241,11 @@ pub fn run(args: RunArgs) -> i32 {
             args.timeout.map(|d| d.as_secs_f64()).unwrap_or_default()
         );
     }
+    if !json {
+        for line in limit_messages(&status, &args.limits, guest_mib) {
+            eprintln!("{line}");
+        }
+    }
     if json {
         print_json(&JsonResult {
             vm: &name,
@@ -240,6 +253,8 @@ pub fn run(args: RunArgs) -> i32 {
             signal: status.signal,
             timed_out: status.timed_out,
             truncated: status.truncated,
+            oom_killed: status.oom_killed,
+            pids_limit_hit: status.pids_limit_hit,
             status: code,
             timings,
             stdout: String::from_utf8_lossy(&out).into_owned(),
@@ -247,6 +262,35 @@ pub fn run(args: RunArgs) -> i32 {
         });
     }
     code
+}
+
+/// What `kiln run` says on stderr (without `-v`) when a guest-side limit ended or hampered
+/// the command.
+pub fn limit_messages(
+    status: &ExitStatus,
+    limits: &super::args::LimitArgs,
+    guest_mib: u32,
+) -> Vec<String> {
+    let mut lines = Vec::new();
+    if status.oom_killed {
+        let limit = match limits.memory_max {
+            Some(m) => format!("memory limit {m} MiB"),
+            None => format!("the sandbox's default limit: {guest_mib} MiB of guest RAM minus the agent's reserve; raise --memory"),
+        };
+        lines.push(format!(
+            "kiln: the command was killed by the guest's OOM killer ({limit})"
+        ));
+    }
+    if status.pids_limit_hit {
+        let limit = match limits.pids_max {
+            Some(n) => format!("{n}"),
+            None => "the sandbox default".to_owned(),
+        };
+        lines.push(format!(
+            "kiln: the command hit its process limit (pids max {limit}): some fork/clone calls failed"
+        ));
+    }
+    lines
 }
 
 fn summary(name: &str, t: &Timings, status: Option<&ExitStatus>) {
@@ -424,6 +468,29 @@ mod tests {
             truncated: false,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn limit_hits_are_reported_with_the_limit() {
+        let mut st = status(None, Some(9), false);
+        let none = super::super::args::LimitArgs::default();
+        assert!(limit_messages(&st, &none, 512).is_empty());
+        st.oom_killed = true;
+        let given = super::super::args::LimitArgs {
+            memory_max: Some(64),
+            pids_max: Some(50),
+            ..Default::default()
+        };
+        assert_eq!(
+            limit_messages(&st, &given, 512),
+            ["kiln: the command was killed by the guest's OOM killer (memory limit 64 MiB)"]
+        );
+        assert!(limit_messages(&st, &none, 512)[0].contains("512 MiB of guest RAM"));
+        st.oom_killed = false;
+        st.pids_limit_hit = true;
+        let m = limit_messages(&st, &given, 512);
+        assert_eq!(m.len(), 1);
+        assert!(m[0].contains("pids max 50"), "{m:?}");
     }
 
     #[test]

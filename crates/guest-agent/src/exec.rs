@@ -1,7 +1,9 @@
 //! The exec engine: spawns commands (own session/process group, clean environment, cwd,
 //! stdin from bytes or a stream), pumps stdout/stderr as chunks with an output cap, enforces
 //! timeouts by SIGKILLing the whole group, and keeps the agent-wide table of running execs
-//! used by `Signal`, `Wait` and `StdinData`.
+//! used by `Signal`, `Wait` and `StdinData`. In the guest each exec runs in its own cgroup
+//! (crate::cgroup: limits, OOM and pids-limit reporting); any exec may run as another user
+//! (crate::user), switched to in the child before `execve`.
 //!
 //! Spawning is a hand-written fork + execve (not `std::process::Command`) because the
 //! [`Reaper`] owns every `waitpid`: std would wait for a child whose exec failed itself.
@@ -30,7 +32,9 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::{pipe2, Pid};
 
+use crate::cgroup::{CgroupError, ExecCgroup};
 use crate::reaper::{ChildStatus, Reaper};
+use crate::user::{ExecUser, UserError};
 use crate::writer::ConnWriter;
 
 /// PATH of the clean default environment.
@@ -94,6 +98,20 @@ pub enum ExecError {
     StdinFull { exec_id: u64, max: usize },
     #[error("exec: spawning a thread: {0}")]
     Thread(#[source] std::io::Error),
+    #[error(transparent)]
+    User(#[from] UserError),
+    #[error("exec: switching to user {user:?} (uid {uid}, gid {gid}): {source}")]
+    SwitchUser {
+        user: String,
+        uid: u32,
+        gid: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("exec: {0}")]
+    Cgroup(#[from] CgroupError),
+    #[error("exec: moving the command into its cgroup: {0}")]
+    CgroupAttach(#[source] std::io::Error),
 }
 
 impl ExecError {
@@ -109,7 +127,16 @@ impl ExecError {
             Self::UnknownExec { .. } => ErrorKind::NotFound,
             Self::BadState { .. } => ErrorKind::InvalidRequest,
             Self::StdinFull { .. } => ErrorKind::TooLarge,
-            Self::Signal { .. } | Self::Pipe(_) | Self::Fork(_) | Self::Thread(_) => ErrorKind::Io,
+            Self::User(UserError::Unknown { .. }) => ErrorKind::NotFound,
+            Self::User(UserError::Invalid { .. }) => ErrorKind::InvalidRequest,
+            Self::User(UserError::Read { source, .. }) => ErrorKind::from_io(source),
+            Self::SwitchUser { .. } => ErrorKind::PermissionDenied,
+            Self::Signal { .. }
+            | Self::Pipe(_)
+            | Self::Fork(_)
+            | Self::Thread(_)
+            | Self::Cgroup(_)
+            | Self::CgroupAttach(_) => ErrorKind::Io,
         }
     }
 
@@ -218,6 +245,15 @@ struct Prepared {
     argv: Vec<CString>,
     envp: Vec<CString>,
     cwd: Option<CString>,
+    /// The user to switch to, with the request's spelling of it (for errors).
+    user: Option<(String, ExecUser)>,
+}
+
+/// Guest-mode settings the child applies before `execve`: its cgroup, and undoing the
+/// agent's own OOM protection and priority.
+struct ChildSetup<'a> {
+    cgroup_procs: Option<&'a std::ffi::CStr>,
+    reset_agent_protection: bool,
 }
 
 fn cstring(what: &'static str, s: impl Into<Vec<u8>>) -> Result<CString, ExecError> {
@@ -230,12 +266,24 @@ fn is_executable(p: &Path) -> bool {
 
 fn prepare(req: &ExecRequest) -> Result<Prepared, ExecError> {
     let argv0 = req.argv.first().ok_or(ExecError::EmptyArgv)?;
+    let user = match &req.user {
+        Some(u) => Some((u.clone(), crate::user::resolve(u)?)),
+        None => None,
+    };
     let mut env: Vec<(String, String)> = vec![
         ("PATH".into(), DEFAULT_PATH.into()),
         ("HOME".into(), "/root".into()),
         ("TERM".into(), "xterm".into()),
         ("LANG".into(), "C.UTF-8".into()),
     ];
+    if let Some((_, u)) = &user {
+        // The user's login variables; the request's env below still overrides them.
+        env[1].1 = u.home.clone();
+        if let Some(name) = &u.name {
+            env.push(("USER".into(), name.clone()));
+            env.push(("LOGNAME".into(), name.clone()));
+        }
+    }
     for (k, v) in &req.env {
         if k.is_empty() || k.contains('=') || k.contains('\0') {
             return Err(ExecError::BadEnvKey { key: k.clone() });
@@ -293,6 +341,7 @@ fn prepare(req: &ExecRequest) -> Result<Prepared, ExecError> {
         cwd: cwd
             .map(|c| cstring("cwd", c.as_os_str().as_bytes()))
             .transpose()?,
+        user,
     })
 }
 
@@ -306,6 +355,7 @@ struct ChildPipes {
 /// Fork and exec. Returns the pid (also the process group id) and the parent's pipe ends.
 fn fork_exec(
     p: &Prepared,
+    setup: &ChildSetup<'_>,
     want_stdin: bool,
     reaper: &Reaper,
 ) -> Result<(Pid, Receiver<ChildStatus>, ChildPipes), ExecError> {
@@ -350,10 +400,21 @@ fn fork_exec(
     envp_ptrs.push(std::ptr::null());
     let cwd_ptr = p.cwd.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
     let path_ptr = p.path.as_ptr();
+    let ids = p.user.as_ref().map(|(_, u)| ChildIds {
+        uid: u.uid,
+        gid: u.gid,
+        groups: u.groups.iter().map(|&g| g as libc::gid_t).collect(),
+    });
+    let creds = ChildCreds {
+        ids: ids.as_ref(),
+        cgroup_procs: setup.cgroup_procs.map_or(std::ptr::null(), |c| c.as_ptr()),
+        reset_agent_protection: setup.reset_agent_protection,
+    };
 
     let (pid, status_rx) = reaper.spawn_registered(|| {
         // SAFETY: fork in a multi-threaded process: the child only calls async-signal-safe
-        // functions (setsid, dup2, sigaction, sigprocmask, chdir, execve, write, _exit) on
+        // functions (setsid, dup2, sigaction, sigprocmask, open, write, close,
+        // setpriority, raw setgroups/setresgid/setresuid, chdir, execve, _exit) on
         // data prepared before the fork, and never returns into Rust code.
         let pid = unsafe { libc::fork() };
         if pid < 0 {
@@ -363,8 +424,8 @@ fn fork_exec(
             // SAFETY: see above; this is the child and it ends in execve or _exit.
             unsafe {
                 child_after_fork(
-                    child_in, child_out, child_err, status_fd, cwd_ptr, path_ptr, &argv_ptrs,
-                    &envp_ptrs,
+                    child_in, child_out, child_err, status_fd, &creds, cwd_ptr, path_ptr,
+                    &argv_ptrs, &envp_ptrs,
                 )
             }
         }
@@ -386,6 +447,18 @@ fn fork_exec(
     if got == report.len() {
         let errno = i32::from_ne_bytes([report[1], report[2], report[3], report[4]]);
         let source = std::io::Error::from_raw_os_error(errno);
+        if report[0] == 3 {
+            return Err(ExecError::CgroupAttach(source));
+        }
+        if report[0] == 4 {
+            let (user, u) = p.user.clone().unwrap_or_default();
+            return Err(ExecError::SwitchUser {
+                user,
+                uid: u.uid,
+                gid: u.gid,
+                source,
+            });
+        }
         let (path, code) = if report[0] == 1 {
             (
                 p.cwd
@@ -411,6 +484,21 @@ fn fork_exec(
     ))
 }
 
+/// The ids the child switches to.
+struct ChildIds {
+    uid: u32,
+    gid: u32,
+    groups: Vec<libc::gid_t>,
+}
+
+/// What the child does before `chdir` + `execve`, prepared before the fork.
+struct ChildCreds<'a> {
+    ids: Option<&'a ChildIds>,
+    /// NUL-terminated `cgroup.procs` path, or null.
+    cgroup_procs: *const libc::c_char,
+    reset_agent_protection: bool,
+}
+
 /// The child side of [`fork_exec`].
 ///
 /// # Safety
@@ -422,6 +510,7 @@ unsafe fn child_after_fork(
     stdout_fd: i32,
     stderr_fd: i32,
     status_fd: i32,
+    creds: &ChildCreds<'_>,
     cwd: *const libc::c_char,
     path: *const libc::c_char,
     argv: &[*const libc::c_char],
@@ -463,6 +552,34 @@ unsafe fn child_after_fork(
         }
         libc::dup2(stdout_fd, 1);
         libc::dup2(stderr_fd, 2);
+        if creds.reset_agent_protection {
+            // The agent's oom_score_adj -1000 and nice are inherited: the command gets the
+            // defaults back (raising both needs no privilege).
+            let adj = c"/proc/self/oom_score_adj";
+            let fd = libc::open(adj.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd >= 0 {
+                libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+            }
+            libc::setpriority(libc::PRIO_PROCESS, 0, 0);
+        }
+        if !creds.cgroup_procs.is_null() {
+            let fd = libc::open(creds.cgroup_procs, libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                fail(status_fd, 3, *libc::__errno_location());
+            }
+            libc::close(fd);
+        }
+        if let Some(ids) = creds.ids {
+            // Raw syscalls: libc's wrappers synchronise every thread of the process, which
+            // after fork is only this one; the raw calls are async-signal-safe.
+            if libc::syscall(libc::SYS_setgroups, ids.groups.len(), ids.groups.as_ptr()) != 0
+                || libc::syscall(libc::SYS_setresgid, ids.gid, ids.gid, ids.gid) != 0
+                || libc::syscall(libc::SYS_setresuid, ids.uid, ids.uid, ids.uid) != 0
+            {
+                fail(status_fd, 4, *libc::__errno_location());
+            }
+        }
         if !cwd.is_null() && libc::chdir(cwd) != 0 {
             fail(status_fd, 1, *libc::__errno_location());
         }
@@ -481,6 +598,15 @@ pub struct ExecContext {
 impl std::fmt::Debug for ExecContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ExecContext").finish_non_exhaustive()
+    }
+}
+
+/// An exec given up after its fork: kill what runs in its cgroup and remove it (or leave it
+/// to the next sweep).
+fn abandon(cgroup: Option<ExecCgroup>, cgroups: Option<&crate::cgroup::Cgroups>) {
+    if let (Some(cg), Some(cgs)) = (cgroup, cgroups) {
+        cg.kill();
+        cg.finish(cgs);
     }
 }
 
@@ -521,9 +647,22 @@ impl ExecContext {
             Err(e) => return spawn_failure(e, background, &conn, id),
         };
         let want_stdin = !matches!(req.stdin, Stdin::Null);
-        let (pid, status_rx, pipes) = match fork_exec(&prepared, want_stdin, &self.reaper) {
+        let cgroups = crate::cgroup::get();
+        let cgroup = match cgroups.map(|c| c.create(&req.limits)).transpose() {
+            Ok(c) => c,
+            Err(e) => return spawn_failure(e.into(), background, &conn, id),
+        };
+        let setup = ChildSetup {
+            cgroup_procs: cgroup.as_ref().map(ExecCgroup::procs_path),
+            reset_agent_protection: cgroups.is_some(),
+        };
+        let forked = fork_exec(&prepared, &setup, want_stdin, &self.reaper);
+        let (pid, status_rx, pipes) = match forked {
             Ok(x) => x,
-            Err(e) => return spawn_failure(e, background, &conn, id),
+            Err(e) => {
+                abandon(cgroup, cgroups);
+                return spawn_failure(e, background, &conn, id);
+            }
         };
         let start = Instant::now();
         let exec_id = self.table.next_id.fetch_add(1, Ordering::Relaxed) + 1;
@@ -545,6 +684,7 @@ impl ExecContext {
                     });
                 if let Err(e) = spawned {
                     let _ = killpg(pid, Signal::SIGKILL);
+                    abandon(cgroup, cgroups);
                     return spawn_failure(ExecError::Thread(e), background, &conn, id);
                 }
             }
@@ -552,6 +692,7 @@ impl ExecContext {
                 Ok(h) => entry.stdin = Some(h),
                 Err(e) => {
                     let _ = killpg(pid, Signal::SIGKILL);
+                    abandon(cgroup, cgroups);
                     return spawn_failure(e, background, &conn, id);
                 }
             },
@@ -580,8 +721,9 @@ impl ExecContext {
         let deadline = req
             .timeout_ms
             .and_then(|t| start.checked_add(Duration::from_millis(t)));
-        let status = pump(
+        let mut status = pump(
             pid,
+            cgroup.as_ref(),
             pipes.stdout,
             pipes.stderr,
             &sink,
@@ -589,6 +731,11 @@ impl ExecContext {
             deadline,
             &status_rx,
         );
+        if let (Some(cg), Some(cgs)) = (cgroup, cgroups) {
+            let outcome = cg.finish(cgs);
+            status.oom_killed = outcome.oom_killed;
+            status.pids_limit_hit = outcome.pids_limit_hit;
+        }
         self.finish(exec_id, status, &sink);
     }
 
@@ -785,8 +932,10 @@ fn status_of(s: ChildStatus) -> (Option<i32>, Option<i32>) {
 
 /// Stream both pipes to `sink` until they close (or the drain grace after the leader's exit
 /// runs out), enforcing `cap` and `deadline`; returns the exit status.
+#[allow(clippy::too_many_arguments)]
 fn pump(
     pgid: Pid,
+    cgroup: Option<&ExecCgroup>,
     stdout: OwnedFd,
     stderr: OwnedFd,
     sink: &Sink,
@@ -804,6 +953,9 @@ fn pump(
     let kill = |timed_out: &mut bool, why_timeout: bool| {
         if !*timed_out {
             let _ = killpg(pgid, Signal::SIGKILL);
+            if let Some(cg) = cgroup {
+                cg.kill();
+            }
             *timed_out = why_timeout;
         }
     };

@@ -17,6 +17,7 @@
 //!
 //! The `KILN-AGENT-READY` line is printed in every mode once the agent can serve.
 
+mod cgroup;
 mod conn;
 mod exec;
 mod files;
@@ -24,6 +25,7 @@ mod reaper;
 mod root;
 mod sys;
 mod transport;
+mod user;
 mod writer;
 
 use std::sync::Arc;
@@ -133,6 +135,14 @@ fn guest_main() -> ! {
     pid1_setup();
     if std::process::id() == 1 {
         switch_root();
+    }
+    match cgroup::init_guest() {
+        Ok(c) => eprintln!(
+            "kiln-agent: exec limits: memory.max {} MiB, pids.max {}",
+            c.memory_max >> 20,
+            c.pids_max
+        ),
+        Err(e) => eprintln!("kiln-agent: execs run without limits: {e}"),
     }
     let agent = loop {
         match start_agent(Mode::Guest) {

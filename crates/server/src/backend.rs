@@ -188,11 +188,10 @@ impl KilnLauncher {
     }
 }
 
-/// Applies the template's image to the configuration.
+/// Applies the template's image (a store name, OCI reference or image path) to the
+/// configuration.
 fn image_config(cfg: SandboxConfig, image: &str) -> SandboxConfig {
-    // Until `SandboxConfig::image` lands (the images work), an image is recorded only.
-    let _ = image;
-    cfg
+    cfg.image(image)
 }
 
 impl Launcher for KilnLauncher {
