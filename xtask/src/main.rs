@@ -4,6 +4,7 @@
 
 mod bench;
 mod build_guest;
+mod e2b;
 mod fuzz;
 mod harness;
 mod kernel;

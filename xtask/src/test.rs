@@ -428,6 +428,8 @@ fn build_tier4() -> Result<Tier4Build> {
     crate::run::ensure_image(&kiln, "python").context("building the python image")?;
     // tests/tests/python_sdk.rs runs pytest in this venv.
     crate::python::ensure().context("building the kiln Python package")?;
+    // tests/tests/serve_e2b.rs runs the e2b SDK from this venv.
+    crate::e2b::ensure().context("installing the e2b SDK venv")?;
     eprintln!("building the {TIER4_PACKAGE} test executables");
     let out = cargo()
         .args([

@@ -2,7 +2,7 @@
 //! This file parses the command line and dispatches; each user-facing subcommand lives in its
 //! own module: [`run`] (`kiln run`), [`doctor`] (`kiln doctor`), [`snapshot`] (`kiln snapshot`,
 //! `kiln restore`, `kiln fork`), [`image`] (`kiln image build|ls|rm|pull|import|verify`, the
-//! `kiln-image` store). Shared pieces: [`args`] (argument parsers and the
+//! `kiln-image` store), [`serve`] (`kiln serve`, crates/server). Shared pieces: [`args`] (argument parsers and the
 //! [`args::MachineArgs`] every command that boots a guest takes), [`exit`] (the exit codes),
 //! [`signals`] (forwarding Ctrl-C to the guest command), [`logging`] (the tracing subscriber:
 //! `RUST_LOG`, `-v`).
@@ -16,6 +16,7 @@ pub mod exit;
 pub mod image;
 pub mod logging;
 pub mod run;
+pub mod serve;
 pub mod signals;
 pub mod snapshot;
 
@@ -55,6 +56,8 @@ pub enum Command {
     /// Manage guest images: build from a recipe, pull, import, list, remove, verify.
     #[command(after_help = image::HELP)]
     Image(image::ImageArgs),
+    /// Serve sandboxes over HTTP to the unmodified e2b SDKs (E2B control plane + envd API).
+    Serve(serve::ServeArgs),
 }
 
 /// Parses the command line and runs the subcommand; returns the process exit code.
@@ -68,6 +71,7 @@ pub fn main() -> i32 {
         Command::Restore(args) => snapshot::restore(args),
         Command::Fork(args) => snapshot::fork(args),
         Command::Image(args) => image::image(args),
+        Command::Serve(args) => serve::serve(args),
     }
 }
 
