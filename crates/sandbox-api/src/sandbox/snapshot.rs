@@ -130,7 +130,7 @@ impl Sandbox {
         check_host(&name)?;
         let (vm, listener) = Vm::restore_with(dir, restore_config(&name), listen_agent)
             .map_err(|e| snap_err(&name, "restoring the VM", e))?;
-        finish_restore(vm, listener, name, t0, &config)
+        finish_restore(vm, listener, name, t0, &config, exec_defaults)
     }
 
     /// `n` new sandboxes forked live from this one as it is now: its VM is paused for the
@@ -173,8 +173,17 @@ impl Sandbox {
             started.push((vm, listener, name, t0));
         }
         let mut forks = Vec::with_capacity(n);
+        // Children run the parent's image: they keep its exec defaults.
+        let defaults = self.exec_defaults();
         for (vm, listener, name, t0) in started {
-            forks.push(finish_restore(vm, listener, name, t0, &config)?);
+            forks.push(finish_restore(
+                vm,
+                listener,
+                name,
+                t0,
+                &config,
+                Some(defaults.clone()),
+            )?);
         }
         Ok(forks)
     }
@@ -214,6 +223,7 @@ fn finish_restore(
     name: String,
     t0: Instant,
     config: &SandboxConfig,
+    exec_defaults: Option<crate::image::SandboxExecDefaults>,
 ) -> Result<Sandbox, SandboxError> {
     let vm_start = t0.elapsed();
     {
