@@ -29,7 +29,9 @@ fn small_layout(dir: &std::path::Path) -> std::path::PathBuf {
             .arg(&bundle),
     );
     let root = bundle.join("rootfs");
-    for d in ["bin", "etc", "usr/bin", "tmp", "proc", "sys", "dev", "run", "data/old"] {
+    for d in [
+        "bin", "etc", "usr/bin", "tmp", "proc", "sys", "dev", "run", "data/old",
+    ] {
         fs::create_dir_all(root.join(d)).unwrap();
     }
     fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
@@ -138,5 +140,10 @@ fn a_pulled_image_runs_with_whiteouts_applied_and_its_exec_defaults() {
     // A tag the registry does not have: `kiln run` fails with the pull's code (14).
     let missing = format!("localhost:{}/small:nope", reg.port);
     let out = sandbox_common::run_kiln(&["run", "--image", &missing, "--", "true"], &env, None);
-    assert_eq!(out.status.code(), Some(14), "{}", sandbox_common::describe(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(14),
+        "{}",
+        sandbox_common::describe(&out)
+    );
 }
