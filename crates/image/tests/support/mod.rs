@@ -101,7 +101,8 @@ impl Registry {
     }
 
     fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Generous: under the harness's emulated L1 (tier 4) the Go binary starts slowly.
+        let deadline = Instant::now() + Duration::from_secs(120);
         while Instant::now() < deadline {
             if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
                 let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
@@ -117,7 +118,7 @@ impl Registry {
         }
         let log = fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default();
         panic!(
-            "docker-registry did not answer on 127.0.0.1:{} within 20 s; log:\n{log}",
+            "docker-registry did not answer on 127.0.0.1:{} within 120 s; log:\n{log}",
             self.port
         );
     }
