@@ -100,7 +100,7 @@ fn allowed_host_reached_with_wget_and_denials_name_their_rule() {
     // ... overridable by the caller.
     let r = sb
         .exec_with_options(
-            &["sh", "-c", "echo $NO_PROXY"],
+            &["sh", "-c", "echo \"$NO_PROXY\""],
             ExecOptions::new().env("NO_PROXY", "*"),
         )
         .unwrap();
