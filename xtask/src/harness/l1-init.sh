@@ -77,6 +77,9 @@ TICK=$(port kiln.tick) || fail "virtio serial port kiln.tick not found"
 # lost (docs/HARNESS.md, "When L1 stalls"); they are discarded.
 cat "$TICK" > /dev/null &
 
+# Loopback up: tier-4 tests start servers (a registry, HTTP origins) on L1's 127.0.0.1.
+ip link set lo up || fail "bringing up lo failed"
+
 phase "mounts done"
 mkdir -p "$R/run/kiln-harness"
 cp /scratch/run.sh "$R/run/kiln-harness/run.sh" || fail "copying run.sh failed"
