@@ -289,3 +289,85 @@ mod tests {
         assert!(err.to_string().contains("cargo xtask kernel"), "{err}");
     }
 }
+
+/// What [`run_collecting`] saw: the exit status (`None` = killed at the deadline), stdout and
+/// stderr.
+#[derive(Debug)]
+pub struct Collected {
+    /// Exit status; `None` when the command was killed at its deadline.
+    pub status: Option<std::process::ExitStatus>,
+    /// Everything on stdout.
+    pub stdout: String,
+    /// Everything on stderr.
+    pub stderr: String,
+}
+
+/// Runs `cmd` (stdin `/dev/null`, stdout and stderr collected) and kills it past `timeout`.
+/// Panics when it cannot be started (a test helper).
+pub fn run_collecting(cmd: &mut std::process::Command, timeout: Duration) -> Collected {
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {:?}: {e}", cmd.get_program()));
+    let read_all = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_string(&mut s);
+            }
+            s
+        })
+    };
+    let out = read_all(
+        child
+            .stdout
+            .take()
+            .map(|r| Box::new(r) as Box<dyn Read + Send>),
+    );
+    let err = read_all(
+        child
+            .stderr
+            .take()
+            .map(|r| Box::new(r) as Box<dyn Read + Send>),
+    );
+    let started = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break Some(s),
+            Ok(None) if started.elapsed() > timeout => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(100)),
+            Err(e) => panic!("waiting for {:?}: {e}", cmd.get_program()),
+        }
+    };
+    Collected {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
+}
+
+/// Fails the test unless the pytest run `c` of `file` finished within `timeout`, passed, and
+/// ran at least one test.
+pub fn assert_pytest_passed(file: &str, c: &Collected, timeout: Duration) {
+    let (stdout, stderr) = (&c.stdout, &c.stderr);
+    match c.status {
+        None => panic!("pytest {file} did not finish within {timeout:?}\n{stdout}"),
+        Some(s) => {
+            assert!(
+                s.success(),
+                "pytest {file} failed ({s}):\n{stdout}\n{stderr}"
+            );
+            assert!(
+                stdout.contains(" passed"),
+                "pytest {file} ran no tests:\n{stdout}"
+            );
+        }
+    }
+}

@@ -4,10 +4,9 @@
 //! pytest passed: run/stream/errors/threads/asyncio, files, the pool, snapshot/restore/fork,
 //! and the checks that need no VM.
 
-use std::io::Read;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 /// Deadline of one pytest run (the runner gives each tier-4 test 5 minutes).
 const PYTEST_TIMEOUT: Duration = Duration::from_secs(280);
@@ -38,58 +37,16 @@ fn pytest(file: &str) {
         python.display()
     );
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python");
-    let mut child = Command::new(&python)
-        .current_dir(&dir)
+    let mut cmd = Command::new(&python);
+    cmd.current_dir(&dir)
         .args(["-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", file])
         // The source tree is read-only inside the harness.
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting {}: {e}", python.display()));
-    let mut out = child.stdout.take().map(read_all);
-    let mut err = child.stderr.take().map(read_all);
-    let started = Instant::now();
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(s)) => break Some(s),
-            Ok(None) if started.elapsed() > PYTEST_TIMEOUT => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(100)),
-            Err(e) => panic!("waiting for pytest: {e}"),
-        }
-    };
-    let text = |t: &mut Option<std::thread::JoinHandle<String>>| {
-        t.take().and_then(|h| h.join().ok()).unwrap_or_default()
-    };
-    let (stdout, stderr) = (text(&mut out), text(&mut err));
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+    let run = kiln_tests::run_collecting(&mut cmd, PYTEST_TIMEOUT);
+    let (stdout, stderr) = (&run.stdout, &run.stderr);
     println!("{stdout}");
     eprintln!("{stderr}");
-    match status {
-        None => panic!("pytest {file} did not finish within {PYTEST_TIMEOUT:?}\n{stdout}"),
-        Some(s) => {
-            assert!(
-                s.success(),
-                "pytest {file} failed ({s}):\n{stdout}\n{stderr}"
-            );
-            assert!(
-                stdout.contains(" passed"),
-                "pytest {file} ran no tests:\n{stdout}"
-            );
-        }
-    }
-}
-
-fn read_all(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = r.read_to_string(&mut s);
-        s
-    })
+    kiln_tests::assert_pytest_passed(file, &run, PYTEST_TIMEOUT);
 }
 
 #[test]

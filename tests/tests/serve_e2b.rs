@@ -4,7 +4,7 @@
 //! `E2B_SANDBOX_URL` at it and runs one file of `tests/e2b` with pytest: commands, files,
 //! lifetime. After pytest the server is stopped with SIGTERM and must exit 0.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -141,14 +141,6 @@ impl Drop for Server {
     }
 }
 
-fn read_all(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = r.read_to_string(&mut s);
-        s
-    })
-}
-
 /// Runs `pytest tests/e2b/<file>` against a fresh `kiln serve`.
 fn pytest(file: &str) {
     kiln_tests::require_tier4();
@@ -160,8 +152,8 @@ fn pytest(file: &str) {
     );
     let server = Server::start();
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("e2b");
-    let mut child = Command::new(&python)
-        .current_dir(&dir)
+    let mut cmd = Command::new(&python);
+    cmd.current_dir(&dir)
         .args([
             "-m",
             "pytest",
@@ -177,48 +169,14 @@ fn pytest(file: &str) {
         .env("E2B_SANDBOX_URL", &server.url)
         .env("E2B_API_KEY", "kiln-test-key")
         .env_remove("E2B_DEBUG")
-        .env_remove("E2B_DOMAIN")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting {}: {e}", python.display()));
-    let mut out = child.stdout.take().map(read_all);
-    let mut err = child.stderr.take().map(read_all);
-    let started = Instant::now();
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(s)) => break Some(s),
-            Ok(None) if started.elapsed() > PYTEST_TIMEOUT => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(100)),
-            Err(e) => panic!("waiting for pytest: {e}"),
-        }
-    };
-    let text = |t: &mut Option<std::thread::JoinHandle<String>>| {
-        t.take().and_then(|h| h.join().ok()).unwrap_or_default()
-    };
-    let (stdout, stderr) = (text(&mut out), text(&mut err));
+        .env_remove("E2B_DOMAIN");
+    let run = kiln_tests::run_collecting(&mut cmd, PYTEST_TIMEOUT);
+    let (stdout, stderr) = (&run.stdout, &run.stderr);
     let (server_status, server_log) = server.stop();
     println!("{stdout}");
     eprintln!("{stderr}");
     eprintln!("--- kiln serve log ---\n{server_log}");
-    match status {
-        None => panic!("pytest {file} did not finish within {PYTEST_TIMEOUT:?}\n{stdout}"),
-        Some(s) => {
-            assert!(
-                s.success(),
-                "pytest {file} failed ({s}):\n{stdout}\n{stderr}"
-            );
-            assert!(
-                stdout.contains(" passed"),
-                "pytest {file} ran no tests:\n{stdout}"
-            );
-        }
-    }
+    kiln_tests::assert_pytest_passed(file, &run, PYTEST_TIMEOUT);
     assert!(
         server_status.is_some_and(|s| s.success()),
         "kiln serve did not exit cleanly on SIGTERM: {server_status:?}\n{server_log}"

@@ -5,54 +5,24 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use crate::util;
 
 /// PyPI requirements of the e2b test venv.
 const REQUIREMENTS: &[&str] = &["e2b==2.63.0", "pytest>=8,<10"];
 
-/// `<target>/kiln-e2b/venv/bin/python`.
-pub fn venv_python() -> PathBuf {
-    util::target_dir()
-        .join("kiln-e2b")
-        .join("venv")
-        .join("bin")
-        .join("python")
-}
-
 /// Creates the venv and installs the requirements (once). Returns its python.
 pub fn ensure() -> Result<PathBuf> {
     let dir = util::target_dir().join("kiln-e2b");
     let _lock = util::lock_file(&dir.join(".lock"))?;
-    let venv = dir.join("venv");
-    let python = venv_python();
-    if !python.is_file() {
-        eprintln!("e2b: creating the venv {}", venv.display());
-        util::run(Command::new("python3").args(["-m", "venv"]).arg(&venv))
-            .context("creating the e2b venv (needs python3 with the venv module)")?;
-    }
-    let have = Command::new(&python)
-        .args([
-            "-c",
-            "import importlib.metadata as m, pytest; assert m.version('e2b') == '2.63.0'",
-        ])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !have {
-        eprintln!("e2b: installing {} from PyPI", REQUIREMENTS.join(", "));
-        util::run(
-            Command::new(&python)
-                .args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                ])
-                .args(REQUIREMENTS),
-        )
-        .context("installing the e2b SDK and pytest into the venv")?;
-    }
-    Ok(python)
+    util::ensure_venv("e2b", &dir.join("venv"), REQUIREMENTS, |python| {
+        Command::new(python)
+            .args([
+                "-c",
+                "import importlib.metadata as m, pytest; assert m.version('e2b') == '2.63.0'",
+            ])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
 }

@@ -44,43 +44,19 @@ pub fn python_dir() -> PathBuf {
     util::target_dir().join("kiln-python")
 }
 
-/// `<target>/kiln-python/venv/bin/python` (what the tier-4 tests run).
-pub fn venv_python() -> PathBuf {
-    python_dir().join("venv").join("bin").join("python")
-}
-
 /// Creates the venv (once), installs maturin and pytest (once), builds the wheel (release,
 /// abi3) and installs it. Returns the venv's python.
 pub fn ensure() -> Result<PythonEnv> {
     let dir = python_dir();
     let _lock = util::lock_file(&dir.join(".lock"))?;
     let venv = dir.join("venv");
-    let python = venv_python();
-    if !python.is_file() {
-        eprintln!("python: creating the venv {}", venv.display());
-        util::run(Command::new("python3").args(["-m", "venv"]).arg(&venv))
-            .context("creating the venv (needs python3 with the venv module)")?;
-    }
-    let have_tools = venv.join("bin").join("maturin").is_file()
-        && Command::new(&python)
-            .args(["-c", "import pytest"])
-            .output()
-            .is_ok_and(|o| o.status.success());
-    if !have_tools {
-        eprintln!("python: installing {} from PyPI", REQUIREMENTS.join(", "));
-        util::run(
-            Command::new(&python)
-                .args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                ])
-                .args(REQUIREMENTS),
-        )
-        .context("installing maturin and pytest into the venv")?;
-    }
+    let python = util::ensure_venv("python", &venv, REQUIREMENTS, |python| {
+        venv.join("bin").join("maturin").is_file()
+            && Command::new(python)
+                .args(["-c", "import pytest"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+    })?;
     let wheels = dir.join("wheels");
     let _ = fs::remove_dir_all(&wheels);
     let manifest = util::repo_root().join("crates/python/Cargo.toml");

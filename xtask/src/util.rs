@@ -418,6 +418,43 @@ pub fn jobs() -> usize {
         .unwrap_or(1)
 }
 
+/// Makes the venv `venv` (`python3 -m venv`) unless it exists, then pip-installs
+/// `requirements` into it unless `installed(python)` says they are there; `what` names the
+/// venv in messages. Returns the venv's python.
+pub fn ensure_venv(
+    what: &str,
+    venv: &Path,
+    requirements: &[&str],
+    installed: impl Fn(&Path) -> bool,
+) -> Result<PathBuf> {
+    let python = venv.join("bin").join("python");
+    if !python.is_file() {
+        eprintln!("{what}: creating the venv {}", venv.display());
+        run(Command::new("python3").args(["-m", "venv"]).arg(venv)).with_context(|| {
+            format!("creating the {what} venv (needs python3 with the venv module)")
+        })?;
+    }
+    if !installed(&python) {
+        eprintln!("{what}: installing {} from PyPI", requirements.join(", "));
+        run(Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(requirements))
+        .with_context(|| {
+            format!(
+                "installing {} into the {what} venv",
+                requirements.join(", ")
+            )
+        })?;
+    }
+    Ok(python)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
