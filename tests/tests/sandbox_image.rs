@@ -199,12 +199,16 @@ fn snapshot_restore_and_fork_keep_the_image_root() {
     // The image's exec defaults came back with the snapshot.
     assert_eq!(restored.exec_defaults(), sb.exec_defaults());
     assert_eq!(restored.exec_defaults().cwd.as_deref(), Some("/home/user"));
+    // /root is root's (the image's default user is `user`).
     let r = restored
-        .exec(&[
-            "python3",
-            "-c",
-            "print(open('/root/state').read().strip(), 6*7)",
-        ])
+        .exec_with_options(
+            &[
+                "python3",
+                "-c",
+                "print(open('/root/state').read().strip(), 6*7)",
+            ],
+            ExecOptions::new().user("root"),
+        )
         .unwrap();
     assert!(r.success(), "{}", r.stderr_str());
     assert_eq!(r.stdout_str().trim(), "before 42");
