@@ -202,10 +202,20 @@ pub fn fork(args: ForkArgs) -> i32 {
         eprintln!("kiln: error: --dir is required without --live");
         return exit::USAGE;
     };
-    let results: Vec<Result<ExecResult, SandboxError>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..args.count)
-            .map(|_| s.spawn(|| restore_and_run(dir, args.boot_timeout, &args.command)))
-            .collect();
+    let results = on_threads(args.count, |_| {
+        restore_and_run(dir, args.boot_timeout, &args.command)
+    });
+    report_forks(&results)
+}
+
+/// `f(0..n)`, each on its own thread; a panicked thread is an error result.
+fn on_threads(
+    n: usize,
+    f: impl Fn(usize) -> Result<ExecResult, SandboxError> + Sync,
+) -> Vec<Result<ExecResult, SandboxError>> {
+    std::thread::scope(|s| {
+        let f = &f;
+        let handles: Vec<_> = (0..n).map(|i| s.spawn(move || f(i))).collect();
         handles
             .into_iter()
             .map(|h| {
@@ -218,8 +228,7 @@ pub fn fork(args: ForkArgs) -> i32 {
                 })
             })
             .collect()
-    });
-    report_forks(&results)
+    })
 }
 
 /// Prints each fork's output prefixed `[fork i]`; the first failing status, else 0.
@@ -275,23 +284,6 @@ fn fork_live(args: &ForkArgs) -> i32 {
         children.len(),
         t0.elapsed().as_secs_f64() * 1e3
     );
-    let results: Vec<Result<ExecResult, SandboxError>> = std::thread::scope(|s| {
-        let handles: Vec<_> = children
-            .iter()
-            .map(|c| s.spawn(|| c.exec(&args.command)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(SandboxError::InvalidArgument {
-                        vm: "fork".into(),
-                        op: "fork",
-                        message: "a fork thread panicked".into(),
-                    })
-                })
-            })
-            .collect()
-    });
+    let results = on_threads(children.len(), |i| children[i].exec(&args.command));
     report_forks(&results)
 }
