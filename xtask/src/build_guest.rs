@@ -47,7 +47,9 @@ const DIRS: &[(&str, u32)] = &[
 /// The built guest userland.
 #[derive(Debug, Clone)]
 pub struct GuestArtifacts {
-    /// `<assets>/guest/initramfs.cpio`.
+    /// `<assets>/guest/initramfs-<key hash>.cpio`: this build's archive under a name no other
+    /// checkout's build replaces (the shared `initramfs.cpio` is the newest build of any
+    /// checkout, so a run that boots it could get another tree's agent).
     pub initramfs: PathBuf,
     /// The static agent binary that is `/init`.
     pub agent: PathBuf,
@@ -77,6 +79,8 @@ pub fn ensure() -> Result<GuestArtifacts> {
 
     let guest = util::assets_dir()?.join("guest");
     fs::create_dir_all(&guest).with_context(|| format!("creating {}", guest.display()))?;
+    // Serialises packing and linking between checkouts sharing the assets directory.
+    let _lock = util::lock_file(&guest.join(".lock"))?;
     let initramfs = guest.join("initramfs.cpio");
     let key_file = guest.join("initramfs.key");
     let key = format!(
@@ -87,6 +91,7 @@ pub fn ensure() -> Result<GuestArtifacts> {
     let cached = fs::read_to_string(&key_file).ok();
     if initramfs.is_file() && cached.as_deref() == Some(key.as_str()) {
         eprintln!("initramfs up to date: {}", initramfs.display());
+        let initramfs = keyed_copy(&guest, &initramfs, &key)?;
         return Ok(GuestArtifacts { initramfs, agent });
     }
 
@@ -120,7 +125,40 @@ pub fn ensure() -> Result<GuestArtifacts> {
         size as f64 / (1024.0 * 1024.0),
         initramfs.display()
     );
+    let initramfs = keyed_copy(&guest, &initramfs, &key)?;
     Ok(GuestArtifacts { initramfs, agent })
+}
+
+/// Hard-links (or copies) `initramfs` to `<guest>/initramfs-<hash of key>.cpio` and prunes the
+/// keyed archives of other builds once they are an hour old (a younger one may be booted by a
+/// concurrent run of another checkout).
+fn keyed_copy(guest: &Path, initramfs: &Path, key: &str) -> Result<PathBuf> {
+    let hash = util::sha256_hex(key.as_bytes());
+    let keyed = guest.join(format!("initramfs-{}.cpio", &hash[..16]));
+    if !keyed.is_file() {
+        let tmp = guest.join(format!(".initramfs-keyed.tmp-{}", std::process::id()));
+        let _ = fs::remove_file(&tmp);
+        if fs::hard_link(initramfs, &tmp).is_err() {
+            fs::copy(initramfs, &tmp)
+                .with_context(|| format!("copying {} to {}", initramfs.display(), tmp.display()))?;
+        }
+        fs::rename(&tmp, &keyed)
+            .with_context(|| format!("renaming {} into place", tmp.display()))?;
+    }
+    if let Ok(entries) = fs::read_dir(guest) {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if entry.path() != keyed
+                && name.starts_with("initramfs-")
+                && name.ends_with(".cpio")
+                && util::modified_longer_ago(&entry, std::time::Duration::from_secs(3600))
+            {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+    Ok(keyed)
 }
 
 /// The agent without debug info (symbols stay for backtraces): ~5x smaller, so the guest
