@@ -32,7 +32,7 @@ pub const TARGETS: &[(&str, usize)] = &[
 ];
 
 /// Seconds each target runs in `cargo xtask test` tier 1.
-pub const SMOKE_SECONDS: u64 = 12;
+pub const SMOKE_SECONDS: u64 = 6;
 
 /// An input that takes longer than this is reported as a hang (a crash).
 const INPUT_TIMEOUT_SECS: u64 = 10;

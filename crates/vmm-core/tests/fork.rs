@@ -7,7 +7,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kiln_vmm::snapshot::{RestoreConfig, SnapshotErrorKind};
 use kiln_vmm::test_guest::{counter_values, Action};
@@ -16,35 +16,12 @@ use kiln_vmm::vm_memory::{Bytes, GuestAddress};
 use kiln_vmm::Vm;
 
 mod common;
-use common::{cfg, dir, serial_lock, T};
+use common::{cfg, dir, serial_lock, wait_counter, wait_counter_for, T};
 
 /// A guest address the test guest never touches (its image and stack sit below 2 MiB).
 const MARK: GuestAddress = GuestAddress(32 << 20);
 /// Another one, several pages up.
 const MARK2: GuestAddress = GuestAddress((32 << 20) + 0x10_000);
-
-/// Waits (up to `wait`) until the guest printed a complete counter line >= `min`.
-fn wait_counter_for(vm: &Vm, min: u64, wait: Duration) -> Vec<u64> {
-    let deadline = Instant::now() + wait;
-    loop {
-        let v = counter_values(&vm.serial_tail(1 << 20));
-        if v.last().is_some_and(|&l| l >= min) {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{}: no counter >= {min}; serial: {}",
-            vm.name(),
-            vm.serial_tail(400)
-        );
-        assert!(vm.exit_reason().is_none(), "{:?}", vm.exit_reason());
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-fn wait_counter(vm: &Vm, min: u64) -> Vec<u64> {
-    wait_counter_for(vm, min, T)
-}
 
 fn last_counter(vm: &Vm) -> u64 {
     *counter_values(&vm.serial_tail(1 << 20)).last().unwrap()

@@ -16,7 +16,7 @@ use kiln_vmm::vcpu::VcpuState;
 use kiln_vmm::Vm;
 
 mod common;
-use common::{cfg, dir, serial_lock, T};
+use common::{cfg, dir, serial_lock, wait_counter, T};
 
 fn snap_dir(name: &str) -> PathBuf {
     let d = dir().path().join(name);
@@ -24,31 +24,6 @@ fn snap_dir(name: &str) -> PathBuf {
     d
 }
 
-/// Waits until the guest printed a complete counter line with a value >= `min`.
-fn wait_counter(vm: &Vm, min: u64) -> Vec<u64> {
-    let deadline = Instant::now() + T;
-    loop {
-        let v = counter_values(&vm.serial_tail(1 << 20));
-        if v.last().is_some_and(|&l| l >= min) {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no counter >= {min}; serial: {}",
-            vm.serial_tail(400)
-        );
-        assert!(
-            vm.exit_reason().is_none(),
-            "{:?}: {}",
-            vm.exit_reason(),
-            vm.serial_tail(400)
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-/// Boots a counting guest, lets it count to at least 3, pauses it and snapshots it into
-/// `dir`. Returns the last complete counter value printed before the pause.
 /// Snapshots a counting VM with a vsock device of guest CID `cid` into `dir` once it printed
 /// counter `count`, then stops it.
 fn vsock_snapshot(name: &str, cid: u64, count: u64, dir: &Path) {
