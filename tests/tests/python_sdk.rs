@@ -2,7 +2,7 @@
 //! file of `tests/python` with pytest in the venv that `cargo xtask python` builds
 //! (`<target>/kiln-python/venv`; `cargo xtask test` builds it before tier 4) and asserts that
 //! pytest passed: run/stream/errors/threads/asyncio, files, the pool, snapshot/restore/fork,
-//! and the checks that need no VM.
+//! a sandbox from the python image, and the checks that need no VM.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -72,4 +72,9 @@ fn python_sdk_snapshot_restore_fork() {
 #[test]
 fn python_sdk_no_vm_checks() {
     pytest("test_novm.py");
+}
+
+#[test]
+fn python_sdk_image() {
+    pytest("test_image.py");
 }

@@ -1,7 +1,9 @@
 //! `cargo xtask soak`: runs the tier-2 leak soak (`crates/vmm-core/tests/soak.rs`,
 //! docs/SECURITY.md "Soak") on this host's /dev/kvm and prints its samples: 10,000
 //! create -> READY -> destroy cycles and 1,000 restores in one process, fd count, thread
-//! count and RSS every 1,000 cycles, checked against the bound the test states.
+//! count and RSS every 1,000 cycles, checked against the bound the test states. `--tier4`
+//! runs tests/tests/soak_tier4.rs in the harness instead: 500 sandbox create -> exec ->
+//! destroy cycles of a real Linux guest (`--cycles N`).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -18,10 +20,20 @@ pub struct SoakArgs {
     /// Run the short soak instead (1,000 cycles, 100 restores; the one tier 2 runs).
     #[arg(long)]
     pub short: bool,
+    /// Run the tier-4 soak instead: `--cycles` sandbox create -> exec -> destroy cycles of a
+    /// real Linux guest in the harness (tests/tests/soak_tier4.rs).
+    #[arg(long, conflicts_with = "short")]
+    pub tier4: bool,
+    /// Cycles of the tier-4 soak.
+    #[arg(long, default_value_t = 500, requires = "tier4")]
+    pub cycles: u32,
 }
 
 /// `cargo xtask soak`.
 pub fn cmd_soak(args: &SoakArgs) -> Result<i32> {
+    if args.tier4 {
+        return soak_tier4(args.cycles);
+    }
     let kind = host::detect();
     if !kind.has_kvm() {
         bail!("the soak needs /dev/kvm and this host has none usable: {kind}");
@@ -64,5 +76,28 @@ pub fn cmd_soak(args: &SoakArgs) -> Result<i32> {
     } else {
         eprintln!("the soak failed (see the assertion above)");
         Ok(1)
+    }
+}
+
+/// `cargo xtask soak --tier4`: tier 4 with only the soak test, given `cycles` and deadlines
+/// long enough for them (a cycle boots a Linux guest under software emulation: seconds).
+fn soak_tier4(cycles: u32) -> Result<i32> {
+    let per_test = u64::from(cycles) * 20 + 600;
+    // Read by `cargo xtask test` below and passed into the harness (tier4_env).
+    std::env::set_var("KILN_SOAK_CYCLES", cycles.to_string());
+    std::env::set_var("KILN_TIER4_EXE_TIMEOUT", per_test.to_string());
+    std::env::set_var("KILN_TIER4_IDLE_TIMEOUT", (per_test + 120).to_string());
+    std::env::set_var("KILN_HARNESS_TIMEOUT", (per_test + 1800).to_string());
+    std::env::set_var("KILN_TIER4_SHARDS", "1");
+    let args = crate::test::TestArgs {
+        tier: Some(4),
+        filter: Some("soak_tier4".into()),
+    };
+    match crate::test::cmd_test(&args) {
+        Ok(()) => Ok(0),
+        Err(e) => {
+            eprintln!("the tier-4 soak failed: {e:#}");
+            Ok(1)
+        }
     }
 }

@@ -478,7 +478,7 @@ fn test_executables(json_lines: &str) -> Vec<PathBuf> {
 }
 
 fn tier4_env(b: &Tier4Build) -> Vec<(String, String)> {
-    vec![
+    let mut env = vec![
         ("KILN_KERNEL".into(), b.kernel.display().to_string()),
         ("KILN_INITRAMFS".into(), b.initramfs.display().to_string()),
         // The image store (<assets>/images) the image tests boot from.
@@ -489,7 +489,12 @@ fn tier4_env(b: &Tier4Build) -> Vec<(String, String)> {
                 .unwrap_or_default(),
         ),
         ("RUST_BACKTRACE".into(), "1".into()),
-    ]
+    ];
+    // tests/tests/soak_tier4.rs: `cargo xtask soak --tier4` asks for more cycles.
+    if let Ok(n) = std::env::var("KILN_SOAK_CYCLES") {
+        env.push(("KILN_SOAK_CYCLES".into(), n));
+    }
+    env
 }
 
 fn tier4_inner(kind: &HostKind, filter: Option<&str>) -> Result<Outcome> {
@@ -873,7 +878,9 @@ fn harness_script(
         "cd {} || exit 90",
         util::sh_quote(&workdir.display().to_string())
     );
-    let t = EXE_TIMEOUT.as_secs();
+    let t = harness::env_secs("KILN_TIER4_EXE_TIMEOUT")
+        .unwrap_or(EXE_TIMEOUT)
+        .as_secs();
     for (n, &k) in which.iter().enumerate() {
         let test = &tests[k];
         let exe = util::sh_quote(&exes[test.exe].display().to_string());

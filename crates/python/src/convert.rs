@@ -72,6 +72,10 @@ pub struct ConfigArgs {
     pub boot_timeout: Option<f64>,
     pub request_timeout: Option<f64>,
     pub consumer_deadline: Option<f64>,
+    /// Root-filesystem image: a name in the image store or an image file.
+    pub image: Option<String>,
+    /// Size of the image's in-RAM overlay, MiB.
+    pub overlay_size_mib: Option<i64>,
 }
 
 impl ConfigArgs {
@@ -96,6 +100,15 @@ impl ConfigArgs {
         }
         if let Some(q) = self.quiet_kernel {
             c.quiet_kernel = q;
+        }
+        if let Some(i) = &self.image {
+            c.image = Some(i.clone());
+        }
+        if let Some(m) = self.overlay_size_mib {
+            c.overlay_size_mib = Some(
+                u32::try_from(m)
+                    .map_err(|_| ("overlay_size_mib", format!("{m} MiB is out of range")))?,
+            );
         }
         let dur = |field: &'static str, v: Option<f64>, default: Duration, inf: bool| match v {
             None => Ok(default),
@@ -361,9 +374,13 @@ mod tests {
             boot_timeout: Some(90.0),
             consumer_deadline: Some(f64::INFINITY),
             quiet_kernel: Some(false),
+            image: Some("python".into()),
+            overlay_size_mib: Some(64),
             ..ConfigArgs::default()
         };
         let c = a.to_config().unwrap();
+        assert_eq!(c.image.as_deref(), Some("python"));
+        assert_eq!(c.overlay_size_mib, Some(64));
         assert_eq!(c.name.as_deref(), Some("py"));
         assert_eq!((c.vcpus, c.memory_mib), (2, 256));
         assert_eq!(c.boot_timeout, Duration::from_secs(90));
@@ -394,6 +411,13 @@ mod tests {
                 ..Default::default()
             }),
             "request_timeout"
+        );
+        assert_eq!(
+            bad(ConfigArgs {
+                overlay_size_mib: Some(-1),
+                ..Default::default()
+            }),
+            "overlay_size_mib"
         );
         // In range for the type but not for Kiln: validate() says so at boot.
         let c = ConfigArgs {

@@ -53,7 +53,7 @@ impl PySandboxPool {
     #[pyo3(signature = (*, min_size=None, max_size=None, max_in_use=None, acquire_timeout=None,
         reset_mode="restore", name=None, vcpus=None, memory_mib=None, kernel=None,
         initramfs=None, extra_cmdline=None, quiet_kernel=None, boot_timeout=None,
-        request_timeout=None, consumer_deadline=None))]
+        request_timeout=None, consumer_deadline=None, image=None, overlay_size_mib=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -72,6 +72,8 @@ impl PySandboxPool {
         boot_timeout: Option<&Bound<'_, PyAny>>,
         request_timeout: Option<&Bound<'_, PyAny>>,
         consumer_deadline: Option<&Bound<'_, PyAny>>,
+        image: Option<String>,
+        overlay_size_mib: Option<i64>,
     ) -> PyResult<PySandboxPool> {
         let sandbox = config_from_kwargs(
             py,
@@ -85,6 +87,8 @@ impl PySandboxPool {
             boot_timeout,
             request_timeout,
             consumer_deadline,
+            image,
+            overlay_size_mib,
         )?;
         let d = PoolConfig::default();
         let mut pc = PoolConfig {

@@ -213,6 +213,8 @@ pub(crate) fn config_from_kwargs(
     boot_timeout: Option<&Bound<'_, PyAny>>,
     request_timeout: Option<&Bound<'_, PyAny>>,
     consumer_deadline: Option<&Bound<'_, PyAny>>,
+    image: Option<String>,
+    overlay_size_mib: Option<i64>,
 ) -> PyResult<SandboxConfig> {
     let args = ConfigArgs {
         name,
@@ -225,6 +227,8 @@ pub(crate) fn config_from_kwargs(
         boot_timeout: convert::extract_seconds(boot_timeout, "boot_timeout")?,
         request_timeout: convert::extract_seconds(request_timeout, "request_timeout")?,
         consumer_deadline: convert::extract_seconds(consumer_deadline, "consumer_deadline")?,
+        image,
+        overlay_size_mib,
     };
     args.to_config()
         .map_err(|(field, reason)| errors::config_err(py, field, reason))
@@ -249,6 +253,8 @@ fn deadlines_config(
         boot_timeout,
         request_timeout,
         consumer_deadline,
+        None,
+        None,
     )
 }
 
@@ -258,12 +264,13 @@ impl PySandbox {
     /// `vcpus` (1..=8), `memory_mib` (64..=65536), `kernel`, `initramfs` (host paths),
     /// `extra_cmdline`, `quiet_kernel`, `boot_timeout`, `request_timeout`,
     /// `consumer_deadline` (seconds or `datetime.timedelta`; `consumer_deadline=math.inf`
-    /// waits forever). Raises `ConfigError`, `MissingAssetError`, `NoKvmError`,
+    /// waits forever), `image` (a root-filesystem image: a name in the image store such as
+    /// `"python"`, or an image file), `overlay_size_mib` (its in-RAM overlay). Raises `ConfigError`, `MissingAssetError`, `NoKvmError`,
     /// `BootError`...
     #[new]
     #[pyo3(signature = (*, name=None, vcpus=None, memory_mib=None, kernel=None, initramfs=None,
         extra_cmdline=None, quiet_kernel=None, boot_timeout=None, request_timeout=None,
-        consumer_deadline=None))]
+        consumer_deadline=None, image=None, overlay_size_mib=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -277,6 +284,8 @@ impl PySandbox {
         boot_timeout: Option<&Bound<'_, PyAny>>,
         request_timeout: Option<&Bound<'_, PyAny>>,
         consumer_deadline: Option<&Bound<'_, PyAny>>,
+        image: Option<String>,
+        overlay_size_mib: Option<i64>,
     ) -> PyResult<PySandbox> {
         let config = config_from_kwargs(
             py,
@@ -290,6 +299,8 @@ impl PySandbox {
             boot_timeout,
             request_timeout,
             consumer_deadline,
+            image,
+            overlay_size_mib,
         )?;
         let sb = py
             .detach(|| kiln::Sandbox::create(config))

@@ -156,6 +156,8 @@ class Sandbox:
         boot_timeout: Optional[Seconds] = None,
         request_timeout: Optional[Seconds] = None,
         consumer_deadline: Optional[Seconds] = None,
+        image: Optional[str] = None,
+        overlay_size_mib: Optional[int] = None,
     ) -> None: ...
     @staticmethod
     def restore(
@@ -271,6 +273,8 @@ class SandboxPool:
         boot_timeout: Optional[Seconds] = None,
         request_timeout: Optional[Seconds] = None,
         consumer_deadline: Optional[Seconds] = None,
+        image: Optional[str] = None,
+        overlay_size_mib: Optional[int] = None,
     ) -> None: ...
     def acquire(self, timeout: Optional[Seconds] = None) -> Sandbox: ...
     def warm(self, n: int) -> int: ...
