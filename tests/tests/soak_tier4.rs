@@ -2,7 +2,7 @@
 //! (the library, in-process VMM), with the process's fd count, thread count and RSS sampled
 //! along the way and checked against a stated bound (docs/SECURITY.md "Soak").
 //!
-//! The cycle count is `KILN_SOAK_CYCLES` (default 12, what `cargo xtask test` runs: a boot
+//! The cycle count is `KILN_SOAK_CYCLES` (default 8, what `cargo xtask test` runs: a boot
 //! under the harness's software emulation takes seconds, and CI time is bounded);
 //! `cargo xtask soak --tier4` runs the 500 cycles.
 
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use sandbox_common::config;
 
 /// Cycles `cargo xtask test` runs when `KILN_SOAK_CYCLES` is unset.
-const DEFAULT_CYCLES: usize = 12;
+const DEFAULT_CYCLES: usize = 8;
 /// Allowed RSS growth between the baseline and any later sample, KiB.
 const RSS_NOISE_KIB: u64 = 16 * 1024;
 /// How long a sample waits for threads of a dropped sandbox to finish ending.
