@@ -35,19 +35,19 @@ use super::{
 use crate::{build_guest, kernel, util};
 
 /// Cold boots of each guest.
-const BOOTS: usize = 5;
+const BOOTS: usize = 4;
 /// Measured `python3 -c pass` round trips.
 const ITERATIONS: usize = 20;
 /// Sequential reads on each VMM.
-const READS: usize = 5;
+const READS: usize = 3;
 /// Warm builds.
 const WARM_BUILDS: usize = 3;
 /// Cold builds of the small recipe (per format).
-const COLD_BUILDS: usize = 2;
+const COLD_BUILDS: usize = 1;
 /// Pulls.
 const PULLS: usize = 3;
 /// Runs of each format's mkfs.
-const FORMAT_RUNS: usize = 2;
+const FORMAT_RUNS: usize = 1;
 /// Size of the sequential-read file.
 const SEQ_BYTES: u64 = 256 << 20;
 /// Deadline of the harness part.
