@@ -51,6 +51,9 @@ pub struct ImageSamples {
     pub seq_read_bytes: u64,
     /// Why the QEMU peer is missing or incomplete.
     pub qemu_error: Option<String>,
+    /// Why the EROFS image did not boot.
+    #[serde(default)]
+    pub erofs_error: Option<String>,
 }
 
 /// Samples of `kiln-bench image-formats`.
@@ -276,7 +279,7 @@ fn read_script() -> String {
 fn measure(args: &ImageBenchArgs) -> Result<ImageSamples, ImageBenchError> {
     let scratch = Scratch::new()?;
     let python = scratch.copy(&args.python, "python.ext4")?;
-    let erofs = match &args.erofs {
+    let mut erofs = match &args.erofs {
         Some(p) => Some(scratch.copy(p, "python.erofs")?),
         None => None,
     };
@@ -297,10 +300,19 @@ fn measure(args: &ImageBenchArgs) -> Result<ImageSamples, ImageBenchError> {
         drop(sb);
         if let Some(e) = &erofs {
             let t = Instant::now();
-            let sb =
-                Sandbox::create(config(args, "bench-image-erofs").image(e.display().to_string()))?;
-            out.boot_python_erofs_ms.push(ms(t.elapsed()));
-            drop(sb);
+            match Sandbox::create(config(args, "bench-image-erofs").image(e.display().to_string()))
+            {
+                Ok(sb) => {
+                    out.boot_python_erofs_ms.push(ms(t.elapsed()));
+                    drop(sb);
+                }
+                // The EROFS figure is a comparison: its failure does not void the rest.
+                Err(e) => {
+                    eprintln!("kiln-bench image: the EROFS image did not boot: {e}");
+                    out.erofs_error = Some(e.to_string());
+                    erofs = None;
+                }
+            }
         }
     }
 

@@ -72,6 +72,8 @@ struct GuestSamples {
     seq_read_bytes: u64,
     #[serde(default)]
     qemu_error: Option<String>,
+    #[serde(default)]
+    erofs_error: Option<String>,
 }
 
 /// Samples of `kiln-bench image-formats` (`FormatSamples`).
@@ -191,6 +193,9 @@ pub fn run(format: Format, with_formats: bool) -> Result<()> {
                 f.erofs_bytes >> 20
             ),
         );
+    }
+    if let Some(e) = &s.erofs_error {
+        eprintln!("{TAG}the EROFS image did not boot: {e}");
     }
     if let Some(e) = &s.qemu_error {
         eprintln!("{TAG}QEMU virtio-blk peer incomplete: {e}");
