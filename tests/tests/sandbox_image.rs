@@ -3,7 +3,7 @@
 //! root to the read-only image disk under a tmpfs overlay: Python, numpy, pip and venv work;
 //! a session that writes everywhere it can leaves the image file unchanged; two sandboxes of
 //! one image do not see each other's files; snapshot, restore and fork keep the image root;
-//! `kiln run --image python` prints 42; an image that does not mount is a boot failure whose
+//! `kiln run --image python` prints 42; a restore-mode pool serves image sandboxes; an image that does not mount is a boot failure whose
 //! error quotes the agent's `kiln-agent: root:` line.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -295,4 +295,46 @@ fn an_image_that_does_not_mount_is_a_boot_failure_naming_the_root_switch() {
     );
     // The file is untouched.
     assert_eq!(std::fs::read(&bad).unwrap(), bytes);
+}
+
+/// A restore-mode `SandboxPool` of python-image sandboxes: the second user gets a sandbox
+/// restored from the pool's snapshot (image disk reopened, overlay in the snapshot's RAM),
+/// with Python and the image's exec defaults, and none of the first user's files.
+#[test]
+fn a_restore_mode_pool_serves_python_image_sandboxes_without_the_last_users_files() {
+    kiln_tests::require_tier4();
+    let cfg = kiln::PoolConfig {
+        min_size: 1,
+        max_size: 1,
+        max_in_use: 1,
+        max_idle_duration: None,
+        health_check_interval: 1,
+        acquire_timeout: std::time::Duration::from_secs(240),
+        maintenance_interval: std::time::Duration::from_millis(200),
+    };
+    let pool =
+        kiln::SandboxPool::with_reset_mode(config("img-pool"), cfg, kiln::ResetMode::Restore)
+            .unwrap();
+    {
+        let a = pool.acquire().unwrap();
+        let r = a
+            .exec(&[
+                "sh",
+                "-c",
+                "echo secret > ~/left-behind && python3 -c 'print(6*7)'",
+            ])
+            .unwrap();
+        assert_eq!(r.stdout_str().trim(), "42", "{}", r.stderr_str());
+    }
+    let b = pool.acquire().unwrap();
+    assert!(b.hello().restored, "a restore-mode sandbox booted instead");
+    let r = b
+        .exec(&["sh", "-c", "pwd; test -e ~/left-behind && echo LEFT; python3 -c 'import numpy; print(numpy.int64(6)*7)'"])
+        .unwrap();
+    assert_eq!(
+        r.stdout_str().trim(),
+        "/home/user\n42",
+        "{}",
+        r.stderr_str()
+    );
 }

@@ -13,7 +13,7 @@
 //! agent's `Hello`, and until its `KILN-AGENT-READY` console line). A QEMU failure is recorded
 //! in `qemu_error` and does not void the Kiln samples.
 
-mod qemu;
+pub(crate) mod qemu;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -226,6 +226,7 @@ fn measure(args: &BenchExecArgs) -> Result<BenchSamples, kiln::SandboxError> {
                 cid: args.qemu_cid,
                 extra_cmdline: resolved.extra_cmdline,
                 boot_timeout: QEMU_BOOT_TIMEOUT,
+                extra_args: Vec::new(),
             })
         }
         None => None,

@@ -12,6 +12,9 @@
 //!   the QEMU microvm peer with vhost-vsock ([`exec`]'s `qemu` module) (`cargo xtask bench exec`);
 //! - [`fork`] (`kiln-bench fork`): live fork of a running VM, per child, 1,000 children, the
 //!   parent's pause window and memory per idle child (`cargo xtask bench fork`);
+//! - [`image`] (`kiln-bench image`, `kiln-bench image-formats`): boots of the python image vs
+//!   the initramfs guest, `python3 -c pass`, sequential reads from a disk vs QEMU's
+//!   virtio-blk, and the image formats' make time and size (`cargo xtask bench image`);
 //! - [`pool`] (`kiln-bench pool`): acquire + exec `true` + release with a warm `SandboxPool`
 //!   (`cargo xtask bench pool`).
 //!
@@ -20,6 +23,7 @@
 mod boot;
 mod exec;
 mod fork;
+mod image;
 mod pool;
 mod vm_snapshot;
 
@@ -58,6 +62,12 @@ enum Command {
     /// Live fork of a running VM: per-child spawn time, 1,000 children, pause window,
     /// memory per idle child, as JSON samples (for `cargo xtask bench fork`).
     Fork(fork::ForkArgs),
+    /// Image boots, `python3 -c pass`, sequential disk reads vs QEMU, as JSON samples (for
+    /// `cargo xtask bench image`).
+    Image(image::ImageBenchArgs),
+    /// Make one tree's image in both formats; time and size as JSON (for
+    /// `cargo xtask bench image`).
+    ImageFormats(image::FormatsArgs),
 }
 
 fn main() {
@@ -69,6 +79,8 @@ fn main() {
         Command::Exec(args) => exec::bench_exec(&args),
         Command::Pool(args) => pool::pool_bench(&args),
         Command::Fork(args) => fork::fork(&args),
+        Command::Image(args) => image::image_bench(&args),
+        Command::ImageFormats(args) => image::image_formats(&args),
     };
     std::process::exit(code);
 }

@@ -13,6 +13,7 @@
 
 mod exec;
 mod fork;
+mod image;
 mod launch;
 mod pool;
 mod snapshot;
@@ -46,6 +47,9 @@ pub enum BenchName {
     /// Live fork of a running VM (bare-metal guest): per child, 1,000 children, pause
     /// window, memory per idle child.
     Fork,
+    /// Guest images: python image vs initramfs boot, `python3 -c pass`, sequential disk read
+    /// vs QEMU's virtio-blk, build (warm, cold) and pull times.
+    Image,
 }
 
 /// `cargo xtask bench` arguments.
@@ -56,6 +60,9 @@ pub struct BenchArgs {
     /// One JSON object per metric per line instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// `bench image`: also measure both image formats (ext4, EROFS) on the same tree.
+    #[arg(long)]
+    pub formats: bool,
 }
 
 /// Output format of [`report`].
@@ -187,6 +194,7 @@ pub fn cmd_bench(args: &BenchArgs) -> Result<()> {
         BenchName::Snapshot => snapshot::run(format),
         BenchName::Vsock => vsock::run(format),
         BenchName::Fork => fork::run(format),
+        BenchName::Image => image::run(format, args.formats),
     }
 }
 

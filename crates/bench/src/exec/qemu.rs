@@ -134,6 +134,8 @@ pub struct QemuPeer {
     pub extra_cmdline: String,
     /// Deadline for the agent's connection and `Hello`, from launch.
     pub boot_timeout: Duration,
+    /// More QEMU arguments after the vsock device (`kiln-bench image`: a virtio-blk drive).
+    pub extra_args: Vec<String>,
 }
 
 impl QemuPeer {
@@ -149,7 +151,7 @@ impl QemuPeer {
 
     /// The QEMU command: serial console on stdout, QEMU's own messages on stderr.
     pub fn command(&self) -> Command {
-        QemuCommand::new(&self.kernel)
+        let q = QemuCommand::new(&self.kernel)
             .program(&self.qemu)
             .machine("microvm,acpi=off")
             .accel("kvm")
@@ -159,7 +161,10 @@ impl QemuPeer {
             .initrd(&self.initramfs)
             .append(self.cmdline())
             .arg("-device")
-            .arg(format!("vhost-vsock-device,guest-cid={}", self.cid))
+            .arg(format!("vhost-vsock-device,guest-cid={}", self.cid));
+        self.extra_args
+            .iter()
+            .fold(q, |q, a| q.arg(a.as_str()))
             .command()
     }
 
@@ -443,6 +448,7 @@ mod tests {
             cid: 7,
             extra_cmdline: String::new(),
             boot_timeout: Duration::from_secs(1),
+            extra_args: Vec::new(),
         }
     }
 
