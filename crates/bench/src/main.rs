@@ -13,11 +13,14 @@
 //! - [`fork`] (`kiln-bench fork`): live fork of a running VM, per child, 1,000 children, the
 //!   parent's pause window and memory per idle child (`cargo xtask bench fork`);
 //! - [`pool`] (`kiln-bench pool`): acquire + exec `true` + release with a warm `SandboxPool`
-//!   (`cargo xtask bench pool`).
+//!   (`cargo xtask bench pool`);
+//! - [`egress`] (`kiln-bench egress`): egress throughput and connection latency through the
+//!   host proxy against a raw vsock path (`cargo xtask bench egress`).
 //!
 //! Exit codes are the `kiln` CLI's (`kiln_cli::exit`).
 
 mod boot;
+mod egress;
 mod exec;
 mod fork;
 mod pool;
@@ -58,6 +61,9 @@ enum Command {
     /// Live fork of a running VM: per-child spawn time, 1,000 children, pause window,
     /// memory per idle child, as JSON samples (for `cargo xtask bench fork`).
     Fork(fork::ForkArgs),
+    /// Egress throughput and connection latency, proxy vs raw vsock, as JSON samples (for
+    /// `cargo xtask bench egress`).
+    Egress(egress::EgressBenchArgs),
 }
 
 fn main() {
@@ -69,6 +75,7 @@ fn main() {
         Command::Exec(args) => exec::bench_exec(&args),
         Command::Pool(args) => pool::pool_bench(&args),
         Command::Fork(args) => fork::fork(&args),
+        Command::Egress(args) => egress::bench_egress(&args),
     };
     std::process::exit(code);
 }

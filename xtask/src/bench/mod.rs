@@ -11,6 +11,7 @@
 // The reporting helpers are for the benchmark modules, which are still placeholders.
 #![allow(dead_code)]
 
+mod egress;
 mod exec;
 mod fork;
 mod launch;
@@ -46,6 +47,9 @@ pub enum BenchName {
     /// Live fork of a running VM (bare-metal guest): per child, 1,000 children, pause
     /// window, memory per idle child.
     Fork,
+    /// Egress through the host proxy vs a raw vsock path: download/upload throughput and
+    /// connection latency with a Linux guest.
+    Egress,
 }
 
 /// `cargo xtask bench` arguments.
@@ -187,6 +191,7 @@ pub fn cmd_bench(args: &BenchArgs) -> Result<()> {
         BenchName::Snapshot => snapshot::run(format),
         BenchName::Vsock => vsock::run(format),
         BenchName::Fork => fork::run(format),
+        BenchName::Egress => egress::run(format),
     }
 }
 
