@@ -502,3 +502,281 @@ fn kiln_run_allow_host_flags() {
     let o = sandbox_common::run_kiln(&["run", "--allow-host", "a b", "--", "true"], &[], None);
     assert_eq!(o.status.code(), Some(2), "{}", sandbox_common::describe(&o));
 }
+
+/// The wheel the pip test installs: `kilnpkg` 1.0, pure Python.
+const WHEEL_NAME: &str = "kilnpkg-1.0-py3-none-any.whl";
+
+/// CRC-32 (IEEE, reflected) of `data`, for the stored zip entries.
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// Unpadded URL-safe base64 (the encoding of wheel RECORD hashes).
+fn b64url(data: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut s = String::new();
+    for c in data.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..=c.len() {
+            s.push(char::from(A[((n >> (18 - 6 * i)) & 63) as usize]));
+        }
+    }
+    s
+}
+
+/// A zip archive of `files`, every entry stored (no compression).
+fn stored_zip(files: &[(&str, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut central = Vec::new();
+    for (name, data) in files {
+        let offset = out.len() as u32;
+        let (crc, len, nlen) = (crc32(data), data.len() as u32, name.len() as u16);
+        // Version 2.0, no flags, stored, DOS time/date 1980-01-01 00:00.
+        let common = |v: &mut Vec<u8>| {
+            v.extend_from_slice(&20u16.to_le_bytes());
+            v.extend_from_slice(&0u16.to_le_bytes());
+            v.extend_from_slice(&0u16.to_le_bytes());
+            v.extend_from_slice(&0u16.to_le_bytes());
+            v.extend_from_slice(&0x21u16.to_le_bytes());
+            v.extend_from_slice(&crc.to_le_bytes());
+            v.extend_from_slice(&len.to_le_bytes());
+            v.extend_from_slice(&len.to_le_bytes());
+            v.extend_from_slice(&nlen.to_le_bytes());
+            v.extend_from_slice(&0u16.to_le_bytes());
+        };
+        out.extend_from_slice(&0x0403_4b50u32.to_le_bytes());
+        common(&mut out);
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(data);
+        central.extend_from_slice(&0x0201_4b50u32.to_le_bytes());
+        central.extend_from_slice(&20u16.to_le_bytes()); // made by
+        common(&mut central);
+        central.extend_from_slice(&[0; 6]); // comment len, disk, internal attrs
+        central.extend_from_slice(&(0o100644u32 << 16).to_le_bytes()); // external attrs
+        central.extend_from_slice(&offset.to_le_bytes());
+        central.extend_from_slice(name.as_bytes());
+    }
+    let (cd_off, cd_len, n) = (out.len() as u32, central.len() as u32, files.len() as u16);
+    out.extend_from_slice(&central);
+    out.extend_from_slice(&0x0605_4b50u32.to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&n.to_le_bytes());
+    out.extend_from_slice(&n.to_le_bytes());
+    out.extend_from_slice(&cd_len.to_le_bytes());
+    out.extend_from_slice(&cd_off.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out
+}
+
+/// The `kilnpkg` wheel: `kilnpkg/__init__.py` (defining `MAGIC`) and its dist-info.
+fn build_wheel() -> Vec<u8> {
+    use sha2::Digest;
+    let init = b"MAGIC = 'kiln-wheel-ok'\n".to_vec();
+    let metadata = b"Metadata-Version: 2.1\nName: kilnpkg\nVersion: 1.0\n".to_vec();
+    let wheel =
+        b"Wheel-Version: 1.0\nGenerator: kiln-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+            .to_vec();
+    let mut files = vec![
+        ("kilnpkg/__init__.py", init),
+        ("kilnpkg-1.0.dist-info/METADATA", metadata),
+        ("kilnpkg-1.0.dist-info/WHEEL", wheel),
+    ];
+    let mut record: String = files
+        .iter()
+        .map(|(n, d)| {
+            format!(
+                "{n},sha256={},{}\n",
+                b64url(&sha2::Sha256::digest(d)),
+                d.len()
+            )
+        })
+        .collect();
+    record.push_str("kilnpkg-1.0.dist-info/RECORD,,\n");
+    files.push(("kilnpkg-1.0.dist-info/RECORD", record.into_bytes()));
+    stored_zip(&files)
+}
+
+/// A PyPI-style simple index (PEP 503) on L1's loopback serving `kilnpkg`: `/simple/`,
+/// `/simple/kilnpkg/` (one link, with the wheel's sha256) and the wheel. Returns its port.
+fn start_simple_index() -> u16 {
+    use sha2::Digest;
+    use std::io::{Read, Write};
+    let whl = Arc::new(build_wheel());
+    let sha = egress_common::hex(&sha2::Sha256::digest(whl.as_slice()));
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let (whl, sha) = (Arc::clone(&whl), sha.clone());
+            std::thread::spawn(move || {
+                let mut s = s;
+                let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+                let mut buf = Vec::new();
+                let mut tmp = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 65536 {
+                    match s.read(&mut tmp) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf);
+                let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                let (ctype, body): (&str, Vec<u8>) = match path.as_str() {
+                    "/simple/" => (
+                        "text/html",
+                        b"<html><body><a href=\"/simple/kilnpkg/\">kilnpkg</a></body></html>"
+                            .to_vec(),
+                    ),
+                    "/simple/kilnpkg/" => (
+                        "text/html",
+                        format!(
+                            "<html><body><a href=\"/files/{WHEEL_NAME}#sha256={sha}\">\
+                             {WHEEL_NAME}</a></body></html>"
+                        )
+                        .into_bytes(),
+                    ),
+                    p if p == format!("/files/{WHEEL_NAME}") => {
+                        ("application/octet-stream", whl.to_vec())
+                    }
+                    _ => {
+                        let _ = s.write_all(
+                            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                        );
+                        return;
+                    }
+                };
+                let _ = s.write_all(
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\
+                         Connection: close\r\n\r\n",
+                        body.len()
+                    )
+                    .as_bytes(),
+                );
+                let _ = s.write_all(&body);
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn wheel_builder_makes_a_valid_zip() {
+    // Host-side check of the test's own wheel (no guest): CRC and base64 against known values.
+    assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    assert_eq!(b64url(b"\xfb\xff"), "-_8");
+    assert_eq!(b64url(b"abc"), "YWJj");
+    let whl = build_wheel();
+    assert_eq!(&whl[..4], b"PK\x03\x04");
+    let eocd = &whl[whl.len() - 22..];
+    assert_eq!(&eocd[..4], b"PK\x05\x06");
+    assert_eq!(u16::from_le_bytes([eocd[10], eocd[11]]), 4);
+    let cd_len = u32::from_le_bytes(eocd[12..16].try_into().unwrap()) as usize;
+    let cd_off = u32::from_le_bytes(eocd[16..20].try_into().unwrap()) as usize;
+    assert_eq!(cd_off + cd_len, whl.len() - 22);
+    // Each central entry is 46 bytes plus its name, and starts with its signature.
+    let mut at = cd_off;
+    for _ in 0..4 {
+        assert_eq!(&whl[at..at + 4], b"PK\x01\x02", "entry at {at}");
+        at += 46 + usize::from(u16::from_le_bytes([whl[at + 28], whl[at + 29]]));
+    }
+    assert_eq!(at, cd_off + cd_len);
+}
+
+/// Python in the python image: urllib over plain HTTP (allowed, and a 403 naming the rule),
+/// urllib over HTTPS through CONNECT with the secret replaced by the intercepting proxy, and
+/// `pip install` of a wheel from a simple index on L1's loopback, then `import`. One sandbox.
+#[test]
+fn python_urllib_and_pip_install_through_the_proxy() {
+    kiln_tests::require_tier4();
+    let w = World::new();
+    let index = start_simple_index();
+    let lo: IpAddr = "127.0.0.1".parse().unwrap();
+    let policy = w.policy().allow(&format!("index.test:{index}")).unwrap();
+    let cfg = config("egress-python", 512)
+        .image("python")
+        .overlay_size_mib(128)
+        .egress(policy)
+        .egress_resolver(Arc::new(resolver().with("index.test", &[lo])))
+        .egress_upstream_roots(UpstreamRoots::Pem(w.ca.pem.clone()))
+        .secret("API_TOKEN", "py-secret-value-77ab", &["secret.test"]);
+    let t = Instant::now();
+    let sb = boot(cfg);
+    eprintln!("python image with egress ready in {:?}", t.elapsed());
+
+    // urllib: allowed over plain HTTP; denied with the rule in the 403 body; HTTPS to the
+    // secret's host through CONNECT (trusting the sandbox CA via SSL_CERT_FILE), the header's
+    // placeholder replaced on the way.
+    let script = format!(
+        r#"
+import os, urllib.request, urllib.error
+print(urllib.request.urlopen('http://plain.test:{http}/hello', timeout=60).read().decode())
+try:
+    urllib.request.urlopen('http://bad.evil.test:{http}/hello', timeout=60)
+    print('not denied')
+except urllib.error.HTTPError as e:
+    print(e.code, e.read().decode())
+req = urllib.request.Request('https://secret.test:{https}/headers',
+                             headers={{'X-Api-Key': os.environ['API_TOKEN']}})
+print(urllib.request.urlopen(req, timeout=60).read().decode())
+"#,
+        http = w.http,
+        https = w.https
+    );
+    let t = Instant::now();
+    let r = sb
+        .exec_with_options(
+            &["python3", "-c", &script],
+            ExecOptions::new().timeout(Duration::from_secs(240)),
+        )
+        .unwrap();
+    eprintln!("urllib part took {:?}", t.elapsed());
+    let out = r.stdout_str();
+    assert!(r.success(), "stdout: {out}\nstderr: {}", r.stderr_str());
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "hello", "{out}");
+    assert!(
+        lines[1].starts_with("403 ") && lines[1].contains("`deny *.evil.test`"),
+        "{out}"
+    );
+    assert!(out.contains("X-Api-Key: py-secret-value-77ab"), "{out}");
+
+    // pip through http_proxy from the simple index, into a target dir (the image's system
+    // site-packages is Debian's, externally managed), then import it.
+    let t = Instant::now();
+    let script = format!(
+        "python3 -m pip install --no-cache-dir --disable-pip-version-check \
+         --index-url http://index.test:{index}/simple/ --trusted-host index.test \
+         --target /tmp/pkgs kilnpkg && \
+         PYTHONPATH=/tmp/pkgs python3 -c 'import kilnpkg; print(kilnpkg.MAGIC)'"
+    );
+    let (code, out, err) = sh(&sb, &script);
+    eprintln!("pip part took {:?}", t.elapsed());
+    assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+    assert_eq!(out.lines().last(), Some("kiln-wheel-ok"), "{out}\n{err}");
+
+    let log = sb.egress_log();
+    assert!(
+        log.iter()
+            .any(|e| e.name == "index.test" && e.verdict == Verdict::Allowed && e.bytes_down > 0),
+        "{log:?}"
+    );
+    assert!(
+        log.iter()
+            .any(|e| e.name == "secret.test" && e.kind == ConnKind::Intercepted),
+        "{log:?}"
+    );
+}

@@ -16,11 +16,14 @@
 //!   the initramfs guest, `python3 -c pass`, sequential reads from a disk vs QEMU's
 //!   virtio-blk, and the image formats' make time and size (`cargo xtask bench image`);
 //! - [`pool`] (`kiln-bench pool`): acquire + exec `true` + release with a warm `SandboxPool`
-//!   (`cargo xtask bench pool`).
+//!   (`cargo xtask bench pool`);
+//! - [`egress`] (`kiln-bench egress`): egress throughput and connection latency through the
+//!   host proxy against a raw vsock path (`cargo xtask bench egress`).
 //!
 //! Exit codes are the `kiln` CLI's (`kiln_cli::exit`).
 
 mod boot;
+mod egress;
 mod exec;
 mod fork;
 mod image;
@@ -68,6 +71,9 @@ enum Command {
     /// Make one tree's image in both formats; time and size as JSON (for
     /// `cargo xtask bench image`).
     ImageFormats(image::FormatsArgs),
+    /// Egress throughput and connection latency, proxy vs raw vsock, as JSON samples (for
+    /// `cargo xtask bench egress`).
+    Egress(egress::EgressBenchArgs),
 }
 
 fn main() {
@@ -81,6 +87,7 @@ fn main() {
         Command::Fork(args) => fork::fork(&args),
         Command::Image(args) => image::image_bench(&args),
         Command::ImageFormats(args) => image::image_formats(&args),
+        Command::Egress(args) => egress::bench_egress(&args),
     };
     std::process::exit(code);
 }

@@ -363,6 +363,26 @@ fn accept_loop(listener: &VsockListener, proxy: &EgressProxy, stop: &AtomicBool)
 
 /// Egress calls of [`Sandbox`].
 impl Sandbox {
+    /// Benchmarks only (`cargo xtask bench egress`'s raw-vsock baseline): listens on the
+    /// egress vsock port itself, so the agent's forwarded guest connections arrive as plain
+    /// vsock streams with no proxy in between. Only for a sandbox without egress settings
+    /// (with them the proxy holds the port: [`SandboxError::Vsock`]).
+    #[doc(hidden)]
+    pub fn egress_raw_listener(&self) -> Result<VsockListener, SandboxError> {
+        let vm = self.name().to_owned();
+        let host = self.vsock_host().ok_or_else(|| SandboxError::Protocol {
+            vm: vm.clone(),
+            op: "listening on the egress port",
+            message: "the VM has no vsock device".into(),
+        })?;
+        host.listen(kiln_proto::EGRESS_PORT)
+            .map_err(|source| SandboxError::Vsock {
+                vm,
+                op: "listening on the egress port",
+                source,
+            })
+    }
+
     /// The egress connection log (oldest first; empty without egress).
     pub fn egress_log(&self) -> Vec<LogEntry> {
         self.egress()

@@ -11,6 +11,7 @@
 // The reporting helpers are for the benchmark modules, which are still placeholders.
 #![allow(dead_code)]
 
+mod egress;
 mod exec;
 mod fork;
 mod image;
@@ -50,6 +51,9 @@ pub enum BenchName {
     /// Guest images: python image vs initramfs boot, `python3 -c pass`, sequential disk read
     /// vs QEMU's virtio-blk, build (warm, cold) and pull times.
     Image,
+    /// Egress through the host proxy vs a raw vsock path: download/upload throughput and
+    /// connection latency with a Linux guest.
+    Egress,
 }
 
 /// `cargo xtask bench` arguments.
@@ -195,6 +199,7 @@ pub fn cmd_bench(args: &BenchArgs) -> Result<()> {
         BenchName::Vsock => vsock::run(format),
         BenchName::Fork => fork::run(format),
         BenchName::Image => image::run(format, args.formats),
+        BenchName::Egress => egress::run(format),
     }
 }
 
