@@ -44,18 +44,6 @@ def test_streaming_callbacks_in_order(sbx):
     assert len([1 for k, _ in seen if k == "out"]) >= 3
 
 
-# Known failure (issue 12, open): against real VMs in the harness this test hung until the
-# file's 270 s deadline (the fake-backend SDK run passes); the two after it never ran there.
-# Skipped with a reason until `kiln serve`'s background/kill path is fixed.
-KNOWN_HANG = pytest.mark.skip(
-    reason="kiln serve: background command + kill hangs against a real VM (issue 12, open)"
-)
-NOT_YET_RUN = pytest.mark.skip(
-    reason="kiln serve: not yet run against a real VM (ran after the hanging test; issue 12)"
-)
-
-
-@KNOWN_HANG
 def test_background_list_and_kill(sbx):
     h = sbx.commands.run("sleep 1000", background=True, timeout=0)
     assert h.pid > 0
@@ -71,7 +59,6 @@ def test_background_list_and_kill(sbx):
     assert sbx.commands.kill(h.pid) is False
 
 
-@NOT_YET_RUN
 def test_stdin_send_and_close(sbx):
     h = sbx.commands.run("cat", background=True, stdin=True)
     h.send_stdin("hi there\n")
@@ -81,7 +68,6 @@ def test_stdin_send_and_close(sbx):
     assert r.stdout == "hi there\nsecond\n"
 
 
-@NOT_YET_RUN
 def test_timeout_kills_the_command(sbx):
     t0 = time.monotonic()
     with pytest.raises(TimeoutException):

@@ -13,12 +13,6 @@ from e2b.exceptions import NotFoundException
 from conftest import create
 
 
-# Known failure (issue 12, open): against real VMs in the harness the background
-# `sleep 500` + kill in this test hung until the file's 270 s deadline (the fake-backend SDK
-# run passes). Skipped with a reason until `kiln serve`'s background/kill path is fixed.
-@pytest.mark.skip(
-    reason="kiln serve: background command + kill hangs against a real VM (issue 12, open)"
-)
 def test_two_sandboxes_list_connect_isolation_token_and_kill():
     a = create(timeout=600, metadata={"who": "a"})
     b = create(timeout=600, metadata={"who": "b"})

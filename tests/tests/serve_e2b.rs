@@ -78,7 +78,7 @@ impl Server {
         let mut child = Command::new(&kiln)
             .args(["serve", "--listen", &listen, "--config"])
             .arg(&config)
-            .env("RUST_LOG", "kiln_server=info")
+            .env("RUST_LOG", "kiln_server=debug,kiln=info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -143,6 +143,56 @@ impl Drop for Server {
 
 /// Runs `pytest tests/e2b/<file>` against a fresh `kiln serve`.
 fn pytest(file: &str) {
+    pytest_after(file, |_| {});
+}
+
+/// `<target>/kiln-schemathesis/venv/bin/schemathesis` (xtask/src/e2b.rs installs it).
+fn schemathesis_bin() -> PathBuf {
+    profile_dir()
+        .parent()
+        .map(|t| t.join("kiln-schemathesis/venv/bin/schemathesis"))
+        .unwrap_or_default()
+}
+
+/// Schemathesis against the served `/kiln/v1/openapi.json`, with a bounded number of
+/// examples per operation: no server error, and every status, content type and body as
+/// documented.
+fn run_schemathesis(url: &str) {
+    let st = schemathesis_bin();
+    assert!(
+        st.is_file(),
+        "no schemathesis at {} (`cargo xtask test` installs it: xtask/src/e2b.rs)",
+        st.display()
+    );
+    let mut cmd = Command::new(&st);
+    cmd.arg("run")
+        .arg(format!("{url}/kiln/v1/openapi.json"))
+        .args([
+            "--max-examples",
+            "8",
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
+            "--header",
+            "X-API-KEY: kiln-test-key",
+            "--seed",
+            "1",
+            "--no-color",
+        ])
+        .env("SCHEMATHESIS_HOOKS", "")
+        .env("HOME", std::env::temp_dir());
+    let run = kiln_tests::run_collecting(&mut cmd, Duration::from_secs(120));
+    println!("--- schemathesis ---\n{}\n{}", run.stdout, run.stderr);
+    assert!(
+        run.status.is_some_and(|s| s.success()),
+        "schemathesis found failures against /kiln/v1 (status {:?}):\n{}\n{}",
+        run.status,
+        run.stdout,
+        run.stderr
+    );
+}
+
+/// Runs `before(server url)` and then `pytest tests/e2b/<file>` against one fresh `kiln serve`.
+fn pytest_after(file: &str, before: impl FnOnce(&str)) {
     kiln_tests::require_tier4();
     let python = venv_python();
     assert!(
@@ -151,6 +201,7 @@ fn pytest(file: &str) {
         python.display()
     );
     let server = Server::start();
+    before(&server.url);
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("e2b");
     let mut cmd = Command::new(&python);
     cmd.current_dir(&dir)
@@ -162,6 +213,9 @@ fn pytest(file: &str) {
             "-x",
             "-p",
             "no:cacheprovider",
+            // A hang dumps every Python thread's stack instead of only timing out.
+            "-o",
+            "faulthandler_timeout=90",
             file,
         ])
         .env("PYTHONDONTWRITEBYTECODE", "1")
@@ -196,4 +250,11 @@ fn serve_e2b_files() {
 #[test]
 fn serve_e2b_lifecycle() {
     pytest("test_lifecycle.py");
+}
+
+/// `/kiln/v1`: schemathesis against the served OpenAPI document, then fork, snapshot,
+/// restore, pools, egress, images and `/metrics` with real VMs (tests/e2b/test_kiln_api.py).
+#[test]
+fn serve_e2b_kiln_api() {
+    pytest_after("test_kiln_api.py", run_schemathesis);
 }

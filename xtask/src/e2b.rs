@@ -26,3 +26,22 @@ pub fn ensure() -> Result<PathBuf> {
             .is_ok_and(|o| o.status.success())
     })
 }
+
+/// PyPI requirements of the schemathesis venv (the `/kiln/v1` OpenAPI check of
+/// tests/tests/serve_e2b.rs).
+const SCHEMATHESIS: &[&str] = &["schemathesis==4.32.5"];
+
+/// Creates `<target>/kiln-schemathesis/venv` with schemathesis (once). Returns its python.
+pub fn ensure_schemathesis() -> Result<PathBuf> {
+    let dir = util::target_dir().join("kiln-schemathesis");
+    let _lock = util::lock_file(&dir.join(".lock"))?;
+    util::ensure_venv("schemathesis", &dir.join("venv"), SCHEMATHESIS, |python| {
+        Command::new(python)
+            .args([
+                "-c",
+                "import importlib.metadata as m; assert m.version('schemathesis') == '4.32.5'",
+            ])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+}

@@ -4,6 +4,7 @@
 //! HTTP layer use a fake implementation; everything real goes through `kiln::Sandbox`.
 
 use std::io::{Read, Write};
+use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -26,6 +27,8 @@ pub enum FailKind {
     Dead,
     /// A request timed out while the VM still runs.
     Timeout,
+    /// The backend cannot do this (e.g. snapshots of a fake).
+    Unsupported,
     /// Anything else.
     Other,
 }
@@ -161,12 +164,55 @@ pub trait Guest: Send + Sync {
     fn is_running(&self) -> bool;
     /// Stops the VM now (idempotent); running processes see their exit or an error.
     fn kill(&self);
+    /// Saves the VM to `dir` (it keeps running).
+    fn snapshot(&self, _dir: &Path) -> Result<SnapshotMeta, Fail> {
+        Err(unsupported("snapshots"))
+    }
+    /// `n` live forks of the VM as it is now.
+    fn fork(&self, _n: usize) -> Result<Vec<Arc<dyn Guest>>, Fail> {
+        Err(unsupported("forks"))
+    }
+    /// The egress proxy's connection log (empty without egress).
+    fn egress_log(&self) -> Vec<crate::kiln_v1::EgressLogJson> {
+        Vec::new()
+    }
+}
+
+/// What a snapshot saved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SnapshotMeta {
+    /// Guest RAM size.
+    pub guest_bytes: u64,
+    /// RAM bytes written to the memory file.
+    pub written_bytes: u64,
+    /// How long the VM was paused.
+    pub paused: Duration,
+}
+
+fn unsupported(what: &str) -> Fail {
+    Fail::new(
+        FailKind::Unsupported,
+        format!("{what} are not supported by this backend"),
+    )
 }
 
 /// Makes sandboxes from templates.
 pub trait Launcher: Send + Sync {
     /// Boots a sandbox for `template`, named `name`.
     fn launch(&self, name: &str, template: &TemplateConfig) -> Result<Arc<dyn Guest>, Fail>;
+    /// Restores a sandbox of `template` from the snapshot in `dir`.
+    fn restore(
+        &self,
+        _name: &str,
+        _dir: &Path,
+        _template: &TemplateConfig,
+    ) -> Result<Arc<dyn Guest>, Fail> {
+        Err(unsupported("restores"))
+    }
+    /// The image store's images.
+    fn images(&self) -> Result<Vec<crate::kiln_v1::ImageJson>, Fail> {
+        Ok(Vec::new())
+    }
 }
 
 /// The real launcher: `kiln::Sandbox::create`.
@@ -183,6 +229,12 @@ impl KilnLauncher {
             .boot_timeout(Duration::from_secs(t.boot_timeout_secs.max(1)));
         if let Some(image) = &t.image {
             cfg = image_config(cfg, image);
+        }
+        if let Some(allow) = &t.egress_allow {
+            // Checked by ServerConfig::validate.
+            if let Ok(p) = kiln::Policy::from_rules(allow, &t.egress_deny) {
+                cfg = cfg.egress(p);
+            }
         }
         cfg
     }
@@ -201,6 +253,54 @@ impl Launcher for KilnLauncher {
             sb: RwLock::new(Some(sb)),
         }))
     }
+
+    fn restore(
+        &self,
+        name: &str,
+        dir: &Path,
+        template: &TemplateConfig,
+    ) -> Result<Arc<dyn Guest>, Fail> {
+        let sb = Sandbox::restore(dir, restore_config(name, template))?;
+        Ok(Arc::new(KilnGuest {
+            sb: RwLock::new(Some(sb)),
+        }))
+    }
+
+    fn images(&self) -> Result<Vec<crate::kiln_v1::ImageJson>, Fail> {
+        let Ok(dir) = kiln::assets::images_dir() else {
+            return Ok(Vec::new());
+        };
+        if !dir.is_dir() {
+            return Ok(Vec::new());
+        }
+        let store = kiln_image::ImageStore::open(&dir)
+            .map_err(|e| Fail::new(FailKind::Other, e.to_string()))?;
+        let list = store
+            .list()
+            .map_err(|e| Fail::new(FailKind::Other, e.to_string()))?;
+        Ok(list
+            .into_iter()
+            .map(|e| crate::kiln_v1::ImageJson {
+                size_bytes: e.meta.as_ref().map(|m| m.size),
+                name: e.name,
+                key: e.key,
+                problem: e.problem,
+            })
+            .collect())
+    }
+}
+
+/// The restore configuration of a template: its name, boot deadline and egress.
+fn restore_config(name: &str, t: &TemplateConfig) -> SandboxConfig {
+    let mut cfg = SandboxConfig::new()
+        .name(name)
+        .boot_timeout(Duration::from_secs(t.boot_timeout_secs.max(1)));
+    if let Some(allow) = &t.egress_allow {
+        if let Ok(p) = kiln::Policy::from_rules(allow, &t.egress_deny) {
+            cfg = cfg.egress(p);
+        }
+    }
+    cfg
 }
 
 /// A `kiln::Sandbox` behind a lock so that [`Guest::kill`] can drop it while other handles
@@ -317,5 +417,47 @@ impl Guest for KilnGuest {
     fn kill(&self) {
         let sb = self.sb.write().unwrap_or_else(|p| p.into_inner()).take();
         drop(sb);
+    }
+
+    fn snapshot(&self, dir: &Path) -> Result<SnapshotMeta, Fail> {
+        let info = self.with(|sb| sb.snapshot(dir))?;
+        Ok(SnapshotMeta {
+            guest_bytes: info.guest_bytes,
+            written_bytes: info.written_bytes,
+            paused: info.paused_for,
+        })
+    }
+
+    fn fork(&self, n: usize) -> Result<Vec<Arc<dyn Guest>>, Fail> {
+        let forks = self.with(|sb| sb.fork_live(n))?;
+        Ok(forks
+            .into_iter()
+            .map(|sb| {
+                Arc::new(KilnGuest {
+                    sb: RwLock::new(Some(sb)),
+                }) as Arc<dyn Guest>
+            })
+            .collect())
+    }
+
+    fn egress_log(&self) -> Vec<crate::kiln_v1::EgressLogJson> {
+        let g = kiln_sync_read(&self.sb);
+        let Some(sb) = g.as_ref() else {
+            return Vec::new();
+        };
+        sb.egress_log()
+            .into_iter()
+            .map(|e| crate::kiln_v1::EgressLogJson {
+                time: crate::state::rfc3339(e.time),
+                kind: format!("{:?}", e.kind).to_lowercase(),
+                name: e.name,
+                addr: e.addr.map(|a| a.to_string()),
+                port: e.port,
+                bytes_up: e.bytes_up,
+                bytes_down: e.bytes_down,
+                verdict: format!("{:?}", e.verdict).to_lowercase(),
+                rule: e.rule,
+            })
+            .collect()
     }
 }

@@ -55,6 +55,12 @@ pub struct TemplateConfig {
     pub home: String,
     /// Boot deadline, seconds.
     pub boot_timeout_secs: u64,
+    /// Warm sandboxes kept booted for creates (0 = no pool; `/kiln/v1/pools` changes it).
+    pub pool_size: usize,
+    /// Egress allow rules (docs/EGRESS.md); `None` = no network at all.
+    pub egress_allow: Option<Vec<String>>,
+    /// Egress deny rules (checked first).
+    pub egress_deny: Vec<String>,
 }
 
 impl Default for TemplateConfig {
@@ -67,6 +73,9 @@ impl Default for TemplateConfig {
             user: None,
             home: "/root".into(),
             boot_timeout_secs: 120,
+            pool_size: 0,
+            egress_allow: None,
+            egress_deny: Vec::new(),
         }
     }
 }
@@ -101,6 +110,8 @@ pub struct ServerConfig {
     pub max_upload_bytes: usize,
     /// SHA-256 hex digests of the accepted API keys; empty = any non-empty key.
     pub api_key_sha256: Vec<String>,
+    /// Where `/kiln/v1` snapshots are kept (`None` = a temporary directory removed at exit).
+    pub snapshot_dir: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -115,6 +126,7 @@ impl Default for ServerConfig {
             max_sandboxes: 64,
             max_upload_bytes: 512 * 1024 * 1024,
             api_key_sha256: Vec::new(),
+            snapshot_dir: None,
         }
     }
 }
@@ -164,6 +176,16 @@ impl ServerConfig {
                 return Err(ConfigError::Invalid(format!(
                     "template {name}: home must be an absolute path"
                 )));
+            }
+            if t.pool_size > 16 {
+                return Err(ConfigError::Invalid(format!(
+                    "template {name}: pool_size must be in 0..=16"
+                )));
+            }
+            if let Some(allow) = &t.egress_allow {
+                kiln::Policy::from_rules(allow, &t.egress_deny).map_err(|e| {
+                    ConfigError::Invalid(format!("template {name}: egress rules: {e}"))
+                })?;
             }
         }
         for k in &self.api_key_sha256 {

@@ -179,9 +179,20 @@ pub async fn create(
     let launcher = Arc::clone(&state.launcher);
     let (name, t) = (id.clone(), template.clone());
     let started = std::time::Instant::now();
-    let guest = tokio::task::spawn_blocking(move || launcher.launch(&name, &t))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    let pooled = state.kiln.pools.take(&template_id, &state.kiln.metrics);
+    let hit = pooled.is_some();
+    let guest = match pooled {
+        Some(g) => Ok(g),
+        None => tokio::task::spawn_blocking(move || launcher.launch(&name, &t))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?,
+    };
+    let metrics = &state.kiln.metrics;
+    if !hit && guest.is_ok() {
+        metrics.boot.observe(started.elapsed());
+    }
+    let guest = guest
+        .inspect_err(|_| crate::metrics::Metrics::inc(&metrics.create_failures))
         .map_err(|e| {
             tracing::warn!(template = %template_id, error = %e, "create failed");
             ApiError::new(
@@ -202,8 +213,9 @@ pub async fn create(
         procs: Mutex::new(Default::default()),
     });
     lock(&state.sandboxes).insert(id.clone(), Arc::clone(&entry));
+    crate::metrics::Metrics::inc(&state.kiln.metrics.creates);
     drop(slot);
-    tracing::info!(sandbox = %id, boot_ms = started.elapsed().as_millis() as u64, "sandbox created");
+    tracing::info!(sandbox = %id, pool_hit = hit, boot_ms = started.elapsed().as_millis() as u64, "sandbox created");
     Ok(json_response(StatusCode::CREATED, &sandbox_json(&entry)))
 }
 

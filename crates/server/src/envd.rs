@@ -161,6 +161,7 @@ fn rpc_error(f: &Fail) -> RpcError {
         FailKind::PermissionDenied => Code::PermissionDenied,
         FailKind::Dead => Code::Unavailable,
         FailKind::Timeout => Code::DeadlineExceeded,
+        FailKind::Unsupported => Code::Unimplemented,
         FailKind::Other => Code::Internal,
     };
     RpcError::new(code, f.message.clone())
@@ -212,7 +213,7 @@ pub async fn process_rpc(
         Err(e) => return e.into_response(),
     };
     match method.as_str() {
-        "Start" => process_start(entry, &headers, &req),
+        "Start" => process_start(&state, entry, &headers, &req),
         "Connect" => match process_connect(&entry, &req) {
             Ok(r) => r,
             Err(e) => connect::stream_error(&e),
@@ -282,7 +283,12 @@ fn connect_timeout(headers: &HeaderMap) -> Option<Duration> {
         .map(Duration::from_millis)
 }
 
-fn process_start(entry: Arc<SandboxEntry>, headers: &HeaderMap, req: &Value) -> Response {
+fn process_start(
+    state: &Arc<AppState>,
+    entry: Arc<SandboxEntry>,
+    headers: &HeaderMap,
+    req: &Value,
+) -> Response {
     let cfg: ProcessConfigJson = match req.get("process") {
         Some(p) => match serde_json::from_value(p.clone()) {
             Ok(c) => c,
@@ -332,9 +338,12 @@ fn process_start(entry: Arc<SandboxEntry>, headers: &HeaderMap, req: &Value) -> 
         cwd: Some(cwd),
     };
     let (tx, rx) = mpsc::channel::<Frame>(STREAM_BUFFER);
+    let state = Arc::clone(state);
     let spawned = std::thread::Builder::new()
         .name("kiln-serve-proc".into())
         .spawn(move || {
+            let t0 = std::time::Instant::now();
+            crate::metrics::Metrics::inc(&state.kiln.metrics.execs);
             run_process(
                 entry,
                 spec,
@@ -343,7 +352,8 @@ fn process_start(entry: Arc<SandboxEntry>, headers: &HeaderMap, req: &Value) -> 
                 tag,
                 config,
                 tx,
-            )
+            );
+            state.kiln.metrics.exec.observe(t0.elapsed());
         });
     if let Err(e) = spawned {
         return connect::stream_error(&RpcError::new(
@@ -459,9 +469,13 @@ fn run_process(
             let _ = p.blocking_send(connect::end_frame(Some(&rpc_error(f))));
         }
     };
+    tracing::debug!(argv = ?spec.argv, timeout = ?spec.timeout, "process start");
     let mut process = match entry.guest.start(&spec, stdin) {
         Ok(p) => p,
-        Err(f) => return fail(&mut primary, &f),
+        Err(f) => {
+            tracing::debug!(error = %f, "process start failed");
+            return fail(&mut primary, &f);
+        }
     };
     let mut proc: Option<Arc<Proc>> = None;
     let mut pending_stdin = Some(Mutex::new(stdin_tx));
@@ -470,6 +484,7 @@ fn run_process(
             Ok(Some(ev)) => ev,
             Ok(None) => break,
             Err(f) => {
+                tracing::debug!(pid = ?proc.as_ref().map(|p| p.pid), error = %f, "process stream failed");
                 let e = rpc_error(&f);
                 broadcast(&mut primary, proc.as_deref(), &connect::end_frame(Some(&e)));
                 break;
@@ -478,6 +493,7 @@ fn run_process(
         match ev {
             ExecEvent::Started { pid } => {
                 let signaller = process.signaller().ok().flatten();
+                tracing::debug!(pid, signaller = signaller.is_some(), "process started");
                 let p = Arc::new(Proc {
                     pid,
                     tag: tag.clone(),
@@ -501,6 +517,7 @@ fn run_process(
                 broadcast(&mut primary, proc.as_deref(), &data_frame("stderr", &d))
             }
             ExecEvent::Exit(s) => {
+                tracing::debug!(pid = ?proc.as_ref().map(|p| p.pid), status = ?s, "process exited");
                 if proc.is_none() {
                     // It never started: report like envd does for a failed start.
                     broadcast(
@@ -598,12 +615,15 @@ fn parse_signal(v: Option<&Value>) -> Result<i32, RpcError> {
 async fn process_signal(entry: Arc<SandboxEntry>, req: &Value) -> Result<Value, RpcError> {
     let sig = parse_signal(req.get("signal"))?;
     let p = select(&entry, req)?;
-    blocking(move || match &p.signaller {
+    let pid = p.pid;
+    tracing::debug!(pid, sig, "signal requested");
+    let r = blocking(move || match &p.signaller {
         Some(s) => s(sig),
         None => Err(Fail::new(FailKind::NotFound, "process not found")),
     })
-    .await
-    .map_err(|f| rpc_error(&f))?;
+    .await;
+    tracing::debug!(pid, sig, ok = r.is_ok(), "signal sent");
+    r.map_err(|f| rpc_error(&f))?;
     Ok(json!({}))
 }
 
@@ -878,6 +898,7 @@ fn http_error(id: &str, f: &Fail) -> Response {
         FailKind::PermissionDenied => StatusCode::FORBIDDEN,
         FailKind::Dead => return sandbox_gone(id),
         FailKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        FailKind::Unsupported => StatusCode::NOT_IMPLEMENTED,
         FailKind::Other => StatusCode::INTERNAL_SERVER_ERROR,
     };
     json_response(

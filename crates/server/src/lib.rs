@@ -11,6 +11,8 @@ pub mod config;
 pub mod connect;
 pub mod control;
 pub mod envd;
+pub mod kiln_v1;
+pub mod metrics;
 pub mod state;
 
 use std::sync::Arc;
@@ -19,7 +21,7 @@ use std::time::Duration;
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post, put};
 use axum::Router;
 
 pub use backend::{KilnLauncher, Launcher};
@@ -78,9 +80,61 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/filesystem.Filesystem/{method}",
             post(envd::filesystem_rpc),
         )
+        // Kiln's own API (kiln_v1) and the metrics.
+        .route("/kiln/v1/openapi.json", get(kiln_v1::openapi))
+        .route("/kiln/v1/sandboxes/{id}/snapshots", post(kiln_v1::snapshot))
+        .route("/kiln/v1/sandboxes/{id}/fork", post(kiln_v1::fork))
+        .route("/kiln/v1/sandboxes/{id}/egress", get(kiln_v1::egress))
+        .route("/kiln/v1/snapshots", get(kiln_v1::list_snapshots))
+        .route("/kiln/v1/snapshots/{id}", delete(kiln_v1::delete_snapshot))
+        .route("/kiln/v1/snapshots/{id}/restore", post(kiln_v1::restore))
+        .route("/kiln/v1/pools", get(kiln_v1::list_pools))
+        .route("/kiln/v1/pools/{template}", put(kiln_v1::set_pool))
+        .route("/kiln/v1/images", get(kiln_v1::images))
+        .route("/metrics", get(metrics_text))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn(log_request))
         .with_state(state)
+}
+
+/// Structured request log: one `tracing` event per request when its response head is ready
+/// (method, path, status, sandbox, latency). Streams continue after it.
+async fn log_request(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let sandbox = req
+        .headers()
+        .get("e2b-sandbox-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let t0 = std::time::Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16();
+    let ms = t0.elapsed().as_secs_f64() * 1000.0;
+    if status >= 500 {
+        tracing::warn!(%method, %path, status, sandbox = ?sandbox, ms, "request");
+    } else {
+        tracing::info!(%method, %path, status, sandbox = ?sandbox, ms, "request");
+    }
+    resp
+}
+
+/// `GET /metrics`: Prometheus text.
+async fn metrics_text(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+) -> Response {
+    let live = state::lock(&state.sandboxes).len();
+    let text = state
+        .kiln
+        .metrics
+        .render(live, state.kiln.pools.ready_total());
+    let mut r = Response::new(axum::body::Body::from(text));
+    r.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    r
 }
 
 /// Runs the reaper until the state is dropped elsewhere.
@@ -91,7 +145,11 @@ pub fn spawn_reaper(state: &Arc<AppState>) {
         loop {
             tick.tick().await;
             let Some(s) = weak.upgrade() else { break };
-            let _ = tokio::task::spawn_blocking(move || s.reap()).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                s.reap();
+                kiln_v1::Pools::refill(&s);
+            })
+            .await;
         }
     });
 }

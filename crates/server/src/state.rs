@@ -115,6 +115,8 @@ pub struct AppState {
     pub sandboxes: Mutex<HashMap<String, Arc<SandboxEntry>>>,
     /// Creates in flight (counted against `max_sandboxes`).
     pub creating: Mutex<usize>,
+    /// `/kiln/v1` state: pools, snapshots, metrics.
+    pub kiln: crate::kiln_v1::KilnState,
 }
 
 impl std::fmt::Debug for AppState {
@@ -128,7 +130,9 @@ impl std::fmt::Debug for AppState {
 impl AppState {
     /// New state.
     pub fn new(config: ServerConfig, launcher: Arc<dyn Launcher>) -> Arc<Self> {
+        let kiln = crate::kiln_v1::KilnState::new(&config.templates, config.snapshot_dir.clone());
         Arc::new(Self {
+            kiln,
             config,
             launcher,
             sandboxes: Mutex::new(HashMap::new()),
@@ -191,6 +195,7 @@ impl AppState {
         for e in all {
             e.guest.kill();
         }
+        self.kiln.shutdown();
     }
 }
 

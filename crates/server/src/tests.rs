@@ -205,6 +205,29 @@ impl Guest for FakeGuest {
     fn kill(&self) {
         *lock(&self.dead) = true;
     }
+
+    fn snapshot(&self, dir: &std::path::Path) -> Result<crate::backend::SnapshotMeta, Fail> {
+        std::fs::create_dir_all(dir).map_err(|e| Fail::new(FailKind::Other, e.to_string()))?;
+        let files = serde_json::to_vec(&*lock(&self.files)).unwrap_or_default();
+        std::fs::write(dir.join("files.json"), files)
+            .map_err(|e| Fail::new(FailKind::Other, e.to_string()))?;
+        Ok(crate::backend::SnapshotMeta {
+            guest_bytes: 1 << 20,
+            written_bytes: 4096,
+            paused: Duration::from_millis(3),
+        })
+    }
+
+    fn fork(&self, n: usize) -> Result<Vec<Arc<dyn Guest>>, Fail> {
+        Ok((0..n)
+            .map(|_| {
+                Arc::new(FakeGuest {
+                    files: Mutex::new(lock(&self.files).clone()),
+                    ..FakeGuest::default()
+                }) as Arc<dyn Guest>
+            })
+            .collect())
+    }
 }
 
 #[derive(Default)]
@@ -217,6 +240,22 @@ impl Launcher for FakeLauncher {
         let g = Arc::new(FakeGuest::default());
         lock(&self.guests).push(Arc::clone(&g));
         Ok(g)
+    }
+
+    fn restore(
+        &self,
+        _name: &str,
+        dir: &std::path::Path,
+        _t: &TemplateConfig,
+    ) -> Result<Arc<dyn Guest>, Fail> {
+        let b = std::fs::read(dir.join("files.json"))
+            .map_err(|e| Fail::new(FailKind::NotFound, e.to_string()))?;
+        let files: HashMap<String, Vec<u8>> =
+            serde_json::from_slice(&b).map_err(|e| Fail::new(FailKind::Other, e.to_string()))?;
+        Ok(Arc::new(FakeGuest {
+            files: Mutex::new(files),
+            ..FakeGuest::default()
+        }))
     }
 }
 
@@ -977,4 +1016,274 @@ print("SDK-OK")
         String::from_utf8_lossy(&out.stderr),
     );
     assert!(out.status.success() && o.contains("SDK-OK"), "{o}\n{e}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// /kiln/v1 and /metrics
+
+impl Harness {
+    async fn read(&self, id: &str, token: &str, path: &str) -> Resp {
+        self.call(
+            Self::envd(id, token, "GET", &format!("/files?path={path}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+    }
+
+    async fn write(&self, id: &str, token: &str, path: &str, data: &str) {
+        let r = self
+            .call(
+                Self::envd(id, token, "POST", &format!("/files?path={path}"))
+                    .header("content-type", "application/octet-stream")
+                    .body(Body::from(data.to_string()))
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK);
+    }
+}
+
+#[tokio::test]
+async fn kiln_fork_gives_live_isolated_children() {
+    let h = Harness::new();
+    let (id, tok) = h.create(json!({"envVars": {"A": "1"}})).await;
+    h.write(&id, &tok, "/tmp/s", "parent").await;
+    let r = h
+        .api(
+            "POST",
+            &format!("/kiln/v1/sandboxes/{id}/fork"),
+            json!({"count": 2}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.json());
+    let kids = r.json()["sandboxes"].as_array().unwrap().clone();
+    assert_eq!(kids.len(), 2);
+    for k in &kids {
+        let (kid, ktok) = (
+            k["sandboxID"].as_str().unwrap(),
+            k["envdAccessToken"].as_str().unwrap(),
+        );
+        assert_ne!(kid, id);
+        assert_eq!(h.read(kid, ktok, "/tmp/s").await.body, b"parent");
+        // the parent's token does not open a child
+        assert_eq!(
+            h.read(kid, &tok, "/tmp/s").await.status,
+            StatusCode::UNAUTHORIZED
+        );
+        h.write(kid, ktok, "/tmp/s", "child").await;
+        let e = h.state.get(kid).unwrap();
+        assert_eq!(e.env_vars["A"], "1");
+    }
+    assert_eq!(h.read(&id, &tok, "/tmp/s").await.body, b"parent");
+    assert_eq!(h.state.list().len(), 3);
+    for (body, want) in [
+        (json!({"count": 0}), StatusCode::BAD_REQUEST),
+        (json!({"count": 9}), StatusCode::BAD_REQUEST),
+        (json!({"cnt": 1}), StatusCode::BAD_REQUEST),
+    ] {
+        let r = h
+            .api("POST", &format!("/kiln/v1/sandboxes/{id}/fork"), body)
+            .await;
+        assert_eq!(r.status, want);
+        assert_eq!(r.json()["code"], want.as_u16());
+    }
+    let r = h
+        .api("POST", "/kiln/v1/sandboxes/nope/fork", json!({"count": 1}))
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn kiln_snapshot_restore_list_delete() {
+    let h = Harness::new();
+    let (id, tok) = h.create(json!({"metadata": {"m": "x"}})).await;
+    h.write(&id, &tok, "/tmp/s", "saved").await;
+    let r = h
+        .api(
+            "POST",
+            &format!("/kiln/v1/sandboxes/{id}/snapshots"),
+            json!(null),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.json());
+    let snap = r.json()["snapshotID"].as_str().unwrap().to_string();
+    assert_eq!(r.json()["sandboxID"], id.as_str());
+    h.write(&id, &tok, "/tmp/s", "later").await;
+    let l = h.api("GET", "/kiln/v1/snapshots", json!(null)).await;
+    assert_eq!(l.json()[0]["snapshotID"], snap.as_str());
+    let r = h
+        .call(
+            Request::builder()
+                .method("POST")
+                .uri(format!("/kiln/v1/snapshots/{snap}/restore"))
+                .header("x-api-key", "k")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.json());
+    let (rid, rtok) = (
+        r.json()["sandboxID"].as_str().unwrap().to_string(),
+        r.json()["envdAccessToken"].as_str().unwrap().to_string(),
+    );
+    assert_eq!(h.read(&rid, &rtok, "/tmp/s").await.body, b"saved");
+    assert_eq!(h.state.get(&rid).unwrap().metadata["m"], "x");
+    let d = h
+        .api("DELETE", &format!("/kiln/v1/snapshots/{snap}"), json!(null))
+        .await;
+    assert_eq!(d.status, StatusCode::NO_CONTENT);
+    let d = h
+        .api("DELETE", &format!("/kiln/v1/snapshots/{snap}"), json!(null))
+        .await;
+    assert_eq!(d.status, StatusCode::NOT_FOUND);
+    let r = h
+        .api(
+            "POST",
+            &format!("/kiln/v1/snapshots/{snap}/restore"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = h
+        .api("POST", "/kiln/v1/snapshots/x/restore", json!({"bogus": 1}))
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn kiln_pools_serve_creates_and_count_hits() {
+    let h = Harness::new();
+    let r = h
+        .api("PUT", "/kiln/v1/pools/base", json!({"size": 2}))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.json());
+    // The refill boots in the background.
+    for _ in 0..200 {
+        if h.state.kiln.pools.ready_total() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(h.state.kiln.pools.ready_total(), 2);
+    assert_eq!(lock(&h.launcher.guests).len(), 2);
+    h.create(json!({})).await;
+    let p = h.api("GET", "/kiln/v1/pools", json!(null)).await.json();
+    assert_eq!(p[0]["template"], "base");
+    assert_eq!(p[0]["hits"], 1);
+    assert_eq!(p[0]["ready"], 1);
+    // No new boot for the hit.
+    assert_eq!(lock(&h.launcher.guests).len(), 2);
+    h.create(json!({})).await;
+    h.create(json!({})).await; // pool empty now: a miss that boots
+    let p = h.api("GET", "/kiln/v1/pools", json!(null)).await.json();
+    assert_eq!(
+        (p[0]["hits"].as_u64(), p[0]["misses"].as_u64()),
+        (Some(2), Some(1))
+    );
+    let m = h
+        .call(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await;
+    assert!(m.ctype.starts_with("text/plain; version=0.0.4"));
+    let text = String::from_utf8(m.body).unwrap();
+    assert!(text.contains("kiln_serve_pool_hits_total 2\n"), "{text}");
+    assert!(text.contains("kiln_serve_pool_misses_total 1\n"), "{text}");
+    assert!(text.contains("kiln_serve_creates_total 3\n"), "{text}");
+    assert!(text.contains("kiln_serve_sandboxes_live 3\n"), "{text}");
+    for (uri, body, want) in [
+        (
+            "/kiln/v1/pools/base",
+            json!({"size": 17}),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/kiln/v1/pools/nope",
+            json!({"size": 1}),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "/kiln/v1/pools/base",
+            json!({"size": -1}),
+            StatusCode::BAD_REQUEST,
+        ),
+    ] {
+        assert_eq!(h.api("PUT", uri, body).await.status, want);
+    }
+    assert_eq!(
+        h.api("PUT", "/kiln/v1/pools/base", json!({"size": 0}))
+            .await
+            .status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn kiln_egress_images_openapi_and_auth() {
+    let h = Harness::new();
+    let (id, tok) = h.create(json!({})).await;
+    let e = h
+        .api(
+            "GET",
+            &format!("/kiln/v1/sandboxes/{id}/egress"),
+            json!(null),
+        )
+        .await;
+    assert_eq!(e.status, StatusCode::OK);
+    assert_eq!(e.json()["enabled"], false);
+    assert_eq!(e.json()["log"], json!([]));
+    let i = h.api("GET", "/kiln/v1/images", json!(null)).await;
+    assert_eq!(i.json(), json!([]));
+    let doc = h
+        .call(
+            Request::get("/kiln/v1/openapi.json")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(doc.status, StatusCode::OK);
+    let doc = doc.json();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.contains_key("/kiln/v1/sandboxes/{sandboxID}/fork"));
+    assert!(paths["/kiln/v1/pools/{template}"].get("put").is_some());
+    assert!(doc["components"]["schemas"].get("ForkBody").is_some());
+    // every /kiln/v1 route but the document needs the API key; an envd token is no key
+    let r = h
+        .call(
+            Request::get("/kiln/v1/pools")
+                .header("x-access-token", tok.as_str())
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(r.json()["code"], 401);
+}
+
+#[tokio::test]
+async fn metrics_count_execs() {
+    let h = Harness::new();
+    let (id, tok) = h.create(json!({})).await;
+    let r = h
+        .stream(
+            &id,
+            &tok,
+            "/process.Process/Start",
+            json!({"process": {"cmd": "/bin/bash", "args": ["-l", "-c", "echo hi"]}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    for _ in 0..100 {
+        if h.state.kiln.metrics.exec.count() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let m = h
+        .call(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await;
+    let text = String::from_utf8(m.body).unwrap();
+    assert!(text.contains("kiln_serve_execs_total 1\n"), "{text}");
+    assert!(text.contains("kiln_serve_exec_seconds_count 1\n"), "{text}");
+    assert!(text.contains("kiln_serve_boot_seconds_count 1\n"), "{text}");
 }
