@@ -431,6 +431,16 @@ fn build_tier4() -> Result<Tier4Build> {
     let k = kernel::ensure().context("building the guest kernel")?;
     let g = build_guest::ensure().context("building the guest initramfs")?;
     let kiln = crate::run::build_kiln_cli()?;
+    // The jailed VMM process (SandboxConfig::jailed, tests/tests/sandbox_jail.rs), found next
+    // to the test executables' parent directory.
+    eprintln!("building kiln-vm (the jailed VMM)");
+    let st = cargo()
+        .args(["build", "-p", "kiln-jail", "--bin", "kiln-vm"])
+        .status()
+        .context("running cargo build -p kiln-jail")?;
+    if !st.success() {
+        bail!("building kiln-vm failed");
+    }
     // tests/tests/sandbox_image.rs boots the python image (built once, cached in the assets
     // directory outside the clone).
     crate::run::ensure_image(&kiln, "python").context("building the python image")?;

@@ -18,7 +18,7 @@ pub mod parent;
 pub mod proto;
 
 pub use config::{CgroupLimits, CpuMax, JailConfig, Rlimits};
-pub use parent::{find_binary, End, JailError, JailedVm, BIN_ENV, BIN_NAME};
+pub use parent::{find_binary, Acceptor, End, JailError, JailedVm, BIN_ENV, BIN_NAME};
 pub use proto::{DiskSpec, SeccompSpec, VmSpec};
 
 /// Serial tail quoted in errors.

@@ -175,6 +175,64 @@ pub struct JailedVm {
     _root: tempfile::TempDir,
 }
 
+/// Accepts a jailed VM's bridged guest connections ([`JailedVm::acceptor`]).
+#[derive(Debug, Clone)]
+pub struct Acceptor {
+    name: String,
+    shared: Arc<Shared>,
+}
+
+impl Acceptor {
+    /// The next guest connection to bridged `port` within `timeout`; once the VM ended, its
+    /// end as an error ([`JailError::Died`], [`JailError::Ended`], ...).
+    pub fn accept(&self, port: u32, timeout: Duration) -> Result<UnixStream, JailError> {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.shared.lock();
+        loop {
+            if let Some(s) = st.conns.get_mut(&port).and_then(VecDeque::pop_front) {
+                return Ok(s);
+            }
+            if let Some(end) = st.end.clone() {
+                let tail = st.ring.tail(crate::SERIAL_TAIL_BYTES);
+                drop(st);
+                return Err(end_error(&self.name, end, tail));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(JailError::Timeout {
+                    what: format!("a guest connection to vsock port {port}"),
+                    after: timeout,
+                });
+            }
+            st = self
+                .shared
+                .cond
+                .wait_timeout(st, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+}
+
+fn end_error(name: &str, end: End, serial_tail: String) -> JailError {
+    match end {
+        End::Exited(reason) => JailError::Ended {
+            vm: name.to_owned(),
+            reason,
+        },
+        End::SetupFailed { stage, message } => JailError::Setup {
+            vm: name.to_owned(),
+            stage,
+            message,
+        },
+        End::Died(status) => JailError::Died {
+            vm: name.to_owned(),
+            status,
+            serial_tail,
+        },
+    }
+}
+
 /// Finds `kiln-vm`: `$KILN_VM_BIN`, else next to the current executable (or one directory
 /// up, for test executables in `target/*/deps`), else on `$PATH`.
 pub fn find_binary() -> Result<PathBuf, JailError> {
@@ -445,22 +503,7 @@ impl JailedVm {
 
     /// The error for `end` (with the serial tail).
     pub fn end_error(&self, end: End, serial_tail: String) -> JailError {
-        match end {
-            End::Exited(reason) => JailError::Ended {
-                vm: self.name.clone(),
-                reason,
-            },
-            End::SetupFailed { stage, message } => JailError::Setup {
-                vm: self.name.clone(),
-                stage,
-                message,
-            },
-            End::Died(status) => JailError::Died {
-                vm: self.name.clone(),
-                status,
-                serial_tail,
-            },
-        }
+        end_error(&self.name, end, serial_tail)
     }
 
     /// Waits until `needle` appears on the serial console; a VM that ends first or the
@@ -498,30 +541,15 @@ impl JailedVm {
     /// The next guest connection to bridged `port` (a unix socket carrying its bytes), within
     /// `timeout`.
     pub fn accept(&self, port: u32, timeout: Duration) -> Result<UnixStream, JailError> {
-        let deadline = Instant::now() + timeout;
-        let mut st = self.shared.lock();
-        loop {
-            if let Some(s) = st.conns.get_mut(&port).and_then(VecDeque::pop_front) {
-                return Ok(s);
-            }
-            if let Some(end) = st.end.clone() {
-                let tail = st.ring.tail(crate::SERIAL_TAIL_BYTES);
-                drop(st);
-                return Err(self.end_error(end, tail));
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(JailError::Timeout {
-                    what: format!("a guest connection to vsock port {port}"),
-                    after: timeout,
-                });
-            }
-            st = self
-                .shared
-                .cond
-                .wait_timeout(st, deadline - now)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
+        self.acceptor().accept(port, timeout)
+    }
+
+    /// A handle that accepts the guest's bridged connections without borrowing the VM (for
+    /// an accept loop on another thread).
+    pub fn acceptor(&self) -> Acceptor {
+        Acceptor {
+            name: self.name.clone(),
+            shared: self.shared.clone(),
         }
     }
 
