@@ -2,7 +2,8 @@
 //! skips one (docs/ARCHITECTURE.md "Test tiers").
 //!
 //! 1. unit tests of every crate (and the integration tests of crates that need no KVM);
-//! 2. the VMM tests in `crates/vmm-core/tests/` on the host's /dev/kvm;
+//! 2. the VMM tests in `crates/vmm-core/tests/` and the jail tests in `crates/jail/tests/` on
+//!    the host's /dev/kvm;
 //! 3. the agent tests in `crates/guest-agent/tests/` over a unix socket;
 //! 4. the Linux end-to-end tests of the `tests` crate: directly on a hardware-virtualization
 //!    host, elsewhere inside the emulated-virtualization harness (one L1 boot for all of them).
@@ -27,6 +28,8 @@ use crate::{build_guest, kernel, util};
 
 /// Package whose integration tests are tier 2.
 const TIER2_PACKAGE: &str = "kiln-vmm";
+/// The jailed VMM process's package: its integration tests are tier 2 too (root + /dev/kvm).
+const TIER2_JAIL_PACKAGE: &str = "kiln-jail";
 /// Package whose integration tests are tier 3.
 const TIER3_PACKAGE: &str = "kiln-agent";
 /// Package holding the tier-4 tests.
@@ -325,10 +328,12 @@ fn tier1(meta: &Metadata) -> Outcome {
         "--exclude",
         TIER2_PACKAGE,
         "--exclude",
+        TIER2_JAIL_PACKAGE,
+        "--exclude",
         TIER3_PACKAGE,
     ]))];
     // The tier-2/3 crates' own unit tests (and doc tests) need no KVM either.
-    for name in [TIER2_PACKAGE, TIER3_PACKAGE] {
+    for name in [TIER2_PACKAGE, TIER2_JAIL_PACKAGE, TIER3_PACKAGE] {
         let Some(pkg) = meta.package(name) else {
             return Outcome::CouldNotRun(format!("workspace has no package {name}"));
         };
@@ -392,7 +397,10 @@ fn tier2(meta: &Metadata, kind: &HostKind) -> Outcome {
             "the VMM tests need /dev/kvm and this host has none usable: {kind}"
         ));
     }
-    integration_tests(meta, TIER2_PACKAGE)
+    merge(vec![
+        integration_tests(meta, TIER2_PACKAGE),
+        integration_tests(meta, TIER2_JAIL_PACKAGE),
+    ])
 }
 
 fn tier3(meta: &Metadata) -> Outcome {
@@ -423,6 +431,16 @@ fn build_tier4() -> Result<Tier4Build> {
     let k = kernel::ensure().context("building the guest kernel")?;
     let g = build_guest::ensure().context("building the guest initramfs")?;
     let kiln = crate::run::build_kiln_cli()?;
+    // The jailed VMM process (SandboxConfig::jailed, tests/tests/sandbox_jail.rs), found next
+    // to the test executables' parent directory.
+    eprintln!("building kiln-vm (the jailed VMM)");
+    let st = cargo()
+        .args(["build", "-p", "kiln-jail", "--bin", "kiln-vm"])
+        .status()
+        .context("running cargo build -p kiln-jail")?;
+    if !st.success() {
+        bail!("building kiln-vm failed");
+    }
     // tests/tests/sandbox_image.rs boots the python image (built once, cached in the assets
     // directory outside the clone).
     crate::run::ensure_image(&kiln, "python").context("building the python image")?;

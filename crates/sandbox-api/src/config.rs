@@ -124,6 +124,12 @@ pub struct SandboxConfig {
     /// Network egress through the host proxy (docs/EGRESS.md); `None` = no egress at all.
     /// Builders: [`SandboxConfig::egress`], [`SandboxConfig::secret`] (crate::egress).
     pub egress: Option<crate::egress::EgressSettings>,
+
+    // --- jailed VMM process (kiln-jail, docs/SECURITY.md "The jailed VMM process") ---
+    /// Run the VM in its own jailed `kiln-vm` process under this configuration (namespaces,
+    /// pivot_root, cgroup v2, rlimits, an unprivileged uid, no capabilities); `None` = in this
+    /// process (the default). Builders: [`SandboxConfig::jailed`], [`SandboxConfig::jail`].
+    pub jail: Option<kiln_jail::JailConfig>,
 }
 
 impl Default for SandboxConfig {
@@ -144,6 +150,7 @@ impl Default for SandboxConfig {
             overlay_size_mib: None,
             scratch_disk: None,
             egress: None,
+            jail: None,
         }
     }
 }
@@ -152,6 +159,23 @@ impl SandboxConfig {
     /// The default configuration.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Runs the VM in a jailed child process (with the default [`kiln_jail::JailConfig`]
+    /// unless [`jail`](Self::jail) set one), or in this process (`false`, the default).
+    pub fn jailed(mut self, jailed: bool) -> Self {
+        self.jail = match (jailed, self.jail.take()) {
+            (true, Some(j)) => Some(j),
+            (true, None) => Some(kiln_jail::JailConfig::default()),
+            (false, _) => None,
+        };
+        self
+    }
+
+    /// Runs the VM in a jailed child process configured by `jail`.
+    pub fn jail(mut self, jail: kiln_jail::JailConfig) -> Self {
+        self.jail = Some(jail);
+        self
     }
 
     /// Sets the name.
@@ -415,6 +439,9 @@ impl SandboxConfig {
         if let Some(e) = &self.egress {
             e.validate()?;
         }
+        if let Some(j) = &self.jail {
+            j.validate().map_err(|reason| invalid("jail", reason))?;
+        }
         let kernel = resolve_asset(self.kernel.as_deref(), Asset::Kernel, defaults)?;
         let initramfs = resolve_asset(self.initramfs.as_deref(), Asset::Initramfs, defaults)?;
         Ok(ResolvedConfig {
@@ -434,6 +461,7 @@ impl SandboxConfig {
             disks: self.disks.clone(),
             exec_defaults: Default::default(),
             egress: self.egress.clone(),
+            jail: self.jail.clone(),
         })
     }
 }
@@ -465,6 +493,8 @@ pub struct ResolvedConfig {
     pub exec_defaults: crate::image::SandboxExecDefaults,
     /// Egress settings (checked).
     pub egress: Option<crate::egress::EgressSettings>,
+    /// The jail (checked); `None` = the VM runs in this process.
+    pub jail: Option<kiln_jail::JailConfig>,
 }
 
 /// Bytes of a kernel file read to recognise it: up to the bzImage header's `HdrS` magic.

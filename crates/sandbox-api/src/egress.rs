@@ -303,26 +303,35 @@ pub(crate) fn attach(
     cfg.label = vm.to_owned();
     let proxy =
         EgressProxy::new(cfg).map_err(|e| egress_err(vm, "starting the egress proxy", e))?;
-    let listener = sandbox
-        .vsock_host()
-        .ok_or_else(|| SandboxError::Protocol {
-            vm: vm.to_owned(),
-            op: "starting the egress proxy",
-            message: "the VM has no vsock device".into(),
-        })?
-        .listen(kiln_proto::EGRESS_PORT)
-        .map_err(|source| SandboxError::Vsock {
-            vm: vm.to_owned(),
-            op: "listening for egress connections",
-            source,
-        })?;
+    // A jailed VM's child bridges the port and hands each connection over (sandbox/jailed.rs).
+    let source = match sandbox.jail_acceptor() {
+        Some(a) => Source::Jailed(a),
+        None => Source::Vsock(
+            sandbox
+                .vsock_host()
+                .ok_or_else(|| SandboxError::Protocol {
+                    vm: vm.to_owned(),
+                    op: "starting the egress proxy",
+                    message: "the VM has no vsock device".into(),
+                })?
+                .listen(kiln_proto::EGRESS_PORT)
+                .map_err(|source| SandboxError::Vsock {
+                    vm: vm.to_owned(),
+                    op: "listening for egress connections",
+                    source,
+                })?,
+        ),
+    };
     // Always: the exec environment's trust variables point at these files.
     write_guest_files(sandbox, &proxy)?;
     let stop = Arc::new(AtomicBool::new(false));
     let (p2, s2) = (proxy.clone(), Arc::clone(&stop));
     thread::Builder::new()
         .name(format!("{vm}-egress"))
-        .spawn(move || accept_loop(&listener, &p2, &s2))
+        .spawn(move || match source {
+            Source::Vsock(listener) => accept_loop(&listener, &p2, &s2),
+            Source::Jailed(a) => jailed_accept_loop(&a, &p2, &s2),
+        })
         .map_err(|source| SandboxError::Io {
             vm: vm.to_owned(),
             op: "spawning the egress accept thread",
@@ -343,6 +352,30 @@ fn write_guest_files(sandbox: &Sandbox, proxy: &EgressProxy) -> Result<(), Sandb
         sandbox.write_file(path, content.as_bytes())?;
     }
     Ok(())
+}
+
+/// Where the guest's egress connections come from.
+enum Source {
+    /// This process's vsock endpoint.
+    Vsock(VsockListener),
+    /// A jailed VM's bridged port (unix sockets).
+    Jailed(kiln_jail::Acceptor),
+}
+
+/// [`accept_loop`] for a jailed VM: the child hands over each guest connection.
+fn jailed_accept_loop(a: &kiln_jail::Acceptor, proxy: &EgressProxy, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        match a.accept(kiln_proto::EGRESS_PORT, ACCEPT_POLL) {
+            Ok(s) => {
+                let _ = proxy.spawn_http(s);
+            }
+            Err(kiln_jail::JailError::Timeout { .. }) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "egress accept loop ends");
+                return;
+            }
+        }
+    }
 }
 
 fn accept_loop(listener: &VsockListener, proxy: &EgressProxy, stop: &AtomicBool) {

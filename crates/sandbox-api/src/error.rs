@@ -203,6 +203,28 @@ pub enum SandboxError {
         #[source]
         source: kiln_egress::EgressError,
     },
+
+    /// The jailed VMM process could not be started or set up (kiln-jail). A jailed VMM that
+    /// dies later is [`SandboxError::GuestDied`], its reason naming the process's end.
+    #[error("sandbox {vm}: {op}: {source}")]
+    Jail {
+        /// The sandbox.
+        vm: String,
+        /// The operation.
+        op: &'static str,
+        /// What failed (boxed: it is large).
+        #[source]
+        source: Box<kiln_jail::JailError>,
+    },
+
+    /// The operation is not available for a jailed sandbox yet (snapshot, restore, fork).
+    #[error("sandbox {vm}: {op} is not supported for jailed sandboxes yet")]
+    NotSupportedJailed {
+        /// The sandbox.
+        vm: String,
+        /// The operation.
+        op: &'static str,
+    },
 }
 
 impl SandboxError {

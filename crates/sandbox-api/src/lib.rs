@@ -29,6 +29,7 @@ pub use egress::{EgressSettings, HttpRequest, HttpResponse, LogEntry, Policy};
 pub use error::SandboxError;
 pub use exec::{ExecEvent, ExecOptions, ExecResult, StdinSource, DEFAULT_OUTPUT_CAP};
 pub use image::{ResolvedImage, SandboxExecDefaults};
+pub use kiln_jail::{CgroupLimits, CpuMax, JailConfig, Rlimits};
 pub use kiln_pool::{PoolConfig, PoolStats};
 pub use kiln_proto::{DirEntry, ErrorKind, ExitStatus, FileKind, FileStat, Hello};
 pub use kiln_vmm::snapshot::SnapshotInfo;

@@ -31,6 +31,10 @@ use crate::exec::{
 pub(crate) mod snapshot;
 pub use snapshot::MAX_FORKS;
 
+/// Jailed sandboxes: the VM in a `kiln-vm` child process (sandbox/jailed.rs).
+pub(crate) mod jailed;
+use jailed::{AgentStream, Conn, Machine};
+
 /// Guest CID of every sandbox VM (each VM has its own in-process vsock device).
 pub const GUEST_CID: u64 = kiln_proto::GUEST_CID as u64;
 /// How often the boot wait checks whether the VM already ended.
@@ -62,11 +66,11 @@ pub struct BootTimings {
 
 struct Inner {
     name: String,
-    vm: Mutex<Option<Vm>>,
+    vm: Mutex<Option<Machine>>,
     client: Client,
     /// A handle on the agent connection, shut down when the VM ends so that every waiter
     /// sees the connection close instead of waiting on a dead guest.
-    conn: VsockStream,
+    conn: Conn,
     hello: Hello,
     timings: BootTimings,
     /// The image's exec defaults (crate::image); set once right after boot or restore.
@@ -100,6 +104,9 @@ impl Sandbox {
         // Input first, then the host: a wrong file is reported as such on any host.
         cfg.check_asset_contents()?;
         check_host(&cfg.name)?;
+        if cfg.jail.is_some() {
+            return jailed::boot(cfg, t0);
+        }
         boot(cfg, t0)
     }
 
@@ -363,7 +370,7 @@ impl Sandbox {
         let ended = {
             let vm = self.inner.vm_guard();
             vm.as_ref()
-                .map(|vm| vm.wait_exit(SHUTDOWN_GRACE).is_ok())
+                .map(|vm| vm.wait_exit(SHUTDOWN_GRACE).is_some())
                 .unwrap_or(true)
         };
         // Drop stops the VM whatever happened.
@@ -573,7 +580,7 @@ fn spawn_stdin_pump(
 }
 
 impl Inner {
-    fn vm_guard(&self) -> MutexGuard<'_, Option<Vm>> {
+    fn vm_guard(&self) -> MutexGuard<'_, Option<Machine>> {
         // The guarded value stays consistent even if a holder panicked.
         self.vm.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -592,7 +599,7 @@ impl Inner {
         if grace.is_zero() {
             return vm.exit_reason().map(|r| r.to_string());
         }
-        vm.wait_exit(grace).ok().map(|r| r.to_string())
+        vm.wait_exit(grace)
     }
 
     /// The guest died during `op`: `what` was observed; adds the VM's exit reason and tail.
@@ -743,7 +750,7 @@ fn check_host(name: &str) -> Result<(), SandboxError> {
     }
 }
 
-fn vm_config(cfg: &ResolvedConfig) -> VmConfig {
+pub(crate) fn vm_config(cfg: &ResolvedConfig) -> VmConfig {
     let mut v = VmConfig::new(cfg.name.clone(), cfg.kernel.clone());
     // Validated against kiln_vmm::vm::MAX_VCPUS (a u8) in SandboxConfig::validate.
     v.vcpus = u8::try_from(cfg.vcpus).unwrap_or(u8::MAX);
@@ -830,15 +837,38 @@ fn connect_agent(
     vm_start: Duration,
     deadlines: Deadlines,
 ) -> Result<Sandbox, SandboxError> {
-    let Deadlines {
-        boot: boot_timeout,
-        request: request_timeout,
-        consumer: consumer_deadline,
-    } = deadlines;
+    let boot_timeout = deadlines.boot;
     let deadline = Instant::now() + boot_timeout;
     // On error `vm` is dropped, which stops it.
     let stream = accept_agent(&vm, &listener, &name, deadline, boot_timeout)?;
     drop(listener);
+    finish_agent(
+        Machine::Local(vm),
+        stream,
+        deadline,
+        name,
+        t0,
+        vm_start,
+        deadlines,
+    )
+}
+
+/// Handshakes with the agent on `stream` (within `deadline`) and wraps `vm` and the client in
+/// a [`Sandbox`] with its watchdog thread. On error the VM is stopped.
+fn finish_agent<S: AgentStream>(
+    vm: Machine,
+    stream: S,
+    deadline: Instant,
+    name: String,
+    t0: Instant,
+    vm_start: Duration,
+    deadlines: Deadlines,
+) -> Result<Sandbox, SandboxError> {
+    let Deadlines {
+        request: request_timeout,
+        consumer: consumer_deadline,
+        ..
+    } = deadlines;
     let (hello, reader, writer, conn) = match handshake(stream, deadline) {
         Ok(parts) => parts,
         Err(source) => {
@@ -851,6 +881,7 @@ fn connect_agent(
             });
         }
     };
+    let conn = conn.into();
     let client = Client::from_hello(
         hello.clone(),
         reader,
@@ -1003,17 +1034,17 @@ pub enum HandshakeError {
 
 /// Reads the agent's `Hello` (within the boot deadline) and checks its version; returns the
 /// handshake, the reader/writer halves for the client and a third handle for the watchdog.
-fn handshake(
-    stream: VsockStream,
+fn handshake<S: AgentStream>(
+    stream: S,
     deadline: Instant,
-) -> Result<(Hello, VsockStream, VsockStream, VsockStream), HandshakeError> {
+) -> Result<(Hello, S, S, S), HandshakeError> {
     let io_err = |what| move |source| HandshakeError::Io { what, source };
     let mut reader = stream;
     let remaining = deadline
         .saturating_duration_since(Instant::now())
         .max(Duration::from_millis(1));
     reader
-        .set_read_timeout(Some(remaining))
+        .set_read_deadline(Some(remaining))
         .map_err(io_err("setting the read timeout"))?;
     let hello = match kiln_proto::read_frame(&mut reader) {
         Ok(kiln_proto::Message::Hello(h)) => h,
@@ -1038,16 +1069,16 @@ fn handshake(
         });
     }
     reader
-        .set_read_timeout(None)
+        .set_read_deadline(None)
         .map_err(io_err("clearing the read timeout"))?;
     let mut writer = reader
-        .try_clone()
+        .clone_handle()
         .map_err(io_err("cloning the connection"))?;
     writer
-        .set_write_timeout(Some(WRITE_TIMEOUT))
+        .set_write_deadline(Some(WRITE_TIMEOUT))
         .map_err(io_err("setting the write timeout"))?;
     let conn = reader
-        .try_clone()
+        .clone_handle()
         .map_err(io_err("cloning the connection"))?;
     Ok((hello, reader, writer, conn))
 }

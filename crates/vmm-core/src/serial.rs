@@ -77,6 +77,19 @@ impl SerialRing {
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
+    /// The held bytes from absolute position `from` on (at most `max`, the oldest first) and
+    /// the position after them: a reader that streams the console elsewhere (the jailed VMM
+    /// process) calls it with the position it got last time. Bytes already dropped from the
+    /// ring are skipped.
+    pub fn since(&self, from: u64, max: usize) -> (Vec<u8>, u64) {
+        let oldest = self.total - self.buf.len() as u64;
+        let start = from.clamp(oldest, self.total);
+        let skip = (start - oldest) as usize;
+        let bytes: Vec<u8> = self.buf.iter().skip(skip).take(max).copied().collect();
+        let next = start + bytes.len() as u64;
+        (bytes, next)
+    }
+
     /// Searches for `needle` in the held bytes that start at or after absolute position
     /// `from` (minus the needle overlap). Returns `Ok(pos)` with the absolute position of the
     /// first match, or `Err(next_from)` to resume from next time.
@@ -183,6 +196,11 @@ impl Console {
     /// Total bytes the guest wrote.
     pub fn total(&self) -> u64 {
         self.lock().ring.total()
+    }
+
+    /// [`SerialRing::since`] on the console's ring.
+    pub fn since(&self, from: u64, max: usize) -> (Vec<u8>, u64) {
+        self.lock().ring.since(from, max)
     }
 
     /// Waits until `needle` appears in the output (anywhere since boot that is still held),
@@ -316,6 +334,18 @@ impl BusDevice for SerialDevice {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn since_streams_the_held_bytes_in_order() {
+        let mut r = SerialRing::new(4);
+        r.push(b"ab");
+        assert_eq!(r.since(0, 10), (b"ab".to_vec(), 2));
+        r.push(b"cdef");
+        // "ab" was dropped: the reader resumes at the oldest held byte.
+        assert_eq!(r.since(2, 1), (b"c".to_vec(), 3));
+        assert_eq!(r.since(3, 10), (b"def".to_vec(), 6));
+        assert_eq!(r.since(6, 10), (Vec::new(), 6));
+    }
 
     #[test]
     fn ring_keeps_only_the_newest_bytes() {

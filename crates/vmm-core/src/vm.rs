@@ -697,6 +697,12 @@ impl Vm {
         self.shared.console.tail(max_bytes)
     }
 
+    /// Serial output from absolute byte position `from` on (at most `max` bytes) and the
+    /// position to ask from next time (`serial::SerialRing::since`).
+    pub fn serial_since(&self, from: u64, max: usize) -> (Vec<u8>, u64) {
+        self.shared.console.since(from, max)
+    }
+
     /// Waits until `needle` shows up on the serial console. Errors if the VM exits first or
     /// `deadline` passes; the error quotes the serial tail.
     pub fn wait_for_serial(&self, needle: &str, deadline: Instant) -> Result<(), VmError> {

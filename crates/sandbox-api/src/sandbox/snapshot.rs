@@ -94,6 +94,9 @@ impl Sandbox {
         let Some(vm) = guard.as_ref() else {
             return Err(self.inner.died("snapshot", "the VM has stopped".into()));
         };
+        let Some(vm) = vm.local() else {
+            return Err(self.jailed_unsupported("snapshot"));
+        };
         let info = vm
             .snapshot(dir)
             .map_err(|e| snap_err(&self.inner.name, "snapshot", e))?;
@@ -115,6 +118,12 @@ impl Sandbox {
         let t0 = Instant::now();
         config.validate_for_restore()?;
         let name = config.name.clone().unwrap_or_else(restored_name);
+        if config.jail.is_some() {
+            return Err(SandboxError::NotSupportedJailed {
+                vm: name,
+                op: "restore",
+            });
+        }
         // Input first, then the host: a missing snapshot is reported as such on any host.
         check_snapshot_files(dir).map_err(|kind| SandboxError::Snapshot {
             vm: name.clone(),
@@ -158,6 +167,9 @@ impl Sandbox {
             let guard = self.inner.vm_guard();
             let Some(vm) = guard.as_ref() else {
                 return Err(self.inner.died("fork", "the VM has stopped".into()));
+            };
+            let Some(vm) = vm.local() else {
+                return Err(self.jailed_unsupported("fork"));
             };
             vm.fork_source()
                 .map_err(|e| snap_err(&self.inner.name, "forking the VM", e))?

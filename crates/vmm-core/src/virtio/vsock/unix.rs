@@ -156,8 +156,10 @@ fn serve_client(mut sock: UnixStream, host: &VsockHost, timeout: Duration) -> io
 }
 
 /// Copies both ways on two threads, each under the vsock-proxy seccomp filter from before its
-/// first guest byte (installed after the spawn, so the filter needs no `clone`).
-fn proxy(sock: UnixStream, stream: VsockStream, mode: SeccompMode) -> io::Result<()> {
+/// first guest byte (installed after the spawn, so the filter needs no `clone`). Public for the
+/// jailed VMM process (kiln-jail), which bridges guest connections to unix sockets handed to
+/// its parent; call it on a thread of its own (it installs the filter on the calling thread).
+pub fn proxy(sock: UnixStream, stream: VsockStream, mode: SeccompMode) -> io::Result<()> {
     let filter_err = |e: crate::seccomp::SeccompError| io::Error::other(e.to_string());
     let mut sock_r = sock.try_clone()?;
     let mut vs_w = stream.try_clone()?;
