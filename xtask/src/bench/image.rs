@@ -29,7 +29,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{
     format_row, metric_stats as stats, note, read_samples, samples_file, Format, PeerRatio, Stats,
@@ -79,7 +79,7 @@ struct GuestSamples {
 }
 
 /// Samples of `kiln-bench image-formats` (`FormatSamples`).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 struct FormatSamples {
     tree_bytes: u64,
     ext4_make_s: Vec<f64>,
@@ -89,7 +89,7 @@ struct FormatSamples {
 }
 
 /// Host-side timings (s).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 struct HostSamples {
     build_warm_s: Vec<f64>,
     build_warm_small_s: Vec<f64>,
@@ -128,22 +128,36 @@ pub fn run(format: Format, with_formats: bool) -> Result<()> {
     let work = util::target_dir().join("bench").join("image");
     fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     let seq = seq_image(&work)?;
-    let bundle = work.join("bundle");
-    extract_tree(&python, &bundle)?;
-
-    let mut host = HostSamples::default();
-    let r = host_side(
-        &kiln,
-        &python,
-        &bench,
-        &work,
-        &bundle,
-        with_formats,
-        &mut host,
-    );
-    // The tree and the bundle are ~300 MB; the images made from it stay for the boots.
-    let _ = fs::remove_dir_all(&bundle);
-    r?;
+    // `KILN_BENCH_IMAGE_PHASE=host` runs the host side only (no VM, no harness slot) and
+    // keeps its samples in `host.json`; `=guest` then runs the VM side and reports both.
+    let phase = std::env::var("KILN_BENCH_IMAGE_PHASE").unwrap_or_default();
+    let host_file = work.join("host.json");
+    let host: HostSamples = if phase == "guest" {
+        read_samples(&host_file)?
+    } else {
+        let bundle = work.join("bundle");
+        extract_tree(&python, &bundle)?;
+        let mut host = HostSamples::default();
+        let r = host_side(
+            &kiln,
+            &python,
+            &bench,
+            &work,
+            &bundle,
+            with_formats,
+            &mut host,
+        );
+        // The tree and the bundle are ~300 MB; the images made from it stay for the boots.
+        let _ = fs::remove_dir_all(&bundle);
+        r?;
+        fs::write(&host_file, serde_json::to_string(&host)?)?;
+        host
+    };
+    if phase == "host" {
+        eprintln!("{TAG}host side done: {}", host_file.display());
+        eprintln!("{host:?}");
+        return Ok(());
+    }
 
     let (boot_image, erofs) = if with_formats {
         (work.join("bench.ext4"), Some(work.join("bench.erofs")))
