@@ -87,9 +87,12 @@ pub fn run(format: Format) -> Result<()> {
     Ok(())
 }
 
+/// One compared metric: (proxy name, raw name, unit, proxy samples, raw samples).
+type Pair<'a> = (&'a str, &'a str, &'a str, &'a [f64], &'a [f64]);
+
 /// The rows: each proxy metric with its ratio to the raw vsock one (medians), then the raw.
 fn rows(s: &Samples, format: Format) -> Result<Vec<String>> {
-    let pairs: [(&str, &str, &str, &[f64], &[f64]); 3] = [
+    let pairs: [Pair; 3] = [
         (
             "egress.throughput_proxy",
             "egress.throughput_raw_vsock",
