@@ -78,6 +78,8 @@ pub struct SandboxEntry {
     pub started_at: SystemTime,
     /// Deadline.
     pub end_at: Mutex<SystemTime>,
+    /// SHA-256 hex of the API key that made it (the per-key quota counts it).
+    pub owner: String,
     /// The VM.
     pub guest: Arc<dyn Guest>,
     /// Running processes by pid.

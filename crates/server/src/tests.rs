@@ -1287,3 +1287,52 @@ async fn metrics_count_execs() {
     assert!(text.contains("kiln_serve_exec_seconds_count 1\n"), "{text}");
     assert!(text.contains("kiln_serve_boot_seconds_count 1\n"), "{text}");
 }
+
+#[tokio::test]
+async fn per_key_quota_counts_live_sandboxes_of_that_key() {
+    let launcher = Arc::new(FakeLauncher::default());
+    let cfg = ServerConfig {
+        max_sandboxes_per_key: Some(2),
+        ..ServerConfig::default()
+    };
+    let h = Harness {
+        state: AppState::new(cfg, launcher.clone()),
+        launcher,
+    };
+    let (a, _) = h.create(json!({})).await;
+    h.create(json!({})).await;
+    let r = h.api("POST", "/v2/sandboxes", json!({})).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.json()["code"], 429);
+    // a fork counts too
+    let r = h
+        .api(
+            "POST",
+            &format!("/kiln/v1/sandboxes/{a}/fork"),
+            json!({"count": 1}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    // another key has its own quota
+    let other = |uri: &str| {
+        Request::builder()
+            .method("POST")
+            .uri(uri.to_string())
+            .header("x-api-key", "other")
+            .body(Body::from("{}"))
+            .unwrap()
+    };
+    assert_eq!(
+        h.call(other("/v2/sandboxes")).await.status,
+        StatusCode::CREATED
+    );
+    // killing one frees a slot of the first key
+    assert_eq!(
+        h.api("DELETE", &format!("/sandboxes/{a}"), json!(null))
+            .await
+            .status,
+        StatusCode::NO_CONTENT
+    );
+    h.create(json!({})).await;
+    assert!(lock(h.state.kiln.quota_in_flight()).is_empty());
+}
