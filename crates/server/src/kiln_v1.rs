@@ -362,6 +362,8 @@ pub struct KilnState {
     pub pools: Pools,
     /// The metrics.
     pub metrics: Metrics,
+    /// Directory watchers of envd's filesystem service.
+    pub watchers: crate::watch::Watchers,
     snapshots: Mutex<HashMap<String, SnapshotRecord>>,
     /// Creates in flight per API-key hash (the per-key quota).
     quota: Mutex<HashMap<String, usize>>,
@@ -391,6 +393,7 @@ impl KilnState {
         Self {
             pools: Pools::from_templates(templates),
             metrics: Metrics::default(),
+            watchers: crate::watch::Watchers::default(),
             snapshots: Mutex::new(HashMap::new()),
             quota: Mutex::new(HashMap::new()),
             snapshot_root,

@@ -158,6 +158,7 @@ impl AppState {
         let e = lock(&self.sandboxes).remove(id);
         match e {
             Some(e) => {
+                self.kiln.watchers.forget_sandbox(id);
                 let guest = Arc::clone(&e.guest);
                 let _ = std::thread::Builder::new()
                     .name("kiln-serve-kill".into())

@@ -1336,3 +1336,104 @@ async fn per_key_quota_counts_live_sandboxes_of_that_key() {
     h.create(json!({})).await;
     assert!(lock(h.state.kiln.quota_in_flight()).is_empty());
 }
+
+#[tokio::test]
+async fn watch_dir_polls_create_write_remove() {
+    let h = Harness::new();
+    let (id, tok) = h.create(json!({})).await;
+    h.unary(
+        &id,
+        &tok,
+        "/filesystem.Filesystem/MakeDir",
+        json!({"path": "/w"}),
+    )
+    .await;
+    h.write(&id, &tok, "/w/a", "1").await;
+    let r = h
+        .unary(
+            &id,
+            &tok,
+            "/filesystem.Filesystem/CreateWatcher",
+            json!({"path": "/w"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.json());
+    let w = r.json()["watcherId"].as_str().unwrap().to_string();
+    h.write(&id, &tok, "/w/b", "new").await;
+    h.write(&id, &tok, "/w/a", "22").await;
+    let ev = h
+        .unary(
+            &id,
+            &tok,
+            "/filesystem.Filesystem/GetWatcherEvents",
+            json!({"watcherId": w}),
+        )
+        .await
+        .json();
+    assert_eq!(
+        ev["events"],
+        json!([{"name": "a", "type": "EVENT_TYPE_WRITE"}, {"name": "b", "type": "EVENT_TYPE_CREATE"}])
+    );
+    lock(&h.launcher.guests)[0].remove_all("/w/a").unwrap();
+    let ev = h
+        .unary(
+            &id,
+            &tok,
+            "/filesystem.Filesystem/GetWatcherEvents",
+            json!({"watcherId": w}),
+        )
+        .await
+        .json();
+    assert_eq!(
+        ev["events"],
+        json!([{"name": "a", "type": "EVENT_TYPE_REMOVE"}])
+    );
+    // another sandbox cannot read or remove it
+    let (id2, tok2) = h.create(json!({})).await;
+    let r = h
+        .unary(
+            &id2,
+            &tok2,
+            "/filesystem.Filesystem/GetWatcherEvents",
+            json!({"watcherId": w}),
+        )
+        .await;
+    assert_eq!(r.json()["code"], "not_found");
+    let r = h
+        .unary(
+            &id,
+            &tok,
+            "/filesystem.Filesystem/RemoveWatcher",
+            json!({"watcherId": w}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = h
+        .unary(
+            &id,
+            &tok,
+            "/filesystem.Filesystem/GetWatcherEvents",
+            json!({"watcherId": w}),
+        )
+        .await;
+    assert_eq!(r.json()["code"], "not_found");
+    // a file is no directory to watch; recursive is refused
+    let r = h
+        .unary(
+            &id,
+            &tok,
+            "/filesystem.Filesystem/CreateWatcher",
+            json!({"path": "/w/b"}),
+        )
+        .await;
+    assert_eq!(r.json()["code"], "invalid_argument");
+    let r = h
+        .unary(
+            &id,
+            &tok,
+            "/filesystem.Filesystem/CreateWatcher",
+            json!({"path": "/w", "recursive": true}),
+        )
+        .await;
+    assert_eq!(r.json()["code"], "unimplemented");
+}
