@@ -182,7 +182,10 @@ fn run_schemathesis(url: &str) {
             "--no-color",
         ])
         .env("SCHEMATHESIS_HOOKS", "")
-        .env("HOME", std::env::temp_dir());
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("HOME", std::env::temp_dir())
+        // Hypothesis keeps its example database in the working directory: a writable one.
+        .current_dir(std::env::temp_dir());
     let run = kiln_tests::run_collecting(&mut cmd, Duration::from_secs(120));
     println!("--- schemathesis ---\n{}\n{}", run.stdout, run.stderr);
     assert!(
