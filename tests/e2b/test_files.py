@@ -62,3 +62,21 @@ def test_exists_remove_rename_make_dir_get_info(sbx):
         sbx.files.read("/tmp/x/g.txt")
     with pytest.raises(NotFoundException):
         sbx.files.get_info("/tmp/x/g.txt")
+
+
+def test_watch_dir_reports_create_write_remove(sbx):
+    from e2b import FilesystemEventType
+
+    sbx.files.make_dir("/tmp/watched")
+    sbx.files.write("/tmp/watched/old.txt", "1")
+    h = sbx.files.watch_dir("/tmp/watched")
+    sbx.files.write("/tmp/watched/new.txt", "x")
+    sbx.files.write("/tmp/watched/old.txt", "longer")
+    got = {(e.name, e.type) for e in h.get_new_events()}
+    assert ("new.txt", FilesystemEventType.CREATE) in got
+    assert ("old.txt", FilesystemEventType.WRITE) in got
+    sbx.files.remove("/tmp/watched/new.txt")
+    got = {(e.name, e.type) for e in h.get_new_events()}
+    assert got == {("new.txt", FilesystemEventType.REMOVE)}
+    assert h.get_new_events() == []
+    h.stop()

@@ -31,7 +31,8 @@ def test_openapi_document_lists_the_routes():
         "/kiln/v1/images",
     ]:
         assert p in doc["paths"], p
-    assert api("GET", "/kiln/v1/pools", headers={}).status_code in (401,)
+    # the Kiln API needs the key; the document does not
+    assert httpx.get(URL + "/kiln/v1/pools").status_code == 401
 
 
 def test_fork_snapshot_restore_pools_images_metrics():

@@ -176,10 +176,16 @@ fn run_schemathesis(url: &str) {
             "X-API-KEY: kiln-test-key",
             "--seed",
             "1",
+            // Resizing a pool boots real VMs (unit-tested over the fake backend instead).
+            "--exclude-path",
+            "/kiln/v1/pools/{template}",
             "--no-color",
         ])
         .env("SCHEMATHESIS_HOOKS", "")
-        .env("HOME", std::env::temp_dir());
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("HOME", std::env::temp_dir())
+        // Hypothesis keeps its example database in the working directory: a writable one.
+        .current_dir(std::env::temp_dir());
     let run = kiln_tests::run_collecting(&mut cmd, Duration::from_secs(120));
     println!("--- schemathesis ---\n{}\n{}", run.stdout, run.stderr);
     assert!(
@@ -257,4 +263,45 @@ fn serve_e2b_lifecycle() {
 #[test]
 fn serve_e2b_kiln_api() {
     pytest_after("test_kiln_api.py", run_schemathesis);
+}
+
+/// The JS check: the `e2b` npm SDK (installed by `cargo xtask test` into
+/// `<assets>/npm-e2b`, xtask/src/e2b.rs) creates, runs, writes, reads and kills
+/// (tests/e2b/js_check.cjs) against a fresh `kiln serve`.
+#[test]
+fn serve_e2b_js() {
+    kiln_tests::require_tier4();
+    let modules = kiln::assets::assets_dir()
+        .map(|d| d.join("npm-e2b/node_modules"))
+        .unwrap_or_default();
+    assert!(
+        modules.join("e2b/package.json").is_file(),
+        "no e2b npm package under {} (`cargo xtask test` installs it: xtask/src/e2b.rs)",
+        modules.display()
+    );
+    let server = Server::start();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("e2b/js_check.cjs");
+    let mut cmd = Command::new("node");
+    cmd.arg(&script)
+        .env("NODE_PATH", &modules)
+        .env("E2B_API_URL", &server.url)
+        .env("E2B_SANDBOX_URL", &server.url)
+        .env("E2B_API_KEY", "kiln-test-key")
+        .env_remove("E2B_DEBUG")
+        .env_remove("E2B_DOMAIN");
+    let run = kiln_tests::run_collecting(&mut cmd, Duration::from_secs(200));
+    let (server_status, server_log) = server.stop();
+    println!("{}", run.stdout);
+    eprintln!("{}\n--- kiln serve log ---\n{server_log}", run.stderr);
+    assert!(
+        run.status.is_some_and(|s| s.success()) && run.stdout.contains("js check ok"),
+        "the e2b JS check failed (status {:?}):\n{}\n{}",
+        run.status,
+        run.stdout,
+        run.stderr
+    );
+    assert!(
+        server_status.is_some_and(|s| s.success()),
+        "kiln serve did not exit cleanly on SIGTERM: {server_status:?}"
+    );
 }

@@ -45,3 +45,32 @@ pub fn ensure_schemathesis() -> Result<PathBuf> {
             .is_ok_and(|o| o.status.success())
     })
 }
+
+/// The `e2b` npm package of the JS check (tests/e2b/js_check.cjs).
+const E2B_NPM: &str = "e2b@2.51.0";
+
+/// Installs the `e2b` npm package into `<assets>/npm-e2b/node_modules` (once), with the
+/// system's `npm`. Returns that directory.
+pub fn ensure_npm() -> Result<PathBuf> {
+    let dir = util::assets_dir()?.join("npm-e2b");
+    std::fs::create_dir_all(&dir)?;
+    let _lock = util::lock_file(&dir.join(".lock"))?;
+    let want = E2B_NPM.trim_start_matches("e2b@");
+    let installed = std::fs::read_to_string(dir.join("node_modules/e2b/package.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .is_some_and(|v| v["version"] == want);
+    if !installed {
+        eprintln!(
+            "e2b-js: installing {E2B_NPM} from npm into {}",
+            dir.display()
+        );
+        std::fs::write(dir.join("package.json"), "{\"private\": true}\n")?;
+        util::run(
+            Command::new("npm")
+                .args(["install", "--no-audit", "--no-fund", "--silent", E2B_NPM])
+                .current_dir(&dir),
+        )?;
+    }
+    Ok(dir)
+}

@@ -450,6 +450,8 @@ fn build_tier4() -> Result<Tier4Build> {
     crate::e2b::ensure().context("installing the e2b SDK venv")?;
     // ... and schemathesis (the /kiln/v1 OpenAPI check) from this one.
     crate::e2b::ensure_schemathesis().context("installing the schemathesis venv")?;
+    // ... and the JS check with the `e2b` npm package from here.
+    crate::e2b::ensure_npm().context("installing the e2b npm package")?;
     eprintln!("building the {TIER4_PACKAGE} test executables");
     let out = cargo()
         .args([

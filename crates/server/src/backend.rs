@@ -110,7 +110,8 @@ pub type Signaller = Box<dyn Fn(i32) -> Result<(), Fail> + Send + Sync>;
 pub trait Process: Send {
     /// The next event (`Started` first, `Exit` last); `Ok(None)` after the exit.
     fn next_event(&mut self) -> Result<Option<ExecEvent>, Fail>;
-    /// A signaller (after `Started`); `None` when the process could not start.
+    /// A signaller (after `Started`); `None` when the process could not start. Must not wait
+    /// for events beyond `Started` (it is asked right after that event).
     fn signaller(&mut self) -> Result<Option<Signaller>, Fail>;
 }
 
@@ -325,6 +326,8 @@ fn kiln_sync_read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 
 struct KilnProcess {
     stream: kiln::ExecStream,
+    /// Taken when the stream starts (see [`KilnGuest::start`]).
+    signaller: Option<kiln::ExecSignaller>,
 }
 
 impl Process for KilnProcess {
@@ -333,7 +336,7 @@ impl Process for KilnProcess {
     }
 
     fn signaller(&mut self) -> Result<Option<Signaller>, Fail> {
-        let s = self.stream.signaller().map_err(Fail::from)?;
+        let s = self.signaller.take();
         Ok(s.map(|s| Box::new(move |sig: i32| s.signal(sig).map_err(Fail::from)) as Signaller))
     }
 }
@@ -369,8 +372,13 @@ impl Guest for KilnGuest {
         if let Some(r) = stdin {
             opts.stdin = kiln::StdinSource::Reader(r);
         }
-        let stream = self.with(|sb| sb.stream_exec_with_options(&spec.argv, opts))?;
-        Ok(Box::new(KilnProcess { stream }))
+        let mut stream = self.with(|sb| sb.stream_exec_with_options(&spec.argv, opts))?;
+        // The signaller now, before any event is read: `ExecStream::signaller` waits for the
+        // `Started` event still queued in the stream. Asked after `next_event` has taken
+        // that event it would wait for another one until the process exits: a background
+        // command then never reported its start (the SDK's `run(background=True)` hung).
+        let signaller = stream.signaller().map_err(Fail::from)?;
+        Ok(Box::new(KilnProcess { stream, signaller }))
     }
 
     fn stat(&self, path: &str) -> Result<Stat, Fail> {

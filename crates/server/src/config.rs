@@ -110,6 +110,9 @@ pub struct ServerConfig {
     pub max_upload_bytes: usize,
     /// SHA-256 hex digests of the accepted API keys; empty = any non-empty key.
     pub api_key_sha256: Vec<String>,
+    /// Most live sandboxes one API key may own (create, restore and fork count); `None` = only
+    /// `max_sandboxes` applies.
+    pub max_sandboxes_per_key: Option<usize>,
     /// Where `/kiln/v1` snapshots are kept (`None` = a temporary directory removed at exit).
     pub snapshot_dir: Option<PathBuf>,
 }
@@ -127,6 +130,7 @@ impl Default for ServerConfig {
             max_upload_bytes: 512 * 1024 * 1024,
             api_key_sha256: Vec::new(),
             snapshot_dir: None,
+            max_sandboxes_per_key: None,
         }
     }
 }

@@ -51,12 +51,17 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Checks `X-API-KEY`.
-pub fn check_api_key(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let key = headers
+/// The request's `X-API-KEY` ("" when none).
+pub fn api_key(headers: &HeaderMap) -> &str {
+    headers
         .get("x-api-key")
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+        .unwrap_or("")
+}
+
+/// Checks `X-API-KEY`.
+pub fn check_api_key(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let key = api_key(headers);
     if state.config.api_key_ok(key) {
         Ok(())
     } else {
@@ -175,6 +180,8 @@ pub async fn create(
         *creating += 1;
     }
     let slot = Slot(&state.creating);
+    let owner = crate::config::sha256_hex(api_key(&headers).as_bytes());
+    let _quota = crate::kiln_v1::reserve_quota(&state, &owner, 1)?;
     let id = format!("kiln{}", random_hex(8));
     let launcher = Arc::clone(&state.launcher);
     let (name, t) = (id.clone(), template.clone());
@@ -207,6 +214,7 @@ pub async fn create(
         metadata: req.metadata.unwrap_or_default(),
         env_vars: req.env_vars.unwrap_or_default(),
         access_token: random_hex(16),
+        owner,
         started_at: SystemTime::now(),
         end_at: Mutex::new(SystemTime::now() + Duration::from_secs(timeout)),
         guest,

@@ -751,12 +751,64 @@ pub async fn filesystem_rpc(
         "MakeDir" => fs_mkdir(guest, &req, &home).await,
         "Move" => fs_move(guest, &req, &home).await,
         "Remove" => fs_remove(guest, &req, &home).await,
+        "CreateWatcher" => fs_create_watcher(&state, &entry, &req, &home).await,
+        "GetWatcherEvents" => fs_watcher_events(&state, &entry, &req).await,
+        "RemoveWatcher" => watcher_id(&req).and_then(|w| {
+            state
+                .kiln
+                .watchers
+                .remove(&entry.id, &w)
+                .map(|()| json!({}))
+                .map_err(|f| rpc_error(&f))
+        }),
         other => Err(RpcError::new(
             Code::Unimplemented,
             format!("filesystem.Filesystem/{other} is not implemented"),
         )),
     };
     unary(r)
+}
+
+fn watcher_id(req: &Value) -> Result<String, RpcError> {
+    req.get("watcherId")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(|| bad("watcherId is required"))
+}
+
+/// `CreateWatcher`: a polling watcher (crate::watch) of a directory.
+async fn fs_create_watcher(
+    state: &Arc<AppState>,
+    entry: &Arc<SandboxEntry>,
+    req: &Value,
+    home: &str,
+) -> Result<Value, RpcError> {
+    if req.get("recursive").and_then(Value::as_bool) == Some(true) {
+        return Err(RpcError::new(
+            Code::Unimplemented,
+            "recursive watching is not supported by kiln serve",
+        ));
+    }
+    let path = resolve_rpc_path(req, "path", home)?;
+    let (s, e) = (Arc::clone(state), Arc::clone(entry));
+    let id = blocking(move || s.kiln.watchers.create(&e.id, e.guest.as_ref(), &path))
+        .await
+        .map_err(|f| rpc_error(&f))?;
+    Ok(json!({ "watcherId": id }))
+}
+
+/// `GetWatcherEvents`: the changes since the last call.
+async fn fs_watcher_events(
+    state: &Arc<AppState>,
+    entry: &Arc<SandboxEntry>,
+    req: &Value,
+) -> Result<Value, RpcError> {
+    let w = watcher_id(req)?;
+    let (s, e) = (Arc::clone(state), Arc::clone(entry));
+    let events = blocking(move || s.kiln.watchers.events(&e.id, e.guest.as_ref(), &w))
+        .await
+        .map_err(|f| rpc_error(&f))?;
+    Ok(json!({ "events": events }))
 }
 
 fn resolve_rpc_path(req: &Value, key: &str, home: &str) -> Result<String, RpcError> {

@@ -216,7 +216,12 @@ pub struct Pool {
     ready: Mutex<Vec<Arc<dyn Guest>>>,
     hits: AtomicU64,
     misses: AtomicU64,
+    /// After a failed warm boot, no new one before this.
+    retry_at: Mutex<Option<Instant>>,
 }
+
+/// The pause after a failed warm boot before the pool tries again.
+const POOL_RETRY: Duration = Duration::from_secs(10);
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -294,6 +299,9 @@ impl Pools {
             for g in excess {
                 std::thread::spawn(move || g.kill());
             }
+            if lock(&p.retry_at).is_some_and(|t| Instant::now() < t) {
+                continue;
+            }
             let have = lock(&p.ready).len() + p.booting.load(Ordering::Relaxed);
             for _ in have..size {
                 p.booting.fetch_add(1, Ordering::Relaxed);
@@ -312,6 +320,7 @@ impl Pools {
                                 lock(&p.ready).push(g);
                             }
                             Err(e) => {
+                                *lock(&p.retry_at) = Some(Instant::now() + POOL_RETRY);
                                 Metrics::inc(&state.kiln.metrics.create_failures);
                                 tracing::warn!(error = %e, "warming a pool sandbox failed");
                             }
@@ -353,7 +362,11 @@ pub struct KilnState {
     pub pools: Pools,
     /// The metrics.
     pub metrics: Metrics,
+    /// Directory watchers of envd's filesystem service.
+    pub watchers: crate::watch::Watchers,
     snapshots: Mutex<HashMap<String, SnapshotRecord>>,
+    /// Creates in flight per API-key hash (the per-key quota).
+    quota: Mutex<HashMap<String, usize>>,
     snapshot_root: PathBuf,
     /// Whether `snapshot_root` is the server's own temporary directory (removed at exit).
     snapshot_root_owned: bool,
@@ -380,10 +393,17 @@ impl KilnState {
         Self {
             pools: Pools::from_templates(templates),
             metrics: Metrics::default(),
+            watchers: crate::watch::Watchers::default(),
             snapshots: Mutex::new(HashMap::new()),
+            quota: Mutex::new(HashMap::new()),
             snapshot_root,
             snapshot_root_owned,
         }
+    }
+
+    /// Creates in flight per key (tests).
+    pub fn quota_in_flight(&self) -> &Mutex<HashMap<String, usize>> {
+        &self.quota
     }
 
     /// Stops pooled guests and removes the server's own snapshot directory.
@@ -469,9 +489,56 @@ impl Drop for Reserved<'_> {
     }
 }
 
+/// Reserves `n` sandboxes of the key with hash `owner` against `max_sandboxes_per_key`
+/// (its live sandboxes plus its creates in flight); 429 beyond it.
+pub fn reserve_quota<'a>(
+    state: &'a AppState,
+    owner: &str,
+    n: usize,
+) -> Result<QuotaSlot<'a>, ApiError> {
+    let Some(max) = state.config.max_sandboxes_per_key else {
+        return Ok(QuotaSlot(&state.kiln.quota, String::new(), 0));
+    };
+    let live = lock(&state.sandboxes)
+        .values()
+        .filter(|e| e.owner == owner)
+        .count();
+    let mut flight = lock(&state.kiln.quota);
+    let pending = flight.entry(owner.to_string()).or_default();
+    if live + *pending + n > max {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("this API key may run at most {max} sandboxes"),
+        ));
+    }
+    *pending += n;
+    Ok(QuotaSlot(&state.kiln.quota, owner.to_string(), n))
+}
+
+/// A key's creates in flight; released on drop.
+#[derive(Debug)]
+pub struct QuotaSlot<'a>(&'a Mutex<HashMap<String, usize>>, String, usize);
+
+impl Drop for QuotaSlot<'_> {
+    fn drop(&mut self) {
+        if self.2 == 0 {
+            return;
+        }
+        let mut m = lock(self.0);
+        if let Some(v) = m.get_mut(&self.1) {
+            *v = v.saturating_sub(self.2);
+            if *v == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
+
 /// Registers a new live sandbox.
+#[allow(clippy::too_many_arguments)]
 fn register(
     state: &AppState,
+    owner: &str,
     template_id: &str,
     template: &TemplateConfig,
     metadata: BTreeMap<String, String>,
@@ -490,6 +557,7 @@ fn register(
         metadata,
         env_vars,
         access_token: random_hex(16),
+        owner: owner.to_string(),
         started_at: SystemTime::now(),
         end_at: Mutex::new(SystemTime::now() + Duration::from_secs(secs)),
         guest,
@@ -630,6 +698,8 @@ pub async fn restore(
             )
         })?;
     let slot = reserve(&state, 1)?;
+    let owner = crate::config::sha256_hex(crate::control::api_key(&headers).as_bytes());
+    let quota = reserve_quota(&state, &owner, 1)?;
     let launcher = Arc::clone(&state.launcher);
     let (dir, t) = (rec.dir.clone(), rec.template.clone());
     let name = format!("restore-{}", random_hex(4));
@@ -640,6 +710,7 @@ pub async fn restore(
     state.kiln.metrics.restore.observe(t0.elapsed());
     let entry = register(
         &state,
+        &owner,
         &rec.json.template_id,
         &rec.template,
         req.metadata.unwrap_or(rec.metadata),
@@ -647,7 +718,7 @@ pub async fn restore(
         req.timeout,
         guest,
     );
-    drop(slot);
+    drop((slot, quota));
     tracing::info!(sandbox = %entry.id, snapshot = %id, ms = t0.elapsed().as_millis() as u64, "sandbox restored");
     Ok(ok(StatusCode::CREATED, &SandboxRef::of(&entry)))
 }
@@ -682,6 +753,8 @@ pub async fn fork(
     }
     let parent = live(&state, &id)?;
     let slot = reserve(&state, req.count as usize)?;
+    let owner = crate::config::sha256_hex(crate::control::api_key(&headers).as_bytes());
+    let quota = reserve_quota(&state, &owner, req.count as usize)?;
     let guest = Arc::clone(&parent.guest);
     let n = req.count as usize;
     let t0 = Instant::now();
@@ -694,6 +767,7 @@ pub async fn fork(
         state.kiln.metrics.restore.observe(per);
         let e = register(
             &state,
+            &owner,
             &parent.template_id,
             &parent.template,
             parent.metadata.clone(),
@@ -703,7 +777,7 @@ pub async fn fork(
         );
         out.push(SandboxRef::of(&e));
     }
-    drop(slot);
+    drop((slot, quota));
     tracing::info!(sandbox = %id, children = out.len(), ms = t0.elapsed().as_millis() as u64, "sandbox forked");
     Ok(ok(StatusCode::CREATED, &ForkResult { sandboxes: out }))
 }

@@ -14,6 +14,7 @@ pub mod envd;
 pub mod kiln_v1;
 pub mod metrics;
 pub mod state;
+pub mod watch;
 
 use std::sync::Arc;
 use std::time::Duration;

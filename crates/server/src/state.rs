@@ -78,6 +78,8 @@ pub struct SandboxEntry {
     pub started_at: SystemTime,
     /// Deadline.
     pub end_at: Mutex<SystemTime>,
+    /// SHA-256 hex of the API key that made it (the per-key quota counts it).
+    pub owner: String,
     /// The VM.
     pub guest: Arc<dyn Guest>,
     /// Running processes by pid.
@@ -156,6 +158,7 @@ impl AppState {
         let e = lock(&self.sandboxes).remove(id);
         match e {
             Some(e) => {
+                self.kiln.watchers.forget_sandbox(id);
                 let guest = Arc::clone(&e.guest);
                 let _ = std::thread::Builder::new()
                     .name("kiln-serve-kill".into())

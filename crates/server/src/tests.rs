@@ -1287,3 +1287,153 @@ async fn metrics_count_execs() {
     assert!(text.contains("kiln_serve_exec_seconds_count 1\n"), "{text}");
     assert!(text.contains("kiln_serve_boot_seconds_count 1\n"), "{text}");
 }
+
+#[tokio::test]
+async fn per_key_quota_counts_live_sandboxes_of_that_key() {
+    let launcher = Arc::new(FakeLauncher::default());
+    let cfg = ServerConfig {
+        max_sandboxes_per_key: Some(2),
+        ..ServerConfig::default()
+    };
+    let h = Harness {
+        state: AppState::new(cfg, launcher.clone()),
+        launcher,
+    };
+    let (a, _) = h.create(json!({})).await;
+    h.create(json!({})).await;
+    let r = h.api("POST", "/v2/sandboxes", json!({})).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.json()["code"], 429);
+    // a fork counts too
+    let r = h
+        .api(
+            "POST",
+            &format!("/kiln/v1/sandboxes/{a}/fork"),
+            json!({"count": 1}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    // another key has its own quota
+    let other = |uri: &str| {
+        Request::builder()
+            .method("POST")
+            .uri(uri.to_string())
+            .header("x-api-key", "other")
+            .body(Body::from("{}"))
+            .unwrap()
+    };
+    assert_eq!(
+        h.call(other("/v2/sandboxes")).await.status,
+        StatusCode::CREATED
+    );
+    // killing one frees a slot of the first key
+    assert_eq!(
+        h.api("DELETE", &format!("/sandboxes/{a}"), json!(null))
+            .await
+            .status,
+        StatusCode::NO_CONTENT
+    );
+    h.create(json!({})).await;
+    assert!(lock(h.state.kiln.quota_in_flight()).is_empty());
+}
+
+#[tokio::test]
+async fn watch_dir_polls_create_write_remove() {
+    let h = Harness::new();
+    let (id, tok) = h.create(json!({})).await;
+    h.unary(
+        &id,
+        &tok,
+        "/filesystem.Filesystem/MakeDir",
+        json!({"path": "/w"}),
+    )
+    .await;
+    h.write(&id, &tok, "/w/a", "1").await;
+    let r = h
+        .unary(
+            &id,
+            &tok,
+            "/filesystem.Filesystem/CreateWatcher",
+            json!({"path": "/w"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.json());
+    let w = r.json()["watcherId"].as_str().unwrap().to_string();
+    h.write(&id, &tok, "/w/b", "new").await;
+    h.write(&id, &tok, "/w/a", "22").await;
+    let ev = h
+        .unary(
+            &id,
+            &tok,
+            "/filesystem.Filesystem/GetWatcherEvents",
+            json!({"watcherId": w}),
+        )
+        .await
+        .json();
+    assert_eq!(
+        ev["events"],
+        json!([{"name": "a", "type": "EVENT_TYPE_WRITE"}, {"name": "b", "type": "EVENT_TYPE_CREATE"}])
+    );
+    lock(&h.launcher.guests)[0].remove_all("/w/a").unwrap();
+    let ev = h
+        .unary(
+            &id,
+            &tok,
+            "/filesystem.Filesystem/GetWatcherEvents",
+            json!({"watcherId": w}),
+        )
+        .await
+        .json();
+    assert_eq!(
+        ev["events"],
+        json!([{"name": "a", "type": "EVENT_TYPE_REMOVE"}])
+    );
+    // another sandbox cannot read or remove it
+    let (id2, tok2) = h.create(json!({})).await;
+    let r = h
+        .unary(
+            &id2,
+            &tok2,
+            "/filesystem.Filesystem/GetWatcherEvents",
+            json!({"watcherId": w}),
+        )
+        .await;
+    assert_eq!(r.json()["code"], "not_found");
+    let r = h
+        .unary(
+            &id,
+            &tok,
+            "/filesystem.Filesystem/RemoveWatcher",
+            json!({"watcherId": w}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = h
+        .unary(
+            &id,
+            &tok,
+            "/filesystem.Filesystem/GetWatcherEvents",
+            json!({"watcherId": w}),
+        )
+        .await;
+    assert_eq!(r.json()["code"], "not_found");
+    // a file is no directory to watch; recursive is refused
+    let r = h
+        .unary(
+            &id,
+            &tok,
+            "/filesystem.Filesystem/CreateWatcher",
+            json!({"path": "/w/b"}),
+        )
+        .await;
+    assert_eq!(r.json()["code"], "invalid_argument");
+    let r = h
+        .unary(
+            &id,
+            &tok,
+            "/filesystem.Filesystem/CreateWatcher",
+            json!({"path": "/w", "recursive": true}),
+        )
+        .await;
+    assert_eq!(r.json()["code"], "unimplemented");
+}
