@@ -430,6 +430,7 @@ fn build_tier4() -> Result<Tier4Build> {
     crate::python::ensure().context("building the kiln Python package")?;
     // tests/tests/serve_e2b.rs runs the e2b SDK from this venv.
     crate::e2b::ensure().context("installing the e2b SDK venv")?;
+    crate::mcp::ensure().context("installing the mcp client venv")?; // tests/tests/mcp.rs
     eprintln!("building the {TIER4_PACKAGE} test executables");
     let out = cargo()
         .args([
