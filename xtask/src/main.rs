@@ -8,6 +8,7 @@ mod e2b;
 mod fuzz;
 mod harness;
 mod kernel;
+mod mcp;
 mod python;
 mod run;
 mod soak;

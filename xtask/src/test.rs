@@ -452,6 +452,7 @@ fn build_tier4() -> Result<Tier4Build> {
     crate::e2b::ensure_schemathesis().context("installing the schemathesis venv")?;
     // ... and the JS check with the `e2b` npm package from here.
     crate::e2b::ensure_npm().context("installing the e2b npm package")?;
+    crate::mcp::ensure().context("installing the mcp client venv")?; // tests/tests/mcp.rs
     eprintln!("building the {TIER4_PACKAGE} test executables");
     let out = cargo()
         .args([

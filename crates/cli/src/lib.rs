@@ -2,7 +2,7 @@
 //! This file parses the command line and dispatches; each user-facing subcommand lives in its
 //! own module: [`run`] (`kiln run`), [`doctor`] (`kiln doctor`), [`snapshot`] (`kiln snapshot`,
 //! `kiln restore`, `kiln fork`), [`image`] (`kiln image build|ls|rm|pull|import|verify`, the
-//! `kiln-image` store), [`serve`] (`kiln serve`, crates/server). Shared pieces: [`args`] (argument parsers and the
+//! `kiln-image` store), [`serve`] (`kiln serve`, crates/server), [`mcp`] (`kiln mcp`, crates/mcp). Shared pieces: [`args`] (argument parsers and the
 //! [`args::MachineArgs`] every command that boots a guest takes), [`exit`] (the exit codes),
 //! [`signals`] (forwarding Ctrl-C to the guest command), [`logging`] (the tracing subscriber:
 //! `RUST_LOG`, `-v`).
@@ -15,6 +15,7 @@ pub mod doctor;
 pub mod exit;
 pub mod image;
 pub mod logging;
+pub mod mcp;
 pub mod run;
 pub mod serve;
 pub mod signals;
@@ -58,6 +59,8 @@ pub enum Command {
     Image(image::ImageArgs),
     /// Serve sandboxes over HTTP to the unmodified e2b SDKs (E2B control plane + envd API).
     Serve(serve::ServeArgs),
+    /// Serve sandboxes as Model Context Protocol tools (stdio, or streamable HTTP with --http).
+    Mcp(mcp::McpArgs),
 }
 
 /// Parses the command line and runs the subcommand; returns the process exit code.
@@ -72,6 +75,7 @@ pub fn main() -> i32 {
         Command::Fork(args) => snapshot::fork(args),
         Command::Image(args) => image::image(args),
         Command::Serve(args) => serve::serve(args),
+        Command::Mcp(args) => mcp::mcp(args),
     }
 }
 

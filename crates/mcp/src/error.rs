@@ -49,9 +49,9 @@ pub enum ToolError {
     Sandbox {
         /// The sandbox's MCP id.
         id: String,
-        /// The library's error.
+        /// The library's error (boxed: it is large).
         #[source]
-        source: SandboxError,
+        source: Box<SandboxError>,
     },
     /// A blocking task of the server failed (panicked or was cancelled).
     #[error("internal error: {0}")]
@@ -120,12 +120,12 @@ mod tests {
     fn the_serial_tail_stays_out_of_client_messages() {
         let e = ToolError::Sandbox {
             id: "sb-1".into(),
-            source: SandboxError::GuestDied {
+            source: Box::new(SandboxError::GuestDied {
                 vm: "kiln-mcp-1".into(),
                 op: "exec",
                 reason: "agent closed the connection".into(),
                 serial_tail: "boot noise".into(),
-            },
+            }),
         };
         let full = e.to_string();
         let m = e.client_message();

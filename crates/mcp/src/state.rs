@@ -88,7 +88,7 @@ impl Entry {
         match g.as_ref() {
             Some(sb) => f(sb).map_err(|source| ToolError::Sandbox {
                 id: self.id.clone(),
-                source,
+                source: Box::new(source),
             }),
             None => Err(ToolError::UnknownSandbox {
                 id: self.id.clone(),
@@ -222,7 +222,7 @@ impl Sandboxes {
         let sb = Sandbox::create(self.sandbox_config(slot.n, spec)).map_err(|source| {
             ToolError::Sandbox {
                 id: id.clone(),
-                source,
+                source: Box::new(source),
             }
         })?;
         let entry = Arc::new(Entry {

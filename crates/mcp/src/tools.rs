@@ -481,7 +481,7 @@ fn run_job(entry: &Entry, job: Job) -> Result<ExecOutput, ToolError> {
     let status = loop {
         let ev = stream.next_event().map_err(|source| ToolError::Sandbox {
             id: entry.id.clone(),
-            source,
+            source: Box::new(source),
         })?;
         match ev {
             Some(ExecEvent::Started { .. }) => {}
