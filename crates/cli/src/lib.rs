@@ -137,6 +137,20 @@ mod tests {
     }
 
     #[test]
+    fn run_jailed_is_opt_in() {
+        let cli = Cli::try_parse_from(["kiln", "run", "--jailed", "--", "true"]).unwrap();
+        let Command::Run(a) = cli.command else {
+            panic!("not run")
+        };
+        assert!(a.jailed);
+        let cli = Cli::try_parse_from(["kiln", "run", "--", "true"]).unwrap();
+        let Command::Run(a) = cli.command else {
+            panic!("not run")
+        };
+        assert!(!a.jailed);
+    }
+
+    #[test]
     fn run_without_double_dash_keeps_command_flags() {
         let cli = Cli::try_parse_from(["kiln", "run", "--json", "ls", "-l", "/"]).unwrap();
         let Command::Run(a) = cli.command else {

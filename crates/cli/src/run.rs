@@ -70,6 +70,11 @@ pub struct RunArgs {
     /// Network egress through the host proxy (docs/EGRESS.md).
     #[command(flatten)]
     pub egress: Box<super::EgressArgs>,
+    /// Run the VM in its own jailed process (`kiln-vm`, installed next to `kiln` or named by
+    /// $KILN_VM_BIN): new namespaces, a root holding only the VM's files, a cgroup, rlimits,
+    /// uid/gid 65534 and no capabilities (docs/SECURITY.md). Needs root.
+    #[arg(long)]
+    pub jailed: bool,
     /// The command and its arguments (after `--`).
     #[arg(
         trailing_var_arg = true,
@@ -163,6 +168,7 @@ pub fn run(args: RunArgs) -> i32 {
     );
     config.name = args.name;
     config.quiet_kernel = !args.kernel_log;
+    let config = config.jailed(args.jailed);
     let config_memory_mib = config.memory_mib;
     // Flags first (no work), then the image (may pull).
     let config = match args.egress.apply(config, &|var| std::env::var(var).ok()) {

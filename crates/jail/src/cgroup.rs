@@ -1,9 +1,12 @@
 //! The parent side of the VMM process's cgroup v2: `<cgroup2 mount>/kiln/<vm>-<pid>/` with
 //! `memory.max`, `pids.max`, `cpu.max` from [`CgroupLimits`], the child moved into it before
 //! it starts the VM; removed when the jailed VM is dropped. When cgroup v2 is not mounted or
-//! not writable, or a controller a limit needs is not enabled there, the jail runs without
-//! (that limit) and says so in [`Created::warnings`] (and a log line) — unless the
-//! configuration requires the cgroup.
+//! not writable, or a controller a limit needs is not enabled there, the limit goes to that
+//! controller's cgroup v1 hierarchy when the host mounts one (a hybrid layout:
+//! `<v1 mount>/kiln/<vm>-<pid>/` with `memory.limit_in_bytes`, `pids.max`,
+//! `cpu.cfs_quota_us`/`cpu.cfs_period_us`, the child moved into it too); otherwise the jail
+//! runs without that limit and says so in [`Created::warnings`] (and a log line) — unless the
+//! configuration requires the cgroup. [`Created::applied`] lists every limit file written.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -50,20 +53,122 @@ pub struct Created {
     pub rel: String,
     /// Limits that could not be applied, and why.
     pub warnings: Vec<String>,
+    /// Every limit file written: (file, value), in the v2 cgroup or a v1 fallback.
+    pub applied: Vec<(PathBuf, String)>,
+    /// cgroup v1 directories made for limits v2 could not enforce (removed on drop).
+    pub v1_dirs: Vec<PathBuf>,
+}
+
+fn remove_retrying(path: &Path) {
+    // The kernel refuses while the last task is still exiting: retry briefly.
+    for _ in 0..50 {
+        match std::fs::remove_dir(path) {
+            Ok(()) => return,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    tracing::warn!(path = %path.display(), "could not remove the jail's cgroup");
 }
 
 impl Drop for Created {
     fn drop(&mut self) {
-        // The kernel refuses while the last task is still exiting: retry briefly.
-        for _ in 0..50 {
-            match std::fs::remove_dir(&self.path) {
-                Ok(()) => return,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return,
-                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        remove_retrying(&self.path);
+        for d in &self.v1_dirs {
+            remove_retrying(d);
+        }
+    }
+}
+
+/// The mount point of the cgroup v1 hierarchy that has `controller`, from /proc/self/mountinfo.
+pub fn cgroup1_mount(controller: &str) -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        let mut post = post.split_whitespace();
+        if post.next()? != "cgroup" {
+            return None;
+        }
+        let opts = post.nth(1)?;
+        if !opts.split(',').any(|o| o == controller) {
+            return None;
+        }
+        pre.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}
+
+/// The cgroup v1 files (and values, in write order) that carry one v2 limit.
+fn v1_files(v2_file: &str, value: &str) -> Option<(&'static str, Vec<(&'static str, String)>)> {
+    match v2_file {
+        "memory.max" => Some(("memory", vec![("memory.limit_in_bytes", value.to_owned())])),
+        "pids.max" => Some(("pids", vec![("pids.max", value.to_owned())])),
+        "cpu.max" => {
+            let (quota, period) = value.split_once(' ')?;
+            Some((
+                "cpu",
+                vec![
+                    ("cpu.cfs_period_us", period.to_owned()),
+                    ("cpu.cfs_quota_us", quota.to_owned()),
+                ],
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// Applies one limit v2 cannot enforce in its controller's v1 hierarchy and moves `pid` there;
+/// `Ok(None)` when the host mounts no such hierarchy.
+fn apply_v1(
+    created: &mut Created,
+    dir_name: &str,
+    pid: u32,
+    v2_file: &str,
+    value: &str,
+) -> Result<Option<()>, CgroupError> {
+    let Some((controller, files)) = v1_files(v2_file, value) else {
+        return Ok(None);
+    };
+    let Some(mount) = cgroup1_mount(controller) else {
+        return Ok(None);
+    };
+    let base = mount.join(KILN_CGROUP);
+    match std::fs::create_dir(&base) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(source) => {
+            return Err(CgroupError::Io {
+                what: "creating",
+                path: base,
+                source,
+            })
+        }
+    }
+    let dir = base.join(dir_name);
+    if !created.v1_dirs.contains(&dir) {
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(source) => {
+                return Err(CgroupError::Io {
+                    what: "creating",
+                    path: dir,
+                    source,
+                })
             }
         }
-        tracing::warn!(path = %self.path.display(), "could not remove the jail's cgroup");
+        created.v1_dirs.push(dir.clone());
     }
+    for (file, v) in files {
+        let f = dir.join(file);
+        write(&f, &v, "writing")?;
+        created.applied.push((f, v));
+    }
+    write(
+        &dir.join("cgroup.procs"),
+        &pid.to_string(),
+        "moving the VMM process into",
+    )?;
+    Ok(Some(()))
 }
 
 /// The cgroup v2 mount point, from /proc/self/mountinfo.
@@ -131,6 +236,8 @@ pub fn create(name: &str, pid: u32, limits: &CgroupLimits) -> Result<Created, Cg
         rel: format!("/{KILN_CGROUP}/{dir_name}"),
         path,
         warnings: Vec::new(),
+        applied: Vec::new(),
+        v1_dirs: Vec::new(),
     };
     let wanted = [
         ("memory.max", limits.memory_max.map(|v| v.to_string())),
@@ -146,6 +253,9 @@ pub fn create(name: &str, pid: u32, limits: &CgroupLimits) -> Result<Created, Cg
         let Some(value) = value else { continue };
         let f = created.path.join(file);
         if !f.exists() {
+            if apply_v1(&mut created, &dir_name, pid, file, &value)?.is_some() {
+                continue;
+            }
             created.warnings.push(
                 CgroupError::Controller {
                     path: created.path.clone(),
@@ -156,6 +266,7 @@ pub fn create(name: &str, pid: u32, limits: &CgroupLimits) -> Result<Created, Cg
             continue;
         }
         write(&f, &value, "writing")?;
+        created.applied.push((f, value));
     }
     write(
         &created.path.join("cgroup.procs"),
@@ -168,6 +279,25 @@ pub fn create(name: &str, pid: u32, limits: &CgroupLimits) -> Result<Created, Cg
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn v2_limits_map_to_v1_files() {
+        assert_eq!(
+            v1_files("cpu.max", "50000 100000"),
+            Some((
+                "cpu",
+                vec![
+                    ("cpu.cfs_period_us", "100000".to_owned()),
+                    ("cpu.cfs_quota_us", "50000".to_owned())
+                ]
+            ))
+        );
+        assert_eq!(
+            v1_files("memory.max", "1024"),
+            Some(("memory", vec![("memory.limit_in_bytes", "1024".to_owned())]))
+        );
+        assert_eq!(v1_files("io.max", "x"), None);
+    }
 
     #[test]
     fn names_are_sanitised() {

@@ -460,6 +460,12 @@ impl JailedVm {
         self.cgroup.as_ref().map(|c| c.path.as_path())
     }
 
+    /// Every cgroup limit file written for the VMM process, with its value: in the v2 cgroup,
+    /// or in a v1 hierarchy for a limit v2 cannot enforce on this host.
+    pub fn cgroup_applied(&self) -> &[(PathBuf, String)] {
+        self.cgroup.as_ref().map_or(&[], |c| c.applied.as_slice())
+    }
+
     /// The cgroup as `/proc/<pid>/cgroup` names it (`0::<this>`).
     pub fn cgroup_name(&self) -> Option<&str> {
         self.cgroup.as_ref().map(|c| c.rel.as_str())

@@ -236,16 +236,40 @@ fn jail_vmm_cgroup_has_the_configured_limits() {
         "this host cannot enforce the jail's cgroup v2 limits: {}",
         vm.cgroup_warning().unwrap_or_default()
     );
-    let dir = vm.cgroup().unwrap();
-    let read = |f: &str| {
-        std::fs::read_to_string(dir.join(f))
-            .unwrap()
-            .trim()
-            .to_owned()
+    // Read every limit back from the files themselves, v2 or (hybrid hosts) v1.
+    let applied = vm.cgroup_applied();
+    let value_of = |names: &[&str]| -> Option<String> {
+        applied
+            .iter()
+            .find(|(f, _)| names.iter().any(|n| f.file_name().is_some_and(|x| x == *n)))
+            .map(|(f, _)| std::fs::read_to_string(f).unwrap().trim().to_owned())
     };
-    assert_eq!(read("memory.max"), (512u64 << 20).to_string());
-    assert_eq!(read("pids.max"), "64");
-    assert_eq!(read("cpu.max"), "50000 100000");
+    assert_eq!(
+        value_of(&["memory.max", "memory.limit_in_bytes"]),
+        Some((512u64 << 20).to_string()),
+        "{applied:?}"
+    );
+    assert_eq!(value_of(&["pids.max"]), Some("64".into()), "{applied:?}");
+    match value_of(&["cpu.max"]) {
+        Some(v) => assert_eq!(v, "50000 100000"),
+        None => {
+            assert_eq!(value_of(&["cpu.cfs_quota_us"]), Some("50000".into()));
+            assert_eq!(value_of(&["cpu.cfs_period_us"]), Some("100000".into()));
+        }
+    }
+    // The VMM process is a member of every cgroup holding a limit.
+    let member_of = std::fs::read_to_string(format!("/proc/{}/cgroup", vm.vmm_pid())).unwrap();
+    for (f, _) in applied {
+        let dir = f.parent().unwrap();
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            member_of
+                .lines()
+                .any(|l| l.ends_with(&format!("/kiln/{name}"))),
+            "not in {}: {member_of}",
+            dir.display()
+        );
+    }
 }
 
 #[test]
