@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use kiln_vmm::vm::ExitMode;
 use kiln_vmm::{Vm, VmConfig};
 
 use super::parse_secs;
@@ -70,6 +71,33 @@ pub struct BootArgs {
     /// times in milliseconds as a JSON array (needs --until-serial).
     #[arg(long, default_value_t = 1)]
     pub repeat: usize,
+    /// How the process ends after a single boot: `drop` stops the VM first (joins its threads,
+    /// closes its fds), `exit` exits with the VM still open (the kernel tears it down in the
+    /// exit path), `handoff` leaves the VM's fds to a forked helper that closes them after this
+    /// process is gone (`Vm::exit_process`; `cargo xtask bench vmm` times READY -> gone).
+    #[arg(long, value_enum, default_value_t = ExitArg::Drop)]
+    pub exit: ExitArg,
+}
+
+/// `--exit`: how `kiln-bench boot` ends (see `kiln_vmm::vm::ExitMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExitArg {
+    /// Stop the VM, then exit.
+    Drop,
+    /// Exit with the VM open.
+    Exit,
+    /// Hand the VM's fds to a helper, then exit.
+    Handoff,
+}
+
+impl From<ExitArg> for ExitMode {
+    fn from(a: ExitArg) -> ExitMode {
+        match a {
+            ExitArg::Drop => ExitMode::Drop,
+            ExitArg::Exit => ExitMode::Exit,
+            ExitArg::Handoff => ExitMode::Handoff,
+        }
+    }
 }
 
 fn config(args: &BootArgs, i: usize) -> VmConfig {
@@ -125,8 +153,7 @@ pub fn boot(args: &BootArgs) -> i32 {
     if args.print_serial {
         eprintln!("{}", vm.serial_tail(1 << 20));
     }
-    vm.stop();
-    code
+    vm.exit_process(code, args.exit.into())
 }
 
 fn repeat(args: &BootArgs) -> i32 {

@@ -36,6 +36,9 @@ pub use snapshot::PreparedRestore;
 /// `Vm::fork_source` / `Vm::fork` and [`ForkSource`] (live fork; vm/fork.rs).
 mod fork;
 pub use fork::{ForkInfo, ForkShell, ForkSource};
+/// `Vm::exit_process` (end the process without waiting for the VM's teardown; vm/teardown.rs).
+mod teardown;
+pub use teardown::ExitMode;
 
 /// Most vCPUs a VM may have.
 pub const MAX_VCPUS: u8 = 8;

@@ -86,6 +86,59 @@ pub fn time_to_line(
     }
 }
 
+/// Spawns `cmd` (stdin null, stdout piped) that prints a line containing `needle` and then
+/// exits by itself; returns (spawn -> that line, that line -> the process reaped). The rest of
+/// stdout is drained on a thread (its end-of-file is not waited for before the clock stops: a
+/// process is gone when `wait` returns). A failing exit or no line within `timeout` is an error
+/// (the child is then killed).
+pub fn time_line_and_exit(
+    mut cmd: Command,
+    needle: &str,
+    timeout: Duration,
+) -> Result<(Duration, Duration)> {
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped());
+    let t0 = Instant::now();
+    let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
+    let stdout = child.stdout.take().context("child has no stdout")?;
+    let (tx, rx) = mpsc::channel();
+    let needle_owned = needle.to_owned();
+    let reader = std::thread::spawn(move || {
+        let mut r = BufReader::new(stdout);
+        loop {
+            match read_bounded_line(&mut r) {
+                Ok(None) | Err(_) => {
+                    let _ = tx.send(None);
+                    return;
+                }
+                Ok(Some(text)) if text.contains(&needle_owned) => {
+                    let _ = tx.send(Some(Instant::now()));
+                    let _ = std::io::copy(&mut r, &mut std::io::sink());
+                    return;
+                }
+                Ok(Some(_)) => {}
+            }
+        }
+    });
+    let got = rx.recv_timeout(timeout);
+    if !matches!(got, Ok(Some(_))) {
+        let _ = child.kill();
+    }
+    let status = child.wait();
+    let gone = Instant::now();
+    let _ = reader.join();
+    match got {
+        Ok(Some(at)) => {
+            let s = status.with_context(|| format!("waiting for {cmd:?}"))?;
+            if !s.success() {
+                bail!("{cmd:?} failed: {s}");
+            }
+            Ok((at - t0, gone.saturating_duration_since(at)))
+        }
+        Ok(None) => bail!("{cmd:?} ended without printing {needle:?}"),
+        Err(_) => bail!("{cmd:?} did not print {needle:?} within {timeout:?}"),
+    }
+}
+
 /// Runs `run(i)` for `i` in `0..warmup + runs` and returns the last `runs` results (the first
 /// `warmup` are thrown away). The first error ends the loop.
 pub fn measured_runs(

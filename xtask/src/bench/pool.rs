@@ -7,7 +7,10 @@
 //! 30 samples of 10 000 pairs):
 //! - `pool.mock.acquire_release`: one thread, health check every 1000th release;
 //! - `pool.mock.acquire_release.health_check_every_release`: one thread, check on every release;
-//! - `pool.mock.acquire_release.2_threads`: two threads at once (lock contention).
+//! - `pool.mock.acquire_release.T_threads[.aggregate|.cpu|.per_op]` for 2, 4 and 16 threads at
+//!   once (lock contention; the bench's module docs say what each one counts);
+//! - `pool.acquire_release_16t`: the 16-thread per-pair figure under issue 14's name (goal
+//!   <= 200 ns median).
 //!
 //! The real-sandbox half runs `kiln-bench pool` (release build; crates/bench/src/pool.rs)
 //! directly on a hardware-virtualization host, elsewhere inside the emulated-virtualization

@@ -7,6 +7,11 @@
 //! - `vmm.fresh_process.launch_to_ready`: spawning `kiln-bench boot --until-serial READY` until its
 //!   READY line arrives on our end of its stdout (process start, dynamic linking, /dev/kvm
 //!   open, VM build, guest boot) — the figure comparable with Firecracker's launch -> READY;
+//! - `vmm.fresh_process.ready_to_gone.drop` / `.handoff`: a `kiln-bench boot --exit drop|handoff`
+//!   process that exits by itself after READY, from its READY line until `wait` reaps it —
+//!   the teardown on the critical path: `drop` stops the VM in the process (closing the VM fd
+//!   is the slow part), `handoff` leaves the fds to a forked helper (`Vm::exit_process`,
+//!   docs/VMM.md "Teardown"); runs of the two alternate, so both see the same host load;
 //! - `vmm.peer.qemu_microvm.launch_to_ready`: the same guest under
 //!   `qemu-system-x86_64 -accel kvm -M microvm` measured the same way, when QEMU runs here.
 //!
@@ -21,7 +26,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use kiln_testkit::QemuCommand;
 
-use super::launch::{measured_runs, time_to_line, AfterLine, LineMatch};
+use super::launch::{measured_runs, time_line_and_exit, time_to_line, AfterLine, LineMatch};
 use super::{build_kiln_bench, command_json, note, report, Format, PeerRatio, Stats};
 use crate::util::target_dir;
 
@@ -33,6 +38,11 @@ const WARMUP: usize = 3;
 const RUN_TIMEOUT: Duration = Duration::from_secs(20);
 /// Firecracker v1.16.1 launch -> READY on this machine kind (DESIGN.md), min / median ms.
 const FIRECRACKER_REF: (f64, f64) = (8.4, 8.7);
+
+/// `kiln-bench boot --exit` modes timed READY -> process gone.
+const EXIT_MODES: [&str; 2] = ["drop", "handoff"];
+/// Firecracker v1.16.1 READY -> process gone, median ms (issue 14, this machine kind).
+const FIRECRACKER_GONE_MS: f64 = 1.24;
 
 /// Runs the vmm benchmark and reports each metric in `format`.
 pub fn run(format: Format) -> Result<()> {
@@ -72,6 +82,36 @@ pub fn run(format: Format) -> Result<()> {
     })
     .context("fresh `kiln-bench boot` processes")?;
     let fresh = Stats::from_durations_ms(&fresh).context("no fresh-process samples")?;
+
+    // READY -> process gone, in-process teardown and handoff alternating.
+    let mut gone: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
+    for i in 0..(WARMUP + RUNS) * 2 {
+        let mode = EXIT_MODES[i % 2];
+        let mut c = Command::new(&kiln);
+        c.args(["boot", "--kernel"])
+            .arg(&guest)
+            .args(["--until-serial", ready, "--exit", mode]);
+        let (_, g) = time_line_and_exit(c, ready, RUN_TIMEOUT)
+            .with_context(|| format!("READY -> gone, --exit {mode}, run {i}"))?;
+        if i / 2 >= WARMUP {
+            gone[i % 2].push(g);
+        }
+    }
+    for (mode, samples) in EXIT_MODES.iter().zip(&gone) {
+        let s = Stats::from_durations_ms(samples).context("no READY -> gone samples")?;
+        report(
+            &format!("vmm.fresh_process.ready_to_gone.{mode}"),
+            "ms",
+            &s,
+            None,
+            format,
+        );
+    }
+    let line = format!(
+        "reference (not measured here): Firecracker v1.16.1 READY -> process gone median \
+         {FIRECRACKER_GONE_MS} ms (issue 14); target <= 1.5 ms"
+    );
+    note(format, "bench vmm: ", &line);
 
     // Peer: QEMU microvm with KVM, same guest, if it runs here.
     let qemu = qemu_samples(&guest, ready);
