@@ -71,15 +71,8 @@ fn fail<E: std::fmt::Display>(stage: &'static str) -> impl FnOnce(E) -> SetupErr
     }
 }
 
-/// The `kiln-vm` binary's `main`: never returns.
+/// The `kiln-vm` binary's `main` (its log subscriber is set up by the binary): never returns.
 pub fn main() -> ! {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
     // SAFETY: fd 3 was dup2'ed there by the parent for us alone; we check it is a socket
     // before using it and own it from here on.
     let is_socket = unsafe {
