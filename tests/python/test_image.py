@@ -16,7 +16,7 @@ def test_python_image_runs_python_and_writes_stay_in_the_overlay():
         assert r.stdout.decode().split() == ["42", "numpy", "3"]
         who = sb.run(["sh", "-c", "id -un; echo $HOME"])
         assert who.stdout.decode().split() == ["user", "/home/user"]
-        sb.write_file("/home/user/hello.py", b"print('from a file')\n")
+        sb.write("/home/user/hello.py", b"print('from a file')\n")
         r = sb.run(["python3", "/home/user/hello.py"])
         assert r.stdout == b"from a file\n"
 
