@@ -132,30 +132,10 @@ fn apply_v1(
         return Ok(None);
     };
     let base = mount.join(KILN_CGROUP);
-    match std::fs::create_dir(&base) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(source) => {
-            return Err(CgroupError::Io {
-                what: "creating",
-                path: base,
-                source,
-            })
-        }
-    }
+    mkdir_exist_ok(&base)?;
     let dir = base.join(dir_name);
     if !created.v1_dirs.contains(&dir) {
-        match std::fs::create_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(source) => {
-                return Err(CgroupError::Io {
-                    what: "creating",
-                    path: dir,
-                    source,
-                })
-            }
-        }
+        mkdir_exist_ok(&dir)?;
         created.v1_dirs.push(dir.clone());
     }
     for (file, v) in files {
@@ -191,6 +171,19 @@ fn write(path: &Path, value: &str, what: &'static str) -> Result<(), CgroupError
     })
 }
 
+/// Creates the directory `path` unless it exists.
+fn mkdir_exist_ok(path: &Path) -> Result<(), CgroupError> {
+    match std::fs::create_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(CgroupError::Io {
+            what: "creating",
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
 fn sanitize(name: &str) -> String {
     name.chars()
         .map(|c| {
@@ -208,17 +201,7 @@ fn sanitize(name: &str) -> String {
 pub fn create(name: &str, pid: u32, limits: &CgroupLimits) -> Result<Created, CgroupError> {
     let mount = cgroup2_mount().ok_or(CgroupError::NotMounted)?;
     let base = mount.join(KILN_CGROUP);
-    match std::fs::create_dir(&base) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(source) => {
-            return Err(CgroupError::Io {
-                what: "creating",
-                path: base,
-                source,
-            })
-        }
-    }
+    mkdir_exist_ok(&base)?;
     // Enable what the limits need on the way down; a controller the host does not offer
     // in v2 stays off (reported below).
     for ctl in ["memory", "pids", "cpu"] {
