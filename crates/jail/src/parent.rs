@@ -158,6 +158,24 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         kiln_sync::lock(&self.state)
     }
+
+    /// Waits for a change of the state, or until `deadline`: `None` once it has passed.
+    fn wait_until<'a>(
+        &self,
+        st: MutexGuard<'a, State>,
+        deadline: Instant,
+    ) -> Option<MutexGuard<'a, State>> {
+        let now = Instant::now();
+        if now >= deadline {
+            return None;
+        }
+        Some(
+            self.cond
+                .wait_timeout(st, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0),
+        )
+    }
 }
 
 /// A VM running in its own jailed `kiln-vm` process.
@@ -197,19 +215,13 @@ impl Acceptor {
                 drop(st);
                 return Err(end_error(&self.name, end, tail));
             }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(JailError::Timeout {
-                    what: format!("a guest connection to vsock port {port}"),
-                    after: timeout,
-                });
-            }
             st = self
                 .shared
-                .cond
-                .wait_timeout(st, deadline - now)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
+                .wait_until(st, deadline)
+                .ok_or_else(|| JailError::Timeout {
+                    what: format!("a guest connection to vsock port {port}"),
+                    after: timeout,
+                })?;
         }
     }
 }
@@ -422,20 +434,13 @@ impl JailedVm {
                 drop(st);
                 return Err(vm.end_error(end, tail));
             }
-            let now = Instant::now();
-            if now >= deadline {
-                drop(st);
-                return Err(JailError::Timeout {
-                    what: "the jailed VMM starting".into(),
-                    after: timeout,
-                });
-            }
             st = vm
                 .shared
-                .cond
-                .wait_timeout(st, deadline - now)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
+                .wait_until(st, deadline)
+                .ok_or_else(|| JailError::Timeout {
+                    what: "the jailed VMM starting".into(),
+                    after: timeout,
+                })?;
         }
     }
 
@@ -494,16 +499,7 @@ impl JailedVm {
             if st.end.is_some() {
                 return st.end.clone();
             }
-            let now = Instant::now();
-            if now >= deadline {
-                return None;
-            }
-            st = self
-                .shared
-                .cond
-                .wait_timeout(st, deadline - now)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
+            st = self.shared.wait_until(st, deadline)?;
         }
     }
 
@@ -528,19 +524,13 @@ impl JailedVm {
                 drop(st);
                 return Err(self.end_error(end, tail));
             }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(JailError::Timeout {
-                    what: format!("{needle:?} on the serial console"),
-                    after: started.elapsed(),
-                });
-            }
             st = self
                 .shared
-                .cond
-                .wait_timeout(st, deadline - now)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
+                .wait_until(st, deadline)
+                .ok_or_else(|| JailError::Timeout {
+                    what: format!("{needle:?} on the serial console"),
+                    after: started.elapsed(),
+                })?;
         }
     }
 
